@@ -1,0 +1,200 @@
+"""The one configuration system of kachery-tasks.
+
+Every option of every layer lives here, in the style of ``dask.config`` (and on the same library,
+donfig). Values come, lowest first, from the built-in defaults, the YAML file ``config.yaml`` in the
+home directory, ``KACHERY_TASKS_*`` environment variables, and ``with config.set(...)`` blocks.
+No other module reads ``os.environ``: they call :func:`get`, so a test, a notebook or a pipeline can
+use two homes side by side in one process.
+
+Keys are flat words with underscores (``read_only``, ``memory_cache_bytes``). ``set`` refuses
+unknown keys and names the closest valid one, because a misspelt ``forec=True`` that silently did
+nothing would cost a user a day.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from donfig import Config
+
+from .errors import ConfigError
+
+ENV_PREFIX = "KACHERY_TASKS_"
+
+#: Built-in defaults, with the reason each exists. docs/config.md lists them for users.
+DEFAULTS: dict[str, Any] = {
+    # Where the store, task records, feeds, keys and mutables live.
+    "home": "~/.kachery-tasks",
+    # Enters every task id: changing it disowns every earlier result without deleting anything.
+    "namespace": "",
+    # Cache control for every task kind (also per call with f.options(...)).
+    "force": False,  # skip the lookup, compute, replace the record
+    "cache": True,  # False: compute, store nothing, do not join a concurrent identical call
+    "read_only": False,  # use hits, never write
+    "cache_errors": False,  # serve recorded failures as results (re-raise them) instead of recomputing
+    # The resolution tiers, first hit wins; buckets and channels add theirs here in later versions.
+    "tiers": ["memory", "local"],
+    # Memory tier: an LRU bounded in bytes of results held.
+    "memory_cache_bytes": 256 * 2**20,
+    # Results whose encoding is at most this many bytes are kept inside the task record.
+    "inline_max_bytes": 8192,
+    # Arguments whose canonical encoding is at most this many bytes are kept in the record, so the
+    # call can be replayed by `kachery task rerun` / `stale --rerun` / `recheck`.
+    "record_args_max_bytes": 65536,
+    # Single flight: a computing process holds a lease renewed every lease_seconds / 3.
+    "lease_seconds": 20.0,
+    # How often a waiter looks for the record of a call computed elsewhere.
+    "poll_seconds": 0.05,
+    # Node ids whose pickle results may be unpickled (unpickling runs code).
+    "trusted_nodes": [],
+    # A Unix group that shares the home: directories setgid and group-writable.
+    "shared_group": None,
+    # Progress bars in the command line for files larger than this.
+    "progress_min_bytes": 8 * 2**20,
+    # Dask: cached(collection) stores results of tasks that took at least this long.
+    "dask_min_seconds": 0.0,
+    # Checkpoint a subfeed every this many messages.
+    "feed_checkpoint_every": 1024,
+}
+
+_config = Config("kachery_tasks", defaults=[DEFAULTS], paths=[], env={})
+_sources: dict[str, str] = {}
+
+
+def _home_file(home: str) -> Path:
+    return Path(home).expanduser() / "config.yaml"
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in DEFAULTS:
+            continue  # other tools share the prefix space; only our keys are read
+        values[key] = _parse_env(key, raw)
+    return values
+
+
+def _parse_env(key: str, raw: str) -> Any:
+    default = DEFAULTS[key]
+    if isinstance(default, str) or default is None and key in {"shared_group"}:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"environment variable {ENV_PREFIX}{key.upper()}={raw!r} is not valid: {exc}") from None
+    return value
+
+
+def refresh(environ: Mapping[str, str] | None = None) -> None:
+    """Re-read the home file and the environment (done once at import)."""
+    environ = os.environ if environ is None else environ
+    env_values = _env_values(environ)
+    home = env_values.get("home", DEFAULTS["home"])
+    file_values: dict[str, Any] = {}
+    path = _home_file(home)
+    if path.is_file():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}; fix or remove it") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of option: value; fix or remove it")
+        for key in loaded:
+            _check_key(key, where=str(path))
+        file_values = dict(loaded)
+    _config.clear()
+    _config.update_defaults(DEFAULTS)
+    _sources.clear()
+    for key in DEFAULTS:
+        _sources[key] = "default"
+    for key, value in file_values.items():
+        _config.config[key] = _validate(key, value)
+        _sources[key] = str(path)
+    for key, value in env_values.items():
+        _config.config[key] = _validate(key, value)
+        _sources[key] = f"env {ENV_PREFIX}{key.upper()}"
+
+
+def _check_key(key: str, where: str = "config.set") -> None:
+    if key in DEFAULTS:
+        return
+    close = difflib.get_close_matches(key.replace("-", "_"), DEFAULTS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(DEFAULTS))}"
+    raise ConfigError(f"unknown configuration key {key!r} in {where}{hint}")
+
+
+def _validate(key: str, value: Any) -> Any:
+    default = DEFAULTS[key]
+    if value is None and default is None:
+        return None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"configuration key {key!r} takes true or false, not {value!r}")
+        return value
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"configuration key {key!r} takes a non-negative number, not {value!r}")
+        return value
+    if isinstance(default, str) or key == "shared_group":
+        if not isinstance(value, str | os.PathLike):
+            raise ConfigError(f"configuration key {key!r} takes a string, not {value!r}")
+        return os.fspath(value)
+    if isinstance(default, list):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"configuration key {key!r} takes a list of strings, not {value!r}")
+        return list(value)
+    return value
+
+
+def get(key: str) -> Any:
+    """The value in force for ``key``."""
+    if key not in DEFAULTS:
+        _check_key(key, where="config.get")
+    return _config.config.get(key, DEFAULTS[key])
+
+
+@contextmanager
+def set(**values: Any) -> Iterator[None]:  # noqa: A001 - mirrors dask.config.set
+    """Set options for a block of code: ``with kt.config.set(home=tmp, force=True): ...``.
+
+    The values are in force in every thread of the process while the block runs, as in dask.
+    """
+    checked = {}
+    for key, value in values.items():
+        _check_key(key)
+        checked[key] = _validate(key, value)
+    with _config.set(checked):
+        saved = {k: _sources.get(k) for k in checked}
+        for key in checked:
+            _sources[key] = "config.set"
+        try:
+            yield
+        finally:
+            _sources.update(saved)
+
+
+def home() -> Path:
+    """The home directory in force, expanded and absolute (not created)."""
+    return Path(get("home")).expanduser().absolute()
+
+
+def effective() -> list[tuple[str, Any, str]]:
+    """Every key with its value in force and where that value came from."""
+    return [(key, get(key), _sources.get(key, "default")) for key in sorted(DEFAULTS)]
+
+
+def serialize() -> dict[str, Any]:
+    """The values in force, for shipping to worker processes (see KacheryPlugin)."""
+    return {key: get(key) for key in DEFAULTS}
+
+
+refresh()

@@ -1,0 +1,95 @@
+"""The public file API: store and load files, bytes, JSON and numpy arrays by ``sha256://`` URI.
+
+Every function acts on the store of the home in force (``kachery_tasks.config``). Loads verify the
+bytes against their hash before handing any out; see docs/files.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import config
+from ..errors import NotFoundError, ReadOnlyStoreError, UserError
+from .blobs import Progress
+from .codecs import encode_json, npy_blocks
+from .local import current_store
+from .uris import file_uri, parse_file_uri
+
+
+def _writable():
+    if config.get("read_only"):
+        raise ReadOnlyStoreError("the configuration says read_only: nothing can be stored; unset read_only to store")
+    return current_store().blobs
+
+
+def store_file(path: str | os.PathLike, label: str | None = None, *, link: bool = False,
+               progress: Progress | None = None) -> str:
+    """Store the file at ``path`` and return its URI; a file already stored is not copied again."""
+    source = Path(path)
+    if not source.is_file():
+        what = "a directory" if source.is_dir() else "not found"
+        raise UserError(f"cannot store {str(source)!r}: {what}; give the path of a regular file")
+    digest = _writable().put_file(source, link=link, progress=progress)
+    return file_uri(digest, label if label is not None else source.name)
+
+
+def store_bytes(data: bytes, label: str | None = None) -> str:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise UserError(f"store_bytes takes bytes, not {type(data).__name__}; use store_json for data")
+    return file_uri(_writable().put_bytes(data), label)
+
+
+def store_json(obj: Any, label: str | None = None) -> str:
+    return file_uri(_writable().put_bytes(encode_json(obj)), label)
+
+
+def store_npy(array: np.ndarray, label: str | None = None) -> str:
+    return file_uri(_writable().put_stream(npy_blocks(np.asanyarray(array))), label)
+
+
+def load_file(uri: str) -> Path:
+    """Path of the verified local copy of ``uri`` (read it, never write to it)."""
+    return current_store().blobs.verified_path(parse_file_uri(uri).sha256)
+
+
+def load_bytes(uri: str) -> bytes:
+    return current_store().blobs.read_bytes(parse_file_uri(uri).sha256)
+
+
+def load_json(uri: str) -> Any:
+    data = load_bytes(uri)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise UserError(f"{uri} is not a JSON file; load it with load_bytes or load_file") from None
+
+
+def load_npy(uri: str, mmap: bool = True) -> np.ndarray:
+    """The array stored at ``uri``; memory-mapped read-only by default, so it loads in milliseconds."""
+    path = load_file(uri)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError:
+        raise UserError(f"{uri} is not a .npy array file; load it with load_file") from None
+
+
+def file_info(uri: str) -> dict[str, Any]:
+    """What the store knows of ``uri``: size, path, chunk manifest (without re-hashing)."""
+    parsed = parse_file_uri(uri)
+    blobs = current_store().blobs
+    if not blobs.exists(parsed.sha256):
+        raise NotFoundError(f"{uri} is not found in this node's store; store it first with `kachery store`")
+    manifest = blobs.manifest(parsed.sha256)
+    return {
+        "uri": str(parsed),
+        "sha256": parsed.sha256,
+        "label": parsed.label,
+        "size": blobs.size(parsed.sha256),
+        "path": str(blobs.path(parsed.sha256)),
+        "chunks": len(manifest.chunks) if manifest else 1,
+    }

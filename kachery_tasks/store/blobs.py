@@ -1,0 +1,307 @@
+"""Content-addressed blobs on the local disk, written atomically and verified on read.
+
+Layout (docs/files.md): ``<root>/sha256/ab/cd/<hex>`` holds the bytes whose SHA-256 is ``<hex>``;
+beside it ``<hex>.c1.json`` (the chunk manifest of a file over 16 MiB) and ``<hex>.ok`` (the
+verified stamp: size, mtime and inode of the blob when its hash last matched). Bytes are streamed
+into ``<root>/tmp/`` (the hash is known only at the end), fsynced, then renamed into place, so a
+blob's final name never holds partial bytes. A blob whose bytes no longer match is moved to
+``<root>/quarantine/`` and reading it is an error, never bad bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import IntegrityError, NotFoundError
+from .fs import atomic_write_bytes, make_dirs, share_fd
+from .manifest import CHUNK_SIZE, ChunkHasher, Manifest
+from .uris import check_sha256_hex
+
+IO_BLOCK = 8 * 2**20
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Stamp:
+    size: int
+    mtime_ns: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Stamp:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class BlobStore:
+    """The blobs of one home. Safe for many threads and processes at once."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        self._stamps: dict[str, Stamp] = {}
+        self._lock = threading.Lock()
+
+    # -- names -----------------------------------------------------------------------------------
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256[2:4] / sha256
+
+    def _stamp_path(self, sha256: str) -> Path:
+        return self.path(sha256).with_suffix(".ok")
+
+    def manifest_path(self, sha256: str) -> Path:
+        return self.path(sha256).with_suffix(".c1.json")
+
+    # -- writing ---------------------------------------------------------------------------------
+    def put_bytes(self, data: bytes | memoryview) -> str:
+        """Store ``data``; returns its SHA-256 hex."""
+        return self._put_blocks([memoryview(data)] if len(data) else [], progress=None)
+
+    def put_file(self, src: Path, *, link: bool = False, progress: Progress | None = None) -> str:
+        """Store the file at ``src`` by streaming it (never all in memory); returns its SHA-256 hex.
+
+        With ``link=True`` the blob is a hard link to ``src`` where the file system allows: no copy,
+        but editing ``src`` in place then damages the blob, which the next read detects.
+        """
+        src = Path(src)
+        if link:
+            linked = self._put_link(src, progress)
+            if linked is not None:
+                return linked
+        with open(src, "rb") as fh:
+            return self._put_blocks(_read_blocks(fh), progress=progress)
+
+    def put_stream(self, blocks: Iterable[bytes], progress: Progress | None = None) -> str:
+        return self._put_blocks(blocks, progress=progress)
+
+    def _new_tmp(self) -> tuple[int, str]:
+        make_dirs(self.tmp_dir)
+        return tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
+
+    def _put_blocks(self, blocks: Iterable[bytes | memoryview], progress: Progress | None) -> str:
+        fd, tmp = self._new_tmp()
+        sha = hashlib.sha256()
+        chunks = ChunkHasher()
+        try:
+            # Writing runs in a second thread while this one hashes the next block: hashlib and
+            # os.write both release the GIL, so the copy costs little more than the hash.
+            with ThreadPoolExecutor(max_workers=1) as writer:
+                pending: Future | None = None
+                for block in blocks:
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_write_all, fd, block)
+                    sha.update(block)
+                    chunks.update(block)
+                    if progress is not None:
+                        progress(len(block))
+                if pending is not None:
+                    pending.result()
+            os.fsync(fd)
+            share_fd(fd, 0o444)
+        except BaseException:
+            os.close(fd)
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        digest = sha.hexdigest()
+        self._install(Path(tmp), digest, chunks.manifest(digest))
+        return digest
+
+    def _put_link(self, src: Path, progress: Progress | None) -> str | None:
+        sha = hashlib.sha256()
+        chunks = ChunkHasher()
+        with open(src, "rb") as fh:
+            for block in _read_blocks(fh):
+                sha.update(block)
+                chunks.update(block)
+                if progress is not None:
+                    progress(len(block))
+        digest = sha.hexdigest()
+        if self._valid_existing(digest):
+            return digest
+        make_dirs(self.tmp_dir)
+        tmp = self.tmp_dir / f"link-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
+        try:
+            os.link(src, tmp)
+        except OSError:
+            return None  # another file system, or links not allowed: copy instead
+        if _sha256_file(tmp) != digest:  # the source changed while we hashed it
+            tmp.unlink()
+            return None
+        self._install(tmp, digest, chunks.manifest(digest))
+        return digest
+
+    def _install(self, tmp: Path, digest: str, manifest: Manifest | None) -> None:
+        """Rename a complete temp file into place, unless a sound copy is already there."""
+        final = self.path(digest)
+        if self._valid_existing(digest):
+            tmp.unlink()
+            return
+        make_dirs(final.parent)
+        if manifest is not None:
+            atomic_write_bytes(self.manifest_path(digest), manifest.to_json().encode(), tmp_dir=self.tmp_dir)
+        os.replace(tmp, final)  # replaces a damaged blob of that name, if any
+        self._write_stamp(digest, Stamp.of(os.stat(final)))
+
+    def _valid_existing(self, digest: str) -> bool:
+        """True if a blob of that name exists and is sound (a damaged one is quarantined)."""
+        try:
+            self.verified_path(digest)
+        except (NotFoundError, IntegrityError):
+            return False
+        return True
+
+    # -- reading ---------------------------------------------------------------------------------
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            raise NotFoundError(f"sha256://{sha256} is not found in this node's store") from None
+
+    def verified_path(self, sha256: str, *, rehash: bool = False) -> Path:
+        """Path of the blob after checking that its bytes match their hash.
+
+        A blob whose size, mtime and inode equal its verified stamp is not hashed again (so memory
+        maps of big results take milliseconds); ``rehash=True`` hashes regardless.
+        """
+        check_sha256_hex(sha256)
+        path = self.path(sha256)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise NotFoundError(f"sha256://{sha256} is not found in this node's store") from None
+        current = Stamp.of(st)
+        if not rehash and self._read_stamp(sha256) == current:
+            return path
+        if _sha256_file(path) != sha256:
+            where = self.quarantine(sha256)
+            raise IntegrityError(
+                f"sha256://{sha256}: stored bytes do not match their hash; moved to {where}. "
+                "Store the file again or fetch it from another source"
+            )
+        self._write_stamp(sha256, Stamp.of(os.stat(path)))
+        return path
+
+    def read_bytes(self, sha256: str) -> bytes:
+        """The blob's bytes, checked against the hash before any is returned."""
+        path = self.verified_path(sha256)
+        data = path.read_bytes()
+        if len(data) != self._stamps[sha256].size:  # changed between the check and the read
+            return self.read_bytes_rehash(sha256)
+        return data
+
+    def read_bytes_rehash(self, sha256: str) -> bytes:
+        data = self.path(sha256).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            where = self.quarantine(sha256)
+            raise IntegrityError(f"sha256://{sha256}: stored bytes do not match their hash; moved to {where}")
+        return data
+
+    def manifest(self, sha256: str) -> Manifest | None:
+        try:
+            return Manifest.from_json(self.manifest_path(sha256).read_text())
+        except FileNotFoundError:
+            return None
+
+    def iter_hashes(self) -> Iterator[str]:
+        base = self.root / "sha256"
+        if not base.is_dir():
+            return
+        for a in sorted(base.iterdir()):
+            for b in sorted(a.iterdir()):
+                for f in sorted(b.iterdir()):
+                    if len(f.name) == 64:
+                        yield f.name
+
+    def total_size(self) -> tuple[int, int]:
+        """Number of blobs and their total bytes."""
+        count = size = 0
+        for h in self.iter_hashes():
+            count += 1
+            with suppress(FileNotFoundError):
+                size += self.path(h).stat().st_size
+        return count, size
+
+    # -- damage ----------------------------------------------------------------------------------
+    def quarantine(self, sha256: str) -> Path:
+        """Move a damaged blob aside (kept for inspection, never served) and forget its stamp."""
+        make_dirs(self.quarantine_dir)
+        target = self.quarantine_dir / f"{sha256}.{time.time_ns()}"
+        with self._lock:
+            self._stamps.pop(sha256, None)
+        with suppress(FileNotFoundError):
+            os.unlink(self._stamp_path(sha256))
+        try:
+            os.replace(self.path(sha256), target)
+        except FileNotFoundError:
+            pass
+        except OSError:  # a read-only store: the bad copy stays, and every read keeps refusing it
+            return self.path(sha256)
+        return target
+
+    # -- stamps ----------------------------------------------------------------------------------
+    def _read_stamp(self, sha256: str) -> Stamp | None:
+        stamp = self._stamps.get(sha256)
+        if stamp is not None:
+            return stamp
+        try:
+            raw = json.loads(self._stamp_path(sha256).read_text())
+            stamp = Stamp(raw["size"], raw["mtime_ns"], raw["ino"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        with self._lock:
+            self._stamps[sha256] = stamp
+        return stamp
+
+    def _write_stamp(self, sha256: str, stamp: Stamp) -> None:
+        with self._lock:
+            self._stamps[sha256] = stamp
+        data = json.dumps({"size": stamp.size, "mtime_ns": stamp.mtime_ns, "ino": stamp.ino}).encode()
+        try:
+            atomic_write_bytes(self._stamp_path(sha256), data, tmp_dir=self.tmp_dir)
+        except OSError:
+            pass  # a read-only store still verifies; it just cannot remember that it did
+
+
+def _write_all(fd: int, block: bytes | memoryview) -> None:
+    view = memoryview(block)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_blocks(fh) -> Iterator[bytes]:
+    while True:
+        block = fh.read(IO_BLOCK)
+        if not block:
+            return
+        yield block
+
+
+def _sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    buffer = bytearray(IO_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            sha.update(view[:n])
+    return sha.hexdigest()
+
+
+__all__ = ["BlobStore", "CHUNK_SIZE", "Stamp"]

@@ -1,0 +1,84 @@
+"""File-system helpers shared by every writer in the home: atomic writes and group sharing.
+
+A home may be shared by the Unix users of one group (config ``shared_group``). Then directories are
+setgid and group-writable and files group-readable whatever each user's umask, so that one user's
+results are hits for another. Every directory and file the home holds is made through here.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import tempfile
+from contextlib import suppress
+from functools import lru_cache
+from pathlib import Path
+
+from .. import config
+from ..errors import UserError
+
+
+@lru_cache(maxsize=8)
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise UserError(f"shared_group {name!r} is not a Unix group here; create it or change the config") from None
+
+
+def shared_gid() -> int | None:
+    name = config.get("shared_group")
+    return None if not name else _group_id(name)
+
+
+def make_dirs(path: Path) -> Path:
+    """Create ``path`` and its parents; in a shared home make the new ones setgid, group-writable."""
+    if path.is_dir():
+        return path
+    gid = shared_gid()
+    if gid is None:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with suppress(FileExistsError):
+            d.mkdir()
+            with suppress(PermissionError):
+                os.chown(d, -1, gid)
+                os.chmod(d, 0o2775)
+    return path
+
+
+def share_fd(fd: int, mode: int = 0o444) -> None:
+    """Give a file just written the permissions its home needs (read-only for content)."""
+    gid = shared_gid()
+    if gid is not None:
+        with suppress(PermissionError):
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode | 0o040 | (0o020 if mode & 0o200 else 0))
+    else:
+        os.fchmod(fd, mode)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never part.
+
+    The temp file lives on the same file system, is fsynced, then renamed over the target.
+    """
+    make_dirs(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+            share_fd(fh.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

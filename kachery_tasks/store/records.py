@@ -1,0 +1,117 @@
+"""Task records: ``<home>/tasks/kt1/<ab>/<task id>.json``, one JSON document per task id.
+
+A record says how a task id resolved: its function identity, its arguments (small ones in canonical
+form, jobs by task id, files by URI), the result (inline, or a codec and a blob URI) and the
+provenance of the computation, signed by the node that computed it. A failure is kept apart, in
+``<task id>.failed.json``, so it never replaces a result (a query's last good value stays as its
+fallback) and is never served as one. Records are written atomically (temp file, fsync, rename).
+A record that cannot be parsed is moved to ``<home>/tasks/quarantine/`` and treated as absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from .fs import atomic_write_bytes, make_dirs
+
+log = logging.getLogger(__name__)
+
+SCHEME_DIR = "kt1"
+FAILED_SUFFIX = ".failed.json"
+
+
+class RecordStore:
+    def __init__(self, tasks_root: Path):
+        self.root = Path(tasks_root)
+        self.records_dir = self.root / SCHEME_DIR
+        self.quarantine_dir = self.root / "quarantine"
+        self.tmp_dir = self.root / "tmp"
+
+    def path(self, task_id: str) -> Path:
+        return self.records_dir / task_id[:2] / f"{task_id}.json"
+
+    def failure_path(self, task_id: str) -> Path:
+        return self.records_dir / task_id[:2] / f"{task_id}{FAILED_SUFFIX}"
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, task_id: str) -> dict[str, Any] | None:
+        """The success record of ``task_id``, or None; an unreadable one is quarantined."""
+        return self._read(self.path(task_id))
+
+    def read_failure(self, task_id: str) -> dict[str, Any] | None:
+        return self._read(self.failure_path(task_id))
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data)
+            if not isinstance(record, dict) or "task_id" not in record:
+                raise ValueError("not a task record")
+        except ValueError:
+            self.quarantine(path, "unreadable record")
+            return None
+        return record
+
+    def iter_records(self, *, failures: bool = False) -> Iterator[dict[str, Any]]:
+        """Every success record (or, with ``failures``, every failure record) in the store."""
+        if not self.records_dir.is_dir():
+            return
+        for bucket in sorted(self.records_dir.iterdir()):
+            if not bucket.is_dir():
+                continue
+            for entry in sorted(os.scandir(bucket), key=lambda e: e.name):
+                is_failure = entry.name.endswith(FAILED_SUFFIX)
+                if entry.name.endswith(".json") and is_failure == failures:
+                    record = self._read(Path(entry.path))
+                    if record is not None:
+                        yield record
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, record: dict[str, Any]) -> None:
+        """Write a success record, superseding any failure recorded for the same id."""
+        task_id = record["task_id"]
+        atomic_write_bytes(self.path(task_id), _dump(record), tmp_dir=self._tmp())
+        with suppress(FileNotFoundError):
+            os.unlink(self.failure_path(task_id))
+
+    def write_failure(self, record: dict[str, Any]) -> None:
+        atomic_write_bytes(self.failure_path(record["task_id"]), _dump(record), tmp_dir=self._tmp())
+
+    def delete(self, task_id: str) -> bool:
+        removed = False
+        for path in (self.path(task_id), self.failure_path(task_id)):
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+                removed = True
+        return removed
+
+    def quarantine(self, path: Path, why: str) -> None:
+        """Set a record aside (kept for inspection, never used) and log one line."""
+        make_dirs(self.quarantine_dir)
+        target = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:
+            return
+        except OSError:  # read-only store: leave it; every read keeps ignoring it
+            target = path
+        log.warning("task record %s set aside (%s): %s", path.name, why, target)
+
+    def _tmp(self) -> Path:
+        make_dirs(self.tmp_dir)
+        return self.tmp_dir
+
+
+def _dump(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
