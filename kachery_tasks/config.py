@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
 
 _config = Config("kachery_tasks", defaults=[DEFAULTS], paths=[], env={})
 _sources: dict[str, str] = {}
+#: A bad home file or environment value found at import, raised by get() (see the end of this module).
+_load_error: ConfigError | None = None
 
 
 def _home_file(home: str) -> Path:
@@ -96,6 +98,7 @@ def _parse_env(key: str, raw: str) -> Any:
 
 def refresh(environ: Mapping[str, str] | None = None) -> None:
     """Re-read the home file and the environment (done once at import)."""
+    global _load_error
     environ = os.environ if environ is None else environ
     env_values = _env_values(environ)
     home = env_values.get("home", DEFAULTS["home"])
@@ -122,6 +125,7 @@ def refresh(environ: Mapping[str, str] | None = None) -> None:
     for key, value in env_values.items():
         _config.config[key] = _validate(key, value)
         _sources[key] = f"env {ENV_PREFIX}{key.upper()}"
+    _load_error = None
 
 
 def _check_key(key: str, where: str = "config.set") -> None:
@@ -157,6 +161,8 @@ def _validate(key: str, value: Any) -> Any:
 
 def get(key: str) -> Any:
     """The value in force for ``key``."""
+    if _load_error is not None:
+        raise ConfigError(str(_load_error))
     if key not in DEFAULTS:
         _check_key(key, where="config.get")
     return _config.config.get(key, DEFAULTS[key])
@@ -182,9 +188,21 @@ def set(**values: Any) -> Iterator[None]:  # noqa: A001 - mirrors dask.config.se
             _sources.update(saved)
 
 
+_resolved_homes: dict[str, str] = {}
+
+
+def home_str() -> str:
+    """The home directory in force as an absolute string; memoized, as it sits on the hit path."""
+    raw = get("home")
+    found = _resolved_homes.get(raw)
+    if found is None:
+        found = _resolved_homes[raw] = str(Path(raw).expanduser().absolute())
+    return found
+
+
 def home() -> Path:
     """The home directory in force, expanded and absolute (not created)."""
-    return Path(get("home")).expanduser().absolute()
+    return Path(home_str())
 
 
 def effective() -> list[tuple[str, Any, str]]:
@@ -197,4 +215,9 @@ def serialize() -> dict[str, Any]:
     return {key: get(key) for key in DEFAULTS}
 
 
-refresh()
+try:
+    refresh()
+except ConfigError as exc:
+    # Not raised here: `import kachery_tasks` would fail with a traceback before the command line could
+    # print the one-line message. Every get() raises it instead.
+    _load_error = exc

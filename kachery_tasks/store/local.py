@@ -36,19 +36,20 @@ class LocalStore:
         return f"LocalStore({str(self.home)!r})"
 
 
-_stores: dict[Path, LocalStore] = {}
+_stores: dict[str, LocalStore] = {}
 _lock = threading.Lock()
 
 
-def store_for(home: Path) -> LocalStore:
-    home = Path(home)
-    found = _stores.get(home)
+def store_for(home: Path | str) -> LocalStore:
+    """The store of ``home`` (an absolute path), one object per home per process."""
+    key = str(home)
+    found = _stores.get(key)
     if found is None:
         with _lock:
-            found = _stores.setdefault(home, LocalStore(home))
+            found = _stores.setdefault(key, LocalStore(Path(key)))
     return found
 
 
 def current_store() -> LocalStore:
     """The store of the home that the configuration in force names."""
-    return store_for(config.home())
+    return store_for(config.home_str())

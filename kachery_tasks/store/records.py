@@ -33,6 +33,7 @@ class RecordStore:
         self.records_dir = self.root / SCHEME_DIR
         self.quarantine_dir = self.root / "quarantine"
         self.tmp_dir = self.root / "tmp"
+        self._records_str = str(self.records_dir)
 
     def path(self, task_id: str) -> Path:
         return self.records_dir / task_id[:2] / f"{task_id}.json"
@@ -43,12 +44,13 @@ class RecordStore:
     # -- reading ---------------------------------------------------------------------------------
     def read(self, task_id: str) -> dict[str, Any] | None:
         """The success record of ``task_id``, or None; an unreadable one is quarantined."""
-        return self._read(self.path(task_id))
+        # string paths, not pathlib: this is the hit path
+        return self._read(f"{self._records_str}/{task_id[:2]}/{task_id}.json")
 
     def read_failure(self, task_id: str) -> dict[str, Any] | None:
         return self._read(self.failure_path(task_id))
 
-    def _read(self, path: Path) -> dict[str, Any] | None:
+    def _read(self, path: Path | str) -> dict[str, Any] | None:
         try:
             with open(path, "rb") as fh:
                 data = fh.read()
@@ -59,7 +61,7 @@ class RecordStore:
             if not isinstance(record, dict) or "task_id" not in record:
                 raise ValueError("not a task record")
         except ValueError:
-            self.quarantine(path, "unreadable record")
+            self.quarantine(Path(path), "unreadable record")
             return None
         return record
 

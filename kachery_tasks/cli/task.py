@@ -1,0 +1,242 @@
+"""``kachery task …``: list, show, explain, remove, rerun and recheck task records; settle actions.
+
+Functions are imported by module name with the current directory on ``sys.path``, as ``python -m``
+does, so run these commands from the directory your pipeline runs from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from typing import Any
+
+import click
+
+from ..errors import UserError
+from ..store.local import current_store
+from .output import print_json, print_listing, print_mapping
+
+
+@click.group("task", help="Task records: list, show, explain, stale, rerun, recheck; actions.")
+def task() -> None:
+    pass
+
+
+def _summary(record: dict[str, Any], failed: bool = False) -> dict[str, Any]:
+    provenance = record.get("provenance", {})
+    row = {
+        "task_id": record["task_id"],
+        "function": record.get("function", {}).get("name"),
+        "kind": record.get("kind"),
+        "status": record.get("status"),
+        "wall_s": provenance.get("wall_s"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("created", 0))),
+        "namespace": record.get("namespace", ""),
+    }
+    if failed:
+        row["error"] = f"{record.get('error', {}).get('type', '').rsplit('.', 1)[-1]}: {record.get('error', {}).get('message', '')}"[:120]
+    return row
+
+
+@task.command("ls")
+@click.option("--function", "pattern", default=None, help="Only functions whose name matches (glob or substring).")
+@click.option("--failed", is_flag=True, help="Only tasks whose latest outcome is a failure.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--limit", type=int, default=None, help="At most this many rows (most costly first).")
+def ls_cmd(pattern: str | None, failed: bool, as_json: bool, limit: int | None) -> None:
+    """List task records, most costly first."""
+    store = current_store()
+    rows = [_summary(r, failed) for r in store.records.iter_records(failures=failed)]
+    if pattern:
+        rows = [r for r in rows if fnmatch.fnmatchcase(r["function"] or "", pattern) or pattern in (r["function"] or "")]
+    rows.sort(key=lambda r: -(r["wall_s"] or 0.0))
+    if limit is not None:
+        rows = rows[:limit]
+    columns = ["task_id", "function", "kind", "status", "wall_s", "created"] + (["error"] if failed else [])
+    print_listing(rows, columns, as_json, title="failed tasks" if failed else "task records")
+
+
+def _record(task_id: str) -> dict[str, Any]:
+    from ..tasks.replay import find_record
+
+    return find_record(current_store(), task_id)
+
+
+@task.command("show")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
+def show_cmd(task_id: str, as_json: bool) -> None:
+    """Show a record: function, arguments, result, provenance."""
+    record = _record(task_id)
+    if as_json:
+        print_json(record)
+        return
+    function = record.get("function", {})
+    provenance = record.get("provenance", {})
+    shown = {
+        "task_id": record["task_id"],
+        "kind": record.get("kind"),
+        "status": record.get("status"),
+        "function": f"{function.get('name')} (code {function.get('code_hash')})",
+        "namespace": record.get("namespace", ""),
+        "arguments": ", ".join(f"{k}={_arg_text(v)}" for k, v in record.get("args", {}).items()),
+        "result": _result_text(record),
+        "node": record.get("node_id"),
+        "host": f"{provenance.get('user')}@{provenance.get('host')} pid {provenance.get('pid')}",
+        "python": f"{provenance.get('python')} on {provenance.get('platform')}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(provenance.get("started", 0))),
+        "wall_s / cpu_s": f"{provenance.get('wall_s')} / {provenance.get('cpu_s')}",
+        "peak_rss": provenance.get("peak_rss"),
+        "packages": ", ".join(f"{k}=={v}" for k, v in provenance.get("packages", {}).items()) or "-",
+        "git": _git_text(provenance.get("git")),
+        "depends on": ", ".join(sorted(function.get("deps", {}))) or "-",
+    }
+    print_mapping(shown, False, title="task record")
+
+
+def _arg_text(entry: dict[str, Any]) -> str:
+    for key in ("json", "file", "job"):
+        if key in entry:
+            return f"{key}:{entry[key]!r}" if key != "json" else repr(entry[key])[:60]
+    return "<pickled>" if "pickle" in entry else f"<{entry.get('omitted', 'not kept')}>"
+
+
+def _result_text(record: dict[str, Any]) -> str:
+    if "error" in record:
+        return f"failed: {record['error'].get('type')}: {record['error'].get('message')}"
+    result = record.get("result", {})
+    where = result.get("uri", "inline")
+    return f"{result.get('codec')} {result.get('size')} bytes {where}"
+
+
+def _git_text(git: dict[str, Any] | None) -> str:
+    if not git:
+        return "-"
+    return f"{git.get('commit')}{' (dirty)' if git.get('dirty') else ''} in {git.get('root')}"
+
+
+@task.command("explain")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+def explain_cmd(task_id: str, as_json: bool) -> None:
+    """Rebuild a recorded call under the code of now and say whether it hits, and if not, why."""
+    from ..tasks.explain import explain
+    from ..tasks.replay import job_from_record
+
+    record = _record(task_id)
+    explanation = explain(job_from_record(current_store(), record))
+    if as_json:
+        print_json(explanation.as_dict())
+    else:
+        click.echo(str(explanation))
+
+
+@task.command("rm")
+@click.argument("task_ids", nargs=-1, required=True)
+def rm_cmd(task_ids: tuple[str, ...]) -> None:
+    """Remove records (their result blobs stay until garbage collection)."""
+    store = current_store()
+    for task_id in task_ids:
+        record = _record(task_id)
+        store.records.delete(record["task_id"])
+        click.echo(f"removed {record['task_id']}")
+
+
+@task.command("stale")
+@click.option("--function", "pattern", default=None, help="Only functions matching (glob or substring).")
+@click.option("--rerun", is_flag=True, help="Recompute the stale records that can be replayed.")
+@click.option("--json", "as_json", is_flag=True)
+def stale_cmd(pattern: str | None, rerun: bool, as_json: bool) -> None:
+    """Records computed by code that has changed since, grouped by function."""
+    from ..tasks.stale import rerun as rerun_calls
+    from ..tasks.stale import stale
+
+    report = stale(pattern)
+    if as_json:
+        print_json(report.as_dict())
+    else:
+        rows = [
+            {"function": name, "stale": len(items), "compute_s": round(sum(i.wall_s for i in items), 3),
+             "replayable": sum(i.replayable for i in items), "what changed": "; ".join(sorted({i.reason for i in items}))}
+            for name, items in report.by_function().items()
+        ]
+        print_listing(rows, ["function", "stale", "compute_s", "replayable", "what changed"], False, title="stale records")
+        for name, why in report.unimportable.items():
+            click.echo(f"cannot check {name}: {why}", err=True)
+    if rerun:
+        replayable = [r.task_id for r in report.records if r.replayable]
+        for r in report.records:
+            if not r.replayable:
+                click.echo(f"cannot rerun {r.task_id} ({r.function}): {r.why_not}", err=True)
+        new_ids = rerun_calls(replayable)
+        click.echo(f"reran {len(new_ids)} call(s)", err=as_json)
+
+
+@task.command("rerun")
+@click.argument("task_ids", nargs=-1, required=True)
+def rerun_cmd(task_ids: tuple[str, ...]) -> None:
+    """Rerun recorded calls with the code as it is now, upstream first."""
+    from ..tasks.stale import rerun
+
+    ids = [_record(t)["task_id"] for t in task_ids]
+    for old, new in zip(ids, rerun(ids), strict=True):
+        click.echo(f"{old} -> {new}")
+
+
+@task.command("recheck")
+@click.argument("task_ids", nargs=-1)
+@click.option("--function", "pattern", default=None, help="Recheck records of functions matching this.")
+@click.option("--sample", type=int, default=None, help="Recheck at most N records (chosen at random).")
+@click.option("--json", "as_json", is_flag=True)
+def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | None, as_json: bool) -> None:
+    """Recompute recorded calls in scratch and compare with the recorded results."""
+    import random
+
+    from ..tasks.stale import recheck
+
+    store = current_store()
+    ids = [_record(t)["task_id"] for t in task_ids]
+    if pattern:
+        ids += [r["task_id"] for r in store.records.iter_records()
+                if fnmatch.fnmatchcase(r["function"]["name"], pattern) or pattern in r["function"]["name"]]
+    if not ids:
+        raise UserError("nothing to recheck: give task ids or --function PATTERN")
+    if sample is not None and sample < len(ids):
+        ids = random.sample(ids, sample)
+    results = recheck(ids, store)
+    rows = [{"task_id": r.task_id, "function": r.function,
+             "reproducible": {True: "yes", False: "NO", None: "?"}[r.reproducible], "detail": r.detail} for r in results]
+    print_listing(rows, ["task_id", "function", "reproducible", "detail"], as_json, title="recheck")
+    if any(r.reproducible is False for r in results):
+        raise SystemExit(2)
+
+
+@task.command("actions")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--unknown", is_flag=True, help="Only calls whose outcome is unknown.")
+def actions_cmd(as_json: bool, unknown: bool) -> None:
+    """Actions in the action log with their state (succeeded, failed, running, unknown)."""
+    from ..config import home_str
+    from ..tasks.actions import action_log
+
+    states = action_log(home_str()).states()
+    rows = [{"key": s.key, "state": s.state, "function": s.function, "task_id": s.task_id,
+             "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time)), "error": s.error or ""}
+            for s in states if not unknown or s.state == "unknown"]
+    print_listing(rows, ["key", "state", "function", "time", "error"], as_json, title="actions")
+
+
+@task.command("resolve")
+@click.argument("key")
+@click.option("--succeeded", "outcome", flag_value="succeeded", help="The action did take effect.")
+@click.option("--failed", "outcome", flag_value="failed", help="The action did not take effect.")
+@click.option("--note", default=None, help="Why (kept in the action log).")
+def resolve_cmd(key: str, outcome: str | None, note: str | None) -> None:
+    """Settle an action whose outcome is unknown, after checking the outside world."""
+    from ..config import home_str
+    from ..tasks.actions import action_log
+
+    if outcome is None:
+        raise UserError("say what happened: --succeeded or --failed")
+    action_log(home_str()).resolve(key, outcome == "succeeded", note)
+    click.echo(f"{key}: {outcome}")

@@ -1,0 +1,27 @@
+"""Tasks: ``@pure``, ``@query``, ``@action``, jobs, the resolver, the action log and explain."""
+
+from .decorators import action, pure, query
+from .explain import Explanation, explain
+from .memory import MEMORY
+from .recording import TaskFailed
+from .resolver import has_result, resolve
+from .settings import CallSettings
+from .stats import STATS
+from .task import ActionResult, Job, Task
+
+__all__ = [
+    "MEMORY",
+    "STATS",
+    "ActionResult",
+    "CallSettings",
+    "Explanation",
+    "Job",
+    "Task",
+    "TaskFailed",
+    "action",
+    "explain",
+    "has_result",
+    "pure",
+    "query",
+    "resolve",
+]

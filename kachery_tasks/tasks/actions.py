@@ -1,0 +1,191 @@
+"""Actions: run at most once per idempotency key, with the outcome kept in a signed feed.
+
+The action log is the node's local feed ``action-log``, subfeed ``actions``: each call appends
+``started``, then ``succeeded`` or ``failed``; ``kachery task resolve`` appends ``resolved``. The state
+of a key is its latest message. A per-key lock (the same OS lock as single flight) serializes calls
+of one key across threads and processes, so a second caller waits for the first and then returns
+its recorded outcome. A key whose latest message is ``started`` while nobody holds its lock was
+being run by a process that died: its outcome is ``unknown`` until a retry or a resolve settles it.
+No system can promise exactly once against an outside system that is not itself idempotent: a
+crash after the outside change and before ``succeeded`` is recorded is exactly that unknown case.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from ..errors import ReadOnlyStoreError, UserError
+from ..store.local import store_for
+from .lease import TaskLock
+from .resolver import compute
+from .settings import in_home
+from .task import ActionResult, Job
+
+LOG_FEED = "action-log"
+LOG_SUBFEED = "actions"
+FINAL = ("succeeded", "failed")
+
+
+@dataclass(frozen=True)
+class ActionState:
+    key: str
+    state: str  # started | succeeded | failed | unknown | running
+    task_id: str
+    function: str
+    time: float
+    error: str | None
+    pid: int | None
+    host: str | None
+
+
+class ActionLog:
+    """The action log of one home, with an index of the latest message per key."""
+
+    def __init__(self, home: str):
+        self.home = home
+        self._latest: dict[str, dict[str, Any]] = {}
+        self._seen = 0
+        self._lock = threading.Lock()
+        with in_home(home):
+            from ..feeds import local_feed
+
+            self._subfeed = local_feed(LOG_FEED).subfeed(LOG_SUBFEED)
+
+    def refresh(self) -> None:
+        with self._lock, in_home(self.home):
+            for message in self._subfeed.messages(self._seen):
+                body = message["body"]
+                self._latest[body["key"]] = body
+                self._seen = message["seq"] + 1
+
+    def latest(self, key: str) -> dict[str, Any] | None:
+        self.refresh()
+        return self._latest.get(key)
+
+    def append(self, body: dict[str, Any]) -> None:
+        with in_home(self.home):
+            self._subfeed.append({**body, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()})
+        self.refresh()
+
+    def lock(self, key: str) -> TaskLock:
+        return TaskLock(store_for(Path(self.home)).records.root / "locks" / "actions", _key_name(key))
+
+    def states(self) -> list[ActionState]:
+        """Every key's state; ``started`` becomes ``running`` or ``unknown`` by its lock."""
+        self.refresh()
+        result = []
+        for key, body in sorted(self._latest.items(), key=lambda kv: kv[1]["time"]):
+            state = body["state"]
+            if state == "started":
+                lock = self.lock(key)
+                if lock.acquire(blocking=False):
+                    lock.release(done=False)
+                    state = "unknown"
+                else:
+                    state = "running"
+            elif state == "resolved":
+                state = body["outcome"]
+            result.append(ActionState(key, state, body.get("task_id", ""), body.get("function", ""), body["time"],
+                                      body.get("error"), body.get("pid"), body.get("host")))
+        return result
+
+    def resolve(self, key: str, succeeded: bool, note: str | None = None) -> None:
+        """Settle a key by hand (after checking the outside world): ``kachery task resolve``."""
+        body = self.latest(key)
+        if body is None:
+            raise UserError(f"no action with key {key!r} in the action log; see `kachery task actions`")
+        lock = self.lock(key)
+        if not lock.acquire(blocking=False):
+            raise UserError(f"action {key!r} is running now; resolve it after it ends")
+        try:
+            self.append({"key": key, "task_id": body.get("task_id"), "function": body.get("function"),
+                         "state": "resolved", "outcome": "succeeded" if succeeded else "failed",
+                         "error": note if not succeeded else None})
+        finally:
+            lock.release(done=False)
+
+
+def _key_name(key: str) -> str:
+    return xxhash.xxh3_128_hexdigest(key.encode())
+
+
+_logs: dict[str, ActionLog] = {}
+_logs_lock = threading.Lock()
+
+
+def action_log(home: str) -> ActionLog:
+    with _logs_lock:
+        log = _logs.get(home)
+        if log is None:
+            log = _logs[home] = ActionLog(home)
+        return log
+
+
+def _outcome(body: dict[str, Any], replayed: bool) -> ActionResult | None:
+    state = body["state"]
+    if state == "resolved":
+        state = body["outcome"]
+    if state == "succeeded":
+        return ActionResult(True, None, "succeeded", replayed)
+    if state == "failed":
+        return ActionResult(False, body.get("error"), "failed", replayed)
+    return None
+
+
+def run_action(job: Job, *, retry: bool = False, upstream: Mapping[str, Any] | None = None) -> ActionResult:
+    settings = job.settings
+    key = job.action_key or job.id
+    if not settings.cache:  # explicitly asked: run, record nothing, promise nothing
+        return _run(job, upstream, None, key)
+    log = action_log(settings.home)
+    rerun = retry or settings.force
+    lock = log.lock(key)
+    if settings.read_only:
+        body = log.latest(key)
+        found = _outcome(body, True) if body else None
+        if found is None:
+            raise ReadOnlyStoreError(f"action {job.task.name} (key {key!r}) has no recorded outcome and read_only forbids running it")
+        return found
+    lock.acquire()  # a concurrent call of this key finishes first; then we see its outcome
+    try:
+        body = log.latest(key)
+        if body is not None and not rerun:
+            found = _outcome(body, True)
+            if found is not None:
+                return found
+            return ActionResult(
+                False,
+                f"outcome unknown: the call started at {time.ctime(body['time'])} by pid {body.get('pid')} on "
+                f"{body.get('host')} stopped before recording an outcome; check the outside world, then "
+                f"settle it with .call(..., retry=True) or `kachery task resolve {key} --succeeded|--failed`",
+                "unknown",
+                True,
+            )
+        return _run(job, upstream, log, key)
+    finally:
+        lock.release(done=False)
+
+
+def _run(job: Job, upstream: Mapping[str, Any] | None, log: ActionLog | None, key: str) -> ActionResult:
+    common = {"key": key, "task_id": job.id, "function": job.task.name}
+    if log is not None:
+        log.append({**common, "state": "started"})
+    try:
+        compute(job, upstream=upstream)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if log is not None:
+            log.append({**common, "state": "failed", "error": error})
+        return ActionResult(False, error, "failed")
+    if log is not None:
+        log.append({**common, "state": "succeeded"})
+    return ActionResult(True, None, "succeeded")

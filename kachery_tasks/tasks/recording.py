@@ -1,0 +1,163 @@
+"""Writing task records: results, failures, arguments for replay, provenance, signature.
+
+Format in docs/provenance.md and DESIGN.md ("Task record"). Each argument is kept with its own hash
+(so ``explain`` can name the argument that differs) and, where it is small, in a form that lets the
+call be replayed: plain JSON, a file URI, the id of an upstream job, or a pickle (replayed only from
+this node's own store).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+import xxhash
+
+from .. import config
+from ..errors import KacheryError, UnhashableArgument
+from ..hashing import SCHEME, hash_value
+from ..identity import node_identity, sign_document
+from ..store.codecs import is_plain_json
+from ..store.file import File
+from ..store.fs import make_dirs
+from ..store.local import LocalStore
+from .provenance import Measure, packages_of
+from .results import encode_result
+from .stats import STATS
+from .task import Job
+
+
+class TaskFailed(KacheryError):
+    """A recorded failure served because ``cache_errors`` is set, when the original can't be rebuilt."""
+
+
+def describe_args(job: Job) -> dict[str, Any]:
+    limit = config.get("record_args_max_bytes")
+    described = {}
+    for name, value in job.args.items():
+        entry: dict[str, Any] = {"hash": hash_value(value)}
+        if isinstance(value, Job):
+            entry["job"] = value.id
+        elif isinstance(value, File):
+            entry["file"] = value.uri
+        elif is_plain_json(value) and len(json.dumps(value)) <= limit:
+            entry["json"] = value
+        else:
+            try:
+                data = cloudpickle.dumps(value, protocol=5)
+            except Exception as exc:  # recorded as not replayable, never a failure of the call
+                entry["omitted"] = f"not picklable: {type(exc).__name__}"
+            else:
+                if len(data) <= limit:
+                    entry["pickle"] = base64.b64encode(data).decode()
+                else:
+                    entry["omitted"] = f"{len(data)} bytes > record_args_max_bytes={limit}"
+        described[name] = entry
+    return described
+
+
+def _base_record(job: Job, measure: Measure | None) -> dict[str, Any]:
+    fid = job.task.function_id
+    func = job.task.func
+    module = getattr(func, "__module__", None)
+    module_file = getattr(getattr(func, "__code__", None), "co_filename", None)
+    return {
+        "scheme": SCHEME,
+        "task_id": job.id,
+        "namespace": job.settings.namespace,
+        "kind": job.kind,
+        "function": {
+            "name": fid.name,
+            "code_hash": fid.code_hash,
+            "deps": dict(fid.deps),
+            "module": module,
+            "qualname": getattr(func, "__qualname__", None),
+            "version": job.task.version,
+        },
+        "args": describe_args(job),
+        "upstream": [u.id for u in job.upstream()],
+        "provenance": (measure or Measure()).fields(packages_of(dict(fid.deps)), module_file),
+        "created": time.time(),
+    }
+
+
+def _sign(store: LocalStore, record: dict[str, Any]) -> dict[str, Any]:
+    identity = node_identity(store.home)
+    record["node_id"] = identity.node_id
+    return sign_document(identity.keys, record)
+
+
+def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | None) -> dict[str, Any]:
+    record = _base_record(job, measure)
+    record["status"] = "succeeded"
+    record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
+    signed = _sign(store, record)
+    store.records.write(signed)
+    _index_by_function(store, record["function"]["name"], job.id)
+    STATS.count("recorded")
+    return signed
+
+
+def record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Measure | None) -> None:
+    """Keep a failure beside the task id; it is listed and explained, never served as a result."""
+    try:
+        record = _base_record(job, measure)
+    except UnhashableArgument:
+        return
+    record["status"] = "failed"
+    record["error"] = {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "pid": os.getpid(),
+    }
+    try:
+        record["error"]["pickle"] = base64.b64encode(cloudpickle.dumps(exc)).decode()
+    except Exception:
+        pass
+    store.records.write_failure(_sign(store, record))
+    _index_by_function(store, record["function"]["name"], job.id)
+    STATS.count("failed")
+
+
+def rebuild_error(failure: dict[str, Any]) -> BaseException:
+    """The exception a recorded failure holds, or :class:`TaskFailed` if it can't be rebuilt."""
+    error = failure.get("error", {})
+    if "pickle" in error:
+        try:
+            exc = cloudpickle.loads(base64.b64decode(error["pickle"]))
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception:
+            pass
+    return TaskFailed(f"{error.get('type')}: {error.get('message')} (recorded failure of task {failure['task_id']})")
+
+
+def function_index_path(store: LocalStore, name: str) -> str:
+    return str(store.records.root / "by_function" / f"{xxhash.xxh64_hexdigest(name.encode())}.txt")
+
+
+def _index_by_function(store: LocalStore, name: str, task_id: str) -> None:
+    """Append the id to the function's index (one O_APPEND write: atomic across processes)."""
+    path = function_index_path(store, name)
+    make_dirs(store.records.root / "by_function")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+    try:
+        os.write(fd, f"{task_id}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def function_index(store: LocalStore, name: str) -> list[str]:
+    """Task ids recorded for a function, newest last, without duplicates."""
+    try:
+        with open(function_index_path(store, name)) as fh:
+            ids = [line.strip() for line in fh if len(line.strip()) == 32]
+    except FileNotFoundError:
+        return []
+    return list(dict.fromkeys(reversed(ids)))[::-1]

@@ -1,0 +1,103 @@
+"""Recorded calls, replayed: import a record's function as it is now and rebuild its job.
+
+Used by ``stale --rerun``, ``task rerun``, ``task recheck`` and ``task explain ID``. A function is
+imported by its module name, with the current directory on ``sys.path`` as ``python -m`` has it;
+a record whose function cannot be imported is reported as such, never guessed at. Arguments come
+back from their recorded forms: plain JSON, a file URI, an upstream job (rebuilt from its own
+record, recursively, so upstream runs first), or a pickle (only from this node's own store).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import os
+import sys
+from typing import Any
+
+import cloudpickle
+
+from ..errors import NotFoundError, UserError
+from ..store.file import File
+from ..store.local import LocalStore
+from .settings import CallSettings
+from .task import Job, Task
+
+
+class NotReplayable(UserError):
+    """A record whose call cannot be rebuilt; the message says why."""
+
+
+def import_task(record: dict[str, Any]) -> Task:
+    """The task a record was made by, as its code is now."""
+    function = record.get("function", {})
+    module_name, qualname = function.get("module"), function.get("qualname")
+    if not module_name or not qualname or "<locals>" in qualname:
+        raise NotReplayable(f"{function.get('name')}: defined where it cannot be imported ({module_name}.{qualname})")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise NotReplayable(f"{function.get('name')}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise NotReplayable(f"{function.get('name')}: {module_name} has no {qualname} now")
+    if not isinstance(obj, Task):
+        raise NotReplayable(f"{function.get('name')}: {module_name}.{qualname} is no longer a task")
+    return obj
+
+
+def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSettings | None = None,
+                    _seen: dict[str, Job] | None = None) -> Job:
+    """The call a record describes, rebuilt under the code of now (upstream jobs included)."""
+    seen = {} if _seen is None else _seen
+    if record["task_id"] in seen:
+        return seen[record["task_id"]]
+    task = import_task(record)
+    args = {}
+    for name, entry in record.get("args", {}).items():
+        args[name] = _argument(store, name, entry, settings, seen)
+    missing = set(task.signature.parameters) - set(args)
+    if missing:
+        raise NotReplayable(f"{task.name}: the function now takes {sorted(missing)}, which the record lacks")
+    base = settings or CallSettings.current()
+    job = Job(task, args, CallSettings(**{**base.as_config(), "namespace": record.get("namespace", "")}))
+    seen[record["task_id"]] = job
+    return job
+
+
+def _argument(store: LocalStore, name: str, entry: dict[str, Any], settings, seen) -> Any:
+    if "json" in entry:
+        return entry["json"]
+    if "file" in entry:
+        return File(entry["file"])
+    if "job" in entry:
+        upstream = store.records.read(entry["job"]) or store.records.read_failure(entry["job"])
+        if upstream is None:
+            raise NotReplayable(f"argument {name!r}: upstream task {entry['job']} has no record")
+        return job_from_record(store, upstream, settings, seen)
+    if "pickle" in entry:
+        return cloudpickle.loads(base64.b64decode(entry["pickle"]))
+    raise NotReplayable(f"argument {name!r} was not kept ({entry.get('omitted', 'too large')})")
+
+
+def find_record(store: LocalStore, task_id: str) -> dict[str, Any]:
+    """The success (or else failure) record of an id, accepting a unique prefix of 6+ characters."""
+    task_id = task_id.strip().lower()
+    if len(task_id) < 6 or any(c not in "0123456789abcdef" for c in task_id):
+        raise UserError(f"{task_id!r} is not a task id; give the 32 hex characters (or 6+ of them) from `kachery task ls`")
+    if len(task_id) == 32:
+        found = store.records.read(task_id) or store.records.read_failure(task_id)
+        if found is None:
+            raise NotFoundError(f"task {task_id} is not found in this node's store")
+        return found
+    matches = {r["task_id"]: r for kind in (False, True) for r in store.records.iter_records(failures=kind)
+               if r["task_id"].startswith(task_id)}
+    if not matches:
+        raise NotFoundError(f"no task id starting with {task_id} in this node's store")
+    if len(matches) > 1:
+        raise UserError(f"{task_id} matches {len(matches)} tasks; give more characters")
+    return next(iter(matches.values()))

@@ -1,0 +1,196 @@
+"""Resolving a job to its result: the tiers, single flight, queries' fallback.
+
+Order for a pure job (first hit wins): memory → local store → compute here. The tier list is the
+config key ``tiers``; buckets and channels will add theirs behind ``local``. A pure id is computed at
+most once per store: concurrent callers wait on the task's lock (see lease.py) and find the record.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+from .. import config
+from ..errors import StaleResultWarning, UserError
+from ..store.local import LocalStore, store_for
+from .lease import TaskLock
+from .memory import MEMORY
+from .provenance import Measure
+from .recording import rebuild_error, record_failure, record_success
+from .results import IncompleteRecord, Loaded, from_memo, load_result
+from .stats import STATS
+from .task import Job, substitute_jobs
+
+log = logging.getLogger("kachery_tasks")
+
+_MISS = object()
+
+
+def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
+            upstream: Mapping[str, Any] | None = None) -> Any:
+    """Resolve ``job``. ``upstream`` maps task ids of upstream jobs to values already computed
+    (Dask passes them), so those are not resolved again."""
+    if job.kind == "pure":
+        return _resolve_pure(job, upstream)
+    if job.kind == "query":
+        return _resolve_query(job, allow_stale, upstream)
+    from .actions import run_action
+
+    return run_action(job, retry=retry, upstream=upstream)
+
+
+# -- lookups ---------------------------------------------------------------------------------------
+def lookup(job: Job, store: LocalStore) -> Any:
+    """The job's result from the memory tier or the local store, or ``_MISS``."""
+    settings = job.settings
+    task_id = job.id
+    memo = MEMORY.get(settings.home, task_id)
+    if memo is not None:
+        STATS.count("hit_memory")
+        return from_memo(memo)
+    loaded = _load_record(store, task_id)
+    if loaded is None:
+        return _MISS
+    STATS.count("hit_store")
+    MEMORY.put(settings.home, task_id, loaded.memo, loaded.nbytes, config.get("memory_cache_bytes"))
+    return loaded.value
+
+
+def _load_record(store: LocalStore, task_id: str) -> Loaded | None:
+    record = store.records.read(task_id)
+    if record is None or record.get("status") != "succeeded":
+        return None
+    try:
+        return load_result(record["result"], store.blobs)
+    except (IncompleteRecord, KeyError) as exc:
+        log.warning("record %s is incomplete (%s); recomputing", task_id, exc)
+        store.records.quarantine(store.records.path(task_id), "incomplete")
+        return None
+
+
+def has_result(job: Job) -> bool:
+    """True if resolving ``job`` now would be a hit, without loading the result."""
+    from .results import check_complete
+
+    settings = job.settings
+    if MEMORY.get(settings.home, job.id) is not None:
+        return True
+    store = store_for(settings.home)
+    record = store.records.read(job.id)
+    if record is None or record.get("status") != "succeeded":
+        return False
+    try:
+        check_complete(record["result"], store.blobs)
+    except IncompleteRecord:
+        return False
+    return True
+
+
+# -- pure ------------------------------------------------------------------------------------------
+def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None) -> Any:
+    settings = job.settings
+    task_id = job.id  # an unhashable argument fails here, before anything runs
+    store = store_for(settings.home)
+    if settings.cache and not settings.force:
+        found = lookup(job, store)
+        if found is not _MISS:
+            return found
+        if settings.cache_errors:
+            _raise_recorded_failure(store, task_id)
+    if settings.read_only or not settings.cache:
+        return compute(job, upstream=upstream)
+    lock = TaskLock(store.records.root / "locks", task_id)
+    lock.acquire()  # waits while another thread or process computes this id
+    done = False
+    try:
+        if not settings.force:
+            found = lookup(job, store)
+            if found is not _MISS:
+                STATS.count("waited")
+                return found
+        value = _compute_and_record(job, store, upstream)
+        done = True
+        return value
+    finally:
+        lock.release(done=done)
+
+
+def _raise_recorded_failure(store: LocalStore, task_id: str) -> None:
+    failure = store.records.read_failure(task_id)
+    if failure is not None:
+        raise rebuild_error(failure)
+
+
+def _compute_and_record(job: Job, store: LocalStore, upstream: Mapping[str, Any] | None) -> Any:
+    measure = Measure()
+    try:
+        value = compute(job, measure, upstream)
+    except Exception as exc:
+        record_failure(job, store, exc, measure)
+        raise
+    record_success(job, store, value, measure)
+    return value
+
+
+def compute(job: Job, measure: Measure | None = None, upstream: Mapping[str, Any] | None = None) -> Any:
+    """Run the job's function here on its resolved arguments (upstream jobs resolved first)."""
+    given = upstream or {}
+    args = substitute_jobs(job.args, lambda up: given[up.id] if up.id in given else up.result())
+    bound = inspect.BoundArguments(job.task.signature, args)
+    STATS.count("computed")
+    measure = measure or Measure()
+    measure.start()
+    try:
+        with _caller_settings(job):
+            return job.task.func(*bound.args, **bound.kwargs)
+    finally:
+        measure.stop()
+
+
+def _caller_settings(job: Job):
+    """Tasks called inside a task resolve in the same home and namespace as their caller."""
+    s = job.settings
+    wanted = {"home": s.home, "namespace": s.namespace, "read_only": s.read_only}
+    if config.home_str() == s.home and config.get("namespace") == s.namespace and config.get("read_only") == s.read_only:
+        return nullcontext()
+    return config.set(**wanted)
+
+
+# -- query -----------------------------------------------------------------------------------------
+def _resolve_query(job: Job, allow_stale: bool, upstream: Mapping[str, Any] | None = None) -> Any:
+    settings = job.settings
+    task_id = job.id
+    store = store_for(settings.home)
+    measure = Measure()
+    try:
+        value = compute(job, measure, upstream)
+    except Exception as exc:
+        if settings.cache and not settings.read_only:
+            record_failure(job, store, exc, measure)
+        if not settings.cache:
+            raise
+        loaded = _load_record(store, task_id)
+        if loaded is None:
+            raise
+        if not allow_stale:
+            raise
+        warnings.warn(
+            StaleResultWarning(
+                f"{job.task.name} failed ({type(exc).__name__}: {exc}); returning its last recorded result"
+            ),
+            stacklevel=4,
+        )
+        STATS.count("stale")
+        return loaded.value
+    if settings.cache and not settings.read_only:
+        record_success(job, store, value, measure)
+    return value
+
+
+def require_kind(job: Job, kind: str) -> None:
+    if job.kind != kind:
+        raise UserError(f"{job.task.name} is a {job.kind} task, not a {kind} task")

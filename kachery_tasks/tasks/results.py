@@ -1,0 +1,106 @@
+"""Results in task records: encode a value with its codec, and load it back only if complete.
+
+A record is a hit only if every blob it references is there with the size the record says; a
+missing or damaged blob makes the record incomplete, the caller sets it aside and recomputes, and the
+recompute replaces the blob (the blob store checks an existing blob before it skips a write).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import CodecError, IntegrityError, NotFoundError
+from ..store.blobs import BlobStore
+from ..store.codecs import (
+    check_codec,
+    choose_codec,
+    decode_json,
+    decode_pickle,
+    encode_json,
+    encode_pickle,
+    npy_blocks,
+)
+from ..store.uris import file_uri, parse_file_uri
+
+
+class IncompleteRecord(Exception):
+    """A record whose result blob is missing or damaged: not a hit."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A decoded result plus what the memory tier should keep to serve it again."""
+
+    value: Any
+    memo: tuple[str, Any]  # ("json"|"pickle", bytes) decoded afresh per hit, or ("value", read-only value)
+    nbytes: int
+
+
+def encode_result(value: Any, codec: str | None, blobs: BlobStore, inline_max: int) -> dict[str, Any]:
+    """The ``result`` field of a record for ``value``; large encodings go to the blob store."""
+    check_codec(codec)
+    codec = codec or choose_codec(value)
+    if codec == "npy":
+        if not isinstance(value, np.ndarray):
+            raise CodecError(f"codec 'npy' stores numpy arrays, not {type(value).__name__}; use codec='pickle'")
+        digest = blobs.put_stream(npy_blocks(value))
+        return {"codec": "npy", "uri": file_uri(digest), "size": blobs.size(digest),
+                "shape": list(value.shape), "dtype": value.dtype.str}
+    data = encode_json(value) if codec == "json" else encode_pickle(value)
+    if len(data) <= inline_max:
+        if codec == "json":
+            return {"codec": "json", "inline": value, "size": len(data)}
+        return {"codec": codec, "inline_b64": base64.b64encode(data).decode(), "size": len(data)}
+    digest = blobs.put_bytes(data)
+    return {"codec": codec, "uri": file_uri(digest), "size": len(data)}
+
+
+def check_complete(result: dict[str, Any], blobs: BlobStore) -> None:
+    """Raise :class:`IncompleteRecord` unless the result's blob exists with its recorded size."""
+    uri = result.get("uri")
+    if uri is None:
+        return
+    digest = parse_file_uri(uri).sha256
+    try:
+        size = blobs.size(digest)
+    except NotFoundError:
+        raise IncompleteRecord(f"result blob {uri} is missing") from None
+    if size != result.get("size"):
+        raise IncompleteRecord(f"result blob {uri} has {size} bytes, the record says {result.get('size')}")
+
+
+def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
+    """Decode a record's result; any trouble with its blob is :class:`IncompleteRecord`."""
+    codec = result["codec"]
+    if "inline" in result:
+        value = result["inline"]
+        data = encode_json(value)
+        return Loaded(decode_json(data), ("json", data), len(data))
+    if "inline_b64" in result:
+        data = base64.b64decode(result["inline_b64"])
+        return Loaded(decode_pickle(data), ("pickle", data), len(data))
+    check_complete(result, blobs)
+    digest = parse_file_uri(result["uri"]).sha256
+    try:
+        if codec == "npy":
+            array = np.load(blobs.verified_path(digest), mmap_mode="r", allow_pickle=False)
+            return Loaded(array, ("value", array), 4096)
+        data = blobs.read_bytes(digest)
+    except (NotFoundError, IntegrityError) as exc:
+        raise IncompleteRecord(str(exc)) from None
+    if codec == "json":
+        return Loaded(decode_json(data), ("json", data), len(data))
+    return Loaded(decode_pickle(data), ("pickle", data), len(data))
+
+
+def from_memo(memo: tuple[str, Any]) -> Any:
+    kind, payload = memo
+    if kind == "json":
+        return decode_json(payload)
+    if kind == "pickle":
+        return decode_pickle(payload)
+    return payload

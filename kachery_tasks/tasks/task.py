@@ -1,0 +1,255 @@
+"""Tasks and jobs: a decorated function, and one call of it with bound arguments.
+
+A :class:`Task` is what ``@pure``, ``@query`` and ``@action`` return. It stays callable with the
+function's own signature. ``f.job(...)`` binds arguments without running anything; the job's id
+covers the function's identity and the arguments, and a job passed as an argument to another task
+enters that task's id by its own id, so a whole chain of calls has ids before anything runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+from ..hashing import FunctionId, bind_arguments, function_id, task_id
+from ..store.codecs import check_codec
+from .settings import CallSettings, check_call_options
+
+KINDS = ("pure", "query", "action")
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """The outcome of an action: success or failure, never data."""
+
+    ok: bool
+    error: str | None = None
+    state: str = "succeeded"  # succeeded | failed | unknown
+    replayed: bool = False  # True when the outcome was recorded by an earlier call
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class Task:
+    """A function with a kind and caching options. See docs/tasks.md."""
+
+    def __init__(
+        self,
+        func: Callable,
+        kind: str,
+        *,
+        version: str | None = None,
+        name: str | None = None,
+        codec: str | None = None,
+        ignore_globals: Iterable[str] = (),
+        rtol: float | None = None,
+        atol: float | None = None,
+        call_options: Mapping[str, Any] | None = None,
+    ):
+        if kind not in KINDS:
+            raise UserError(f"unknown task kind {kind!r}; use one of {', '.join(KINDS)}")
+        if not callable(func):
+            raise UserError(f"@{kind} decorates a function, not {type(func).__name__}")
+        if inspect.iscoroutinefunction(func) or inspect.isgeneratorfunction(func):
+            raise UserError(f"@{kind} cannot decorate {func.__qualname__}: async and generator functions have no single result")
+        if version is not None and not isinstance(version, str):
+            raise UserError(f"version= takes a string such as '2', not {version!r}")
+        check_codec(codec)
+        if kind == "action" and codec is not None:
+            raise UserError("an action returns only success or failure: it takes no codec=")
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.kind = kind
+        self.version = version
+        self.name_override = name
+        self.codec = codec
+        self.ignore_globals = tuple(ignore_globals)
+        self.rtol = rtol
+        self.atol = atol
+        self.call_options = dict(call_options or {})
+        self.signature = inspect.signature(func)
+        self._simple = _simple_parameters(self.signature)
+
+    # -- identity --------------------------------------------------------------------------------
+    def __kachery_function_id__(self) -> FunctionId:
+        return function_id(self.func, version=self.version, name=self.name_override, ignore_globals=self.ignore_globals)
+
+    @property
+    def function_id(self) -> FunctionId:
+        return self.__kachery_function_id__()
+
+    @property
+    def name(self) -> str:
+        return self.name_override or f"{self.func.__module__}.{self.func.__qualname__}"
+
+    # -- calls -----------------------------------------------------------------------------------
+    def options(self, **options: Any) -> Task:
+        """This task with per-call cache options (``force``, ``cache``, ``read_only``, ``namespace``,
+        ``cache_errors``); they cannot clash with the function's own parameter names."""
+        merged = {**self.call_options, **check_call_options(options)}
+        return Task(self.func, self.kind, version=self.version, name=self.name_override, codec=self.codec,
+                    ignore_globals=self.ignore_globals, rtol=self.rtol, atol=self.atol, call_options=merged)
+
+    def job(self, *args: Any, **kwargs: Any) -> Job:
+        """Bind arguments (defaults applied) into a job; nothing runs."""
+        bound = _bind_positional(self._simple, args) if not kwargs and self._simple else None
+        if bound is None:
+            try:
+                bound = bind_arguments(self.func, args, kwargs)
+            except TypeError as exc:
+                raise UserError(f"{self.name}: {exc}") from None
+        return Job(self, bound, CallSettings.current(self.call_options))
+
+    def task_id(self, *args: Any, **kwargs: Any) -> str:
+        return self.job(*args, **kwargs).id
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.job(*args, **kwargs).result()
+
+    def call(self, *args: Any, key: str | None = None, retry: bool = False, **kwargs: Any) -> ActionResult:
+        """Run an action with an explicit idempotency ``key``, or settle an unknown one with ``retry``."""
+        if self.kind != "action":
+            raise UserError(f"{self.name} is a {self.kind} task; .call(key=, retry=) is for actions")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise UserError(f"an idempotency key is a non-empty string, not {key!r}")
+        job = self.job(*args, **kwargs)
+        job.action_key = key
+        return job.result(retry=retry)
+
+    def delayed(self, *args: Any, **kwargs: Any):
+        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask)."""
+        from ..dask.graph import job_delayed  # the Dask layer is optional and imported on use
+
+        return job_delayed(self.job(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} task {self.name}>"
+
+    def __reduce__(self):
+        return (
+            _rebuild_task,
+            (self.func, self.kind, self.version, self.name_override, self.codec, self.ignore_globals,
+             self.rtol, self.atol, self.call_options),
+        )
+
+
+def _simple_parameters(signature: inspect.Signature) -> tuple[tuple[str, Any], ...] | None:
+    """(name, default) pairs when every parameter is plain positional-or-keyword, else None."""
+    kinds = {p.kind for p in signature.parameters.values()}
+    if kinds - {inspect.Parameter.POSITIONAL_OR_KEYWORD}:
+        return None
+    return tuple((p.name, p.default) for p in signature.parameters.values())
+
+
+def _bind_positional(params: tuple[tuple[str, Any], ...], args: tuple) -> dict[str, Any] | None:
+    """``bind`` + ``apply_defaults`` for positional calls of simple signatures, without inspect's
+    cost on the hit path; None where the general binder must decide (and raise)."""
+    if len(args) > len(params):
+        return None
+    bound = {}
+    for i, (name, default) in enumerate(params):
+        if i < len(args):
+            bound[name] = args[i]
+        elif default is inspect.Parameter.empty:
+            return None
+        else:
+            bound[name] = default
+    return bound
+
+
+def _rebuild_task(func, kind, version, name, codec, ignore_globals, rtol, atol, call_options) -> Task:
+    return Task(func, kind, version=version, name=name, codec=codec, ignore_globals=ignore_globals,
+                rtol=rtol, atol=atol, call_options=call_options)
+
+
+class Job:
+    """One call of a task: the task, its bound arguments and the settings in force when made."""
+
+    __kachery_type__ = "kachery_tasks.Job"
+    __slots__ = ("task", "args", "settings", "action_key", "_id")
+
+    def __init__(self, task: Task, args: dict[str, Any], settings: CallSettings):
+        self.task = task
+        self.args = args
+        self.settings = settings
+        self.action_key: str | None = None
+        self._id: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The task id (scheme kt1); an unhashable argument raises ``UnhashableArgument`` here."""
+        if self._id is None:
+            self._id = task_id(self.task.kind, self.task.function_id, self.args, self.settings.namespace)
+        return self._id
+
+    @property
+    def kind(self) -> str:
+        return self.task.kind
+
+    def __kachery_canon__(self) -> str:
+        return self.id
+
+    def result(self, *, allow_stale: bool = True, retry: bool = False) -> Any:
+        """Resolve the job: memory, then the local store, then compute (see docs/tasks.md)."""
+        from .resolver import resolve
+
+        return resolve(self, allow_stale=allow_stale, retry=retry)
+
+    def explain(self):
+        from .explain import explain
+
+        return explain(self)
+
+    def upstream(self) -> list[Job]:
+        """The jobs among this job's arguments (at any depth of lists, tuples and dicts)."""
+        found: list[Job] = []
+        _collect_jobs(self.args, found)
+        return found
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={_short(v)}" for k, v in self.args.items())
+        return f"<Job {self.task.name}({args}) {self._id or ''}>"
+
+    def __reduce__(self):
+        return (_rebuild_job, (self.task, self.args, self.settings, self.action_key, self._id))
+
+
+def _rebuild_job(task, args, settings, action_key, id_) -> Job:
+    job = Job(task, args, settings)
+    job.action_key = action_key
+    job._id = id_
+    return job
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _collect_jobs(value: Any, found: list[Job]) -> None:
+    if isinstance(value, Job):
+        found.append(value)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            _collect_jobs(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_jobs(item, found)
+
+
+def substitute_jobs(value: Any, results: Callable[[Job], Any]) -> Any:
+    """``value`` with every job inside it replaced by ``results(job)``."""
+    if isinstance(value, Job):
+        return results(value)
+    if type(value) is list:
+        return [substitute_jobs(v, results) for v in value]
+    if type(value) is tuple:
+        return tuple(substitute_jobs(v, results) for v in value)
+    if type(value) is dict:
+        return {k: substitute_jobs(v, results) for k, v in value.items()}
+    return value
