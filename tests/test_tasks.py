@@ -610,3 +610,21 @@ def test_two_homes_side_by_side(tmp_path):
     with config.set(home=str(a)):
         assert explain(f.job(1)).hit
     assert job.settings.home == str(b)
+
+
+def test_tiers_choose_where_hits_come_from(home, tmp_path):
+    log = str(tmp_path / "calls.txt")
+
+    @pure
+    def f(x):
+        with open(log, "a") as fh:
+            fh.write("x\n")
+        return x
+
+    f(1)
+    MEMORY.clear()
+    with config.set(tiers=["memory"]):  # the store is not consulted: computes again
+        f(1)
+    assert _count_lines(log) == 2
+    with config.set(tiers=["memory", "local", "bucket"]), pytest.raises(UserError, match="unknown resolution tier"):
+        f(1)

@@ -48,16 +48,34 @@ def lookup(job: Job, store: LocalStore) -> Any:
     """The job's result from the memory tier or the local store, or ``_MISS``."""
     settings = job.settings
     task_id = job.id
-    memo = MEMORY.get(settings.home, task_id)
-    if memo is not None:
-        STATS.count("hit_memory")
-        return from_memo(memo)
+    tiers = _tiers()
+    if "memory" in tiers:
+        memo = MEMORY.get(settings.home, task_id)
+        if memo is not None:
+            STATS.count("hit_memory")
+            return from_memo(memo)
+    if "local" not in tiers:
+        return _MISS
     loaded = _load_record(store, task_id)
     if loaded is None:
         return _MISS
     STATS.count("hit_store")
     MEMORY.put(settings.home, task_id, loaded.memo, loaded.nbytes, config.get("memory_cache_bytes"))
     return loaded.value
+
+
+KNOWN_TIERS = ("memory", "local")
+
+
+def _tiers() -> list[str]:
+    tiers = config.get("tiers")
+    for tier in tiers:
+        if tier not in KNOWN_TIERS:
+            raise UserError(
+                f"unknown resolution tier {tier!r} in config 'tiers'; this version has {', '.join(KNOWN_TIERS)} "
+                "(bucket and channel tiers come with the network layer)"
+            )
+    return tiers
 
 
 def _load_record(store: LocalStore, task_id: str) -> Loaded | None:
