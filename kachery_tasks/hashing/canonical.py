@@ -1,0 +1,1042 @@
+"""Canonical encoding of Python values, scheme ``kt1`` (see docs/hashing.md for the byte layout).
+
+Every value becomes a tag byte followed by a payload whose lengths are explicit, so no two different
+values share an encoding (the false hits of peers come from ``str()``, JSON, separators and dropped
+metadata). Lengths, counts and integers are big-endian, which makes the byte order of encoded keys
+easy to reproduce with numpy in the fast paths. The encoding is never a pickle, ``str`` or ``repr``:
+a value with no rule raises :class:`UnhashableArgument` naming where it sits.
+
+``hash_value`` streams: small pieces collect in a buffer, large buffers (array data, long strings)
+go straight to the xxh3-128 state without a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import decimal
+import enum
+import functools
+import itertools
+import operator
+import pathlib
+import re
+import struct
+import types
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from kachery_tasks.errors import UnhashableArgument
+
+SCHEME = "kt1"
+
+#: Containers nested deeper than this are refused (keeps us well inside Python's recursion limit).
+MAX_DEPTH = 200
+#: Homogeneous containers at least this long take the vectorised fast path (same bytes, less time).
+FAST_MIN = 32
+#: Buffers at least this long are fed to the hash state directly instead of being copied.
+_STREAM_MIN = 1 << 16
+#: Non-contiguous arrays are copied to C order in blocks of about this many bytes.
+_CHUNK = 1 << 23
+
+_TAG_LEN = struct.Struct(">cQ").pack
+_TAG_I64 = struct.Struct(">cq").pack
+_TAG_F64 = struct.Struct(">cd").pack
+_TAG_C128 = struct.Struct(">cdd").pack
+_U64 = struct.Struct(">Q").pack
+_DATE = struct.Struct(">cHBB").pack
+_TIME = struct.Struct(">cBBBIB").pack
+_DATETIME = struct.Struct(">cHBBBBBIB").pack
+_TIMEDELTA = struct.Struct(">cqII").pack
+
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+
+_REGISTRY: dict[type, Callable[[Any], Any]] = {}
+
+# Set to False by tests to check that the fast paths produce exactly the general bytes.
+_FAST_PATHS = True
+
+
+class _PathError(Exception):
+    """Raised inside the encoder; collects path segments while unwinding, formatted at the top."""
+
+    def __init__(self, template: str) -> None:
+        super().__init__(template)
+        self.template = template  # contains "{path}"
+        self.segments: list[str] = []
+
+    def format(self, root: str) -> str:
+        return self.template.replace("{path}", root + "".join(reversed(self.segments)))
+
+
+def _unhashable(v: Any) -> _PathError:
+    t = type(v)
+    tname = f"{t.__module__}.{t.__qualname__}"
+    return _PathError(
+        f"cannot hash {{path}}: no canonical encoding for a {tname}. Implement __kachery_canon__() on "
+        f"the class, call kachery_tasks.hashing.register_canon({t.__qualname__}, fn), or store it "
+        f"with kachery_tasks.store_file(...) and pass the returned URI/File"
+    )
+
+
+def type_name(t: type) -> str:
+    """Name recorded for a type: ``__kachery_type__`` if the class sets it, else ``module.qualname``."""
+    name = t.__dict__.get("__kachery_type__") or getattr(t, "__kachery_type__", None)
+    if isinstance(name, str):
+        return name
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def register_canon(cls: type, fn: Callable[[Any], Any]) -> None:
+    """Give instances of ``cls`` (and its subclasses) a canonical value ``fn(obj)``.
+
+    For third-party types we cannot add ``__kachery_canon__`` to. The object is encoded as an
+    OBJECT tag, the type name of the instance and the encoding of ``fn(obj)``.
+    """
+    if not isinstance(cls, type):
+        raise TypeError("register_canon expects a class")
+    if cls in _EXACT:
+        raise TypeError(f"{cls.__qualname__} already has a built-in canonical encoding")
+    _REGISTRY[cls] = fn
+
+
+def _registered(t: type) -> Callable[[Any], Any] | None:
+    if not _REGISTRY:
+        return None
+    for base in t.__mro__:
+        fn = _REGISTRY.get(base)
+        if fn is not None:
+            return fn
+    return None
+
+
+class _Encoder:
+    """Writes the encoding into ``out``; with ``stream`` set, large buffers go to an xxh3 state."""
+
+    __slots__ = ("out", "sink", "stream", "active")
+
+    def __init__(self, stream: bool = False, active: set[int] | None = None) -> None:
+        self.out = bytearray()
+        self.sink: Any = None
+        self.stream = stream
+        self.active: set[int] = set() if active is None else active
+
+    # -- output -------------------------------------------------------------------------------
+    def big(self, buf: Any) -> None:
+        """Append a bytes-like buffer; large ones go to the hash state directly when streaming."""
+        mv = memoryview(buf)
+        if self.stream and mv.nbytes >= _STREAM_MIN:
+            if self.sink is None:
+                self.sink = xxhash.xxh3_128()
+            if self.out:
+                self.sink.update(self.out)
+                self.out.clear()
+            self.sink.update(mv)
+        else:
+            self.out += mv
+
+    def hexdigest(self) -> str:
+        if self.sink is None:
+            return xxhash.xxh3_128_hexdigest(self.out)
+        self.sink.update(self.out)
+        self.out.clear()
+        return self.sink.hexdigest()
+
+    def sub(self, v: Any) -> bytes:
+        """Encoding of ``v`` as bytes (dict keys, set elements), sharing cycle detection."""
+        e = _Encoder(False, self.active)
+        e.enc(v)
+        return bytes(e.out)
+
+    # -- nesting --------------------------------------------------------------------------------
+    def enter(self, v: Any) -> int:
+        i = id(v)
+        if i in self.active:
+            raise _PathError("cycle at {path}: a container contains itself, which has no finite encoding")
+        if len(self.active) >= MAX_DEPTH:
+            raise _PathError(f"cannot hash {{path}}: nesting deeper than {MAX_DEPTH} levels")
+        self.active.add(i)
+        return i
+
+    def child(self, v: Any, segment: str) -> None:
+        try:
+            self.enc(v)
+        except _PathError as err:
+            err.segments.append(segment)
+            raise
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def enc(self, v: Any) -> None:
+        f = _EXACT.get(type(v))
+        if f is not None:
+            f(self, v)
+        else:
+            _enc_other(self, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# scalars
+
+
+def _e_none(e: _Encoder, v: None) -> None:
+    e.out += b"N"
+
+
+def _e_bool(e: _Encoder, v: bool) -> None:
+    e.out += b"T" if v else b"F"
+
+
+def _int_bytes(v: int) -> bytes:
+    if _INT64_MIN <= v <= _INT64_MAX:
+        return _TAG_I64(b"i", v)
+    n = (v.bit_length() + 8) // 8
+    return _TAG_LEN(b"I", n) + v.to_bytes(n, "big", signed=True)
+
+
+def _e_int(e: _Encoder, v: int) -> None:
+    if _INT64_MIN <= v <= _INT64_MAX:
+        e.out += _TAG_I64(b"i", v)
+    else:
+        e.out += _int_bytes(v)
+
+
+def _e_float(e: _Encoder, v: float) -> None:
+    e.out += _TAG_F64(b"f", v)
+
+
+def _e_complex(e: _Encoder, v: complex) -> None:
+    e.out += _TAG_C128(b"c", v.real, v.imag)
+
+
+def _utf8(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
+def _e_str(e: _Encoder, v: str) -> None:
+    b = _utf8(v)
+    e.out += _TAG_LEN(b"s", len(b))
+    e.big(b) if len(b) >= _STREAM_MIN else e.out.extend(b)
+
+
+def _e_bytes(e: _Encoder, v: bytes) -> None:
+    e.out += _TAG_LEN(b"b", len(v))
+    e.big(v)
+
+
+def _e_bytearray(e: _Encoder, v: bytearray) -> None:
+    e.out += _TAG_LEN(b"y", len(v))
+    e.big(v)
+
+
+def _e_range(e: _Encoder, v: range) -> None:
+    e.out += b"r"
+    e.out += _int_bytes(v.start) + _int_bytes(v.stop) + _int_bytes(v.step)
+
+
+def _e_slice(e: _Encoder, v: slice) -> None:
+    e.out += b"v"
+    e.child(v.start, ".start")
+    e.child(v.stop, ".stop")
+    e.child(v.step, ".step")
+
+
+def _e_ellipsis(e: _Encoder, v: Any) -> None:
+    e.out += b"."
+
+
+def _e_decimal(e: _Encoder, v: decimal.Decimal) -> None:
+    sign, digits, exponent = v.as_tuple()
+    e.out += b"D"
+    e.enc((sign, "".join(map(str, digits)), exponent))
+
+
+def _e_uuid(e: _Encoder, v: uuid.UUID) -> None:
+    e.out += b"U"
+    e.out += v.bytes
+
+
+def _tz(e: _Encoder, v: Any) -> None:
+    """tzinfo part of a time/datetime: None when naive, else (utcoffset, tzname, zone key)."""
+    tz = v.tzinfo
+    if tz is None:
+        e.out += b"N"
+        return
+    key = getattr(tz, "key", None) or getattr(tz, "zone", None)
+    e.enc((v.utcoffset(), v.tzname(), key if isinstance(key, str) else None))
+
+
+def _e_date(e: _Encoder, v: _dt.date) -> None:
+    e.out += _DATE(b"a", v.year, v.month, v.day)
+
+
+def _e_time(e: _Encoder, v: _dt.time) -> None:
+    e.out += _TIME(b"h", v.hour, v.minute, v.second, v.microsecond, v.fold)
+    _tz(e, v)
+
+
+def _e_datetime(e: _Encoder, v: _dt.datetime) -> None:
+    e.out += _DATETIME(b"w", v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, v.fold)
+    _tz(e, v)
+
+
+def _e_timedelta(e: _Encoder, v: _dt.timedelta) -> None:
+    e.out += _TIMEDELTA(b"e", v.days, v.seconds, v.microseconds)
+
+
+def _e_pattern(e: _Encoder, v: re.Pattern) -> None:
+    e.out += b"x"
+    e.enc(v.pattern)
+    e.enc(int(v.flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# containers
+
+
+def _e_seq(e: _Encoder, v: list | tuple, tag: bytes) -> None:
+    n = len(v)
+    if n >= FAST_MIN and _FAST_PATHS:
+        fast = _fast_seq(v, tag)
+        if fast is not None:
+            e.big(fast)
+            return
+    i = e.enter(v)
+    try:
+        e.out += _TAG_LEN(tag, n)
+        enc = e.enc
+        for k, x in enumerate(v):
+            try:
+                enc(x)
+            except _PathError as err:
+                err.segments.append(f"[{k}]")
+                raise
+    finally:
+        e.active.discard(i)
+
+
+def _e_list(e: _Encoder, v: list) -> None:
+    _e_seq(e, v, b"l")
+
+
+def _e_tuple(e: _Encoder, v: tuple) -> None:
+    _e_seq(e, v, b"t")
+
+
+def _key_bytes(e: _Encoder, k: Any) -> bytes:
+    t = type(k)
+    if t is str:
+        b = _utf8(k)
+        return _TAG_LEN(b"s", len(b)) + b
+    if t is int:
+        return _int_bytes(k)
+    try:
+        return e.sub(k)
+    except _PathError as err:
+        err.segments.append(f"<key {k!r}>")
+        raise
+
+
+def _e_mapping(e: _Encoder, v: dict, tag: bytes, ordered: bool) -> None:
+    n = len(v)
+    if not ordered and n >= FAST_MIN and _FAST_PATHS:
+        fast = _fast_dict(v)
+        if fast is not None:
+            e.big(fast)
+            return
+    i = e.enter(v)
+    try:
+        items = [(_key_bytes(e, k), k, x) for k, x in v.items()]
+        if not ordered:
+            items = _sort_entries(e, items)
+        e.out += _TAG_LEN(tag, n)
+        for kb, k, x in items:
+            e.out += kb
+            try:
+                e.enc(x)
+            except _PathError as err:
+                err.segments.append(f"[{k!r}]")
+                raise
+    finally:
+        e.active.discard(i)
+
+
+def _sort_entries(e: _Encoder, items: list) -> list:
+    """Sort by encoded key; equal encodings (distinct NaN keys) are ordered by encoded value."""
+    items.sort(key=lambda it: it[0])
+    if len({it[0] for it in items}) == len(items):
+        return items
+    return sorted(items, key=lambda it: (it[0], e.sub(it[2])))
+
+
+def _e_dict(e: _Encoder, v: dict) -> None:
+    _e_mapping(e, v, b"d", False)
+
+
+def _e_ordereddict(e: _Encoder, v: OrderedDict) -> None:
+    _e_mapping(e, v, b"o", True)
+
+
+def _e_set(e: _Encoder, v: set | frozenset, tag: bytes) -> None:
+    n = len(v)
+    if n >= FAST_MIN and _FAST_PATHS:
+        fast = _fast_set(v, tag)
+        if fast is not None:
+            e.big(fast)
+            return
+    i = e.enter(v)
+    try:
+        parts = sorted(_key_bytes(e, x) for x in v)
+        e.out += _TAG_LEN(tag, n)
+        for p in parts:
+            e.out += p
+    finally:
+        e.active.discard(i)
+
+
+def _e_pyset(e: _Encoder, v: set) -> None:
+    _e_set(e, v, b"S")
+
+
+def _e_frozenset(e: _Encoder, v: frozenset) -> None:
+    _e_set(e, v, b"z")
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy
+
+
+def _e_dtype(e: _Encoder, dt: np.dtype) -> None:
+    """dtype.str carries kind, byte order, size and datetime unit; structured dtypes add descr."""
+    if dt.kind == "T":
+        e.enc("|T")
+    elif dt.fields is not None or dt.subdtype is not None:
+        e.enc(dt.descr)
+    else:
+        e.enc(dt.str)
+
+
+def _contiguous_chunks(a: np.ndarray):
+    """The C-order bytes of ``a`` as uint8 arrays, copying at most ~_CHUNK bytes at a time."""
+    if a.flags.c_contiguous:
+        yield a.reshape(-1).view(np.uint8)
+        return
+    if a.ndim == 2 and a.flags.f_contiguous and a.shape[0] >= 64:
+        yield from _transposed_chunks(a)
+        return
+    row = a.itemsize * (a.size // a.shape[0]) if a.shape[0] else 1
+    step = max(1, _CHUNK // max(row, 1))
+    for s in range(0, a.shape[0], step):
+        yield np.ascontiguousarray(a[s : s + step]).reshape(-1).view(np.uint8)
+
+
+def _transposed_chunks(a: np.ndarray, rows: int = 64, cols: int = 512):
+    """C-order bytes of a Fortran-ordered matrix by cache-sized tiles (about 2x a plain copy)."""
+    at = a.T  # C-contiguous
+    out = np.empty((rows, a.shape[1]), a.dtype)
+    for s in range(0, a.shape[0], rows):
+        block = out[: min(rows, a.shape[0] - s)]
+        for c in range(0, a.shape[1], cols):
+            block[:, c : c + cols] = at[c : c + cols, s : s + rows].T
+        yield block.reshape(-1).view(np.uint8)
+
+
+def _e_ndarray(e: _Encoder, a: np.ndarray) -> None:
+    dt = a.dtype
+    e.out += b"A"
+    _e_dtype(e, dt)
+    e.out += _U64(a.ndim)
+    for d in a.shape:
+        e.out += _U64(d)
+    if dt.hasobject or dt.kind == "T":
+        if dt.fields is not None:
+            raise _PathError("cannot hash {path}: structured arrays with object fields are not supported")
+        _object_elements(e, a)
+        return
+    e.out += _TAG_LEN(b"r", a.nbytes)
+    if a.size:
+        for chunk in _contiguous_chunks(a):
+            e.big(chunk)
+
+
+def _object_elements(e: _Encoder, a: np.ndarray) -> None:
+    """Object arrays: all-str arrays as lengths + UTF-8 ('s'); anything else element by element."""
+    items = a.ravel(order="C").tolist() if a.dtype.kind != "T" else list(a.astype(object).ravel())
+    col = _str_column(items) if items and _all_type(items, str) else None
+    if col is not None:
+        lens, data = col
+        e.out += _TAG_LEN(b"s", len(data))
+        e.big(lens.astype(">u8").view(np.uint8))
+        e.big(data)
+        return
+    e.out += b"e"
+    for k, x in enumerate(items):
+        try:
+            e.enc(x)
+        except _PathError as err:
+            idx = np.unravel_index(k, a.shape) if a.ndim else ()
+            err.segments.append("[" + ", ".join(str(int(j)) for j in idx) + "]")
+            raise
+
+
+def _e_npscalar(e: _Encoder, v: np.generic) -> None:
+    dt = v.dtype
+    if dt.hasobject:
+        raise _unhashable(v)
+    data = v.tobytes()
+    e.out += b"g"
+    _e_dtype(e, dt)
+    e.out += _TAG_LEN(b"r", len(data))
+    e.out += data
+
+
+# ---------------------------------------------------------------------------------------------
+# pandas (imported lazily: only when a pandas object is met)
+
+
+def _pd_values(e: _Encoder, values: Any, dtype: Any) -> None:
+    """Payload of one column/index level: numpy-backed data as an array, extension types by parts."""
+    import pandas as pd
+
+    if isinstance(dtype, np.dtype):
+        _e_ndarray(e, np.asarray(values))
+        return
+    arr = pd.array(values, dtype=dtype, copy=False) if not hasattr(values, "dtype") else values
+    arr = getattr(arr, "array", arr)
+    if isinstance(dtype, pd.CategoricalDtype):
+        e.out += b"G"
+        e.enc(bool(dtype.ordered))
+        _e_index(e, dtype.categories)
+        _e_ndarray(e, np.asarray(arr.codes))
+        return
+    e.out += b"V"
+    e.enc(str(dtype))
+    if hasattr(arr, "_data") and hasattr(arr, "_mask"):  # nullable Int64/Float64/boolean
+        mask = np.asarray(arr._mask)
+        data = np.asarray(arr._data)
+        e.out += b"M"
+        _e_ndarray(e, np.where(mask, np.zeros((), data.dtype), data))
+        _e_ndarray(e, mask)
+    elif isinstance(dtype, pd.DatetimeTZDtype):
+        e.out += b"Z"
+        _e_ndarray(e, np.asarray(arr.asi8))
+    else:
+        e.out += b"O"
+        _e_ndarray(e, np.asarray(arr, dtype=object))
+
+
+def _e_index(e: _Encoder, idx: Any) -> None:
+    import pandas as pd
+
+    if isinstance(idx, pd.MultiIndex):
+        e.out += b"Y"
+        e.enc(tuple(idx.names))
+        e.out += _U64(idx.nlevels)
+        for j in range(idx.nlevels):
+            level = idx.get_level_values(j)
+            _pd_values(e, level.array, level.dtype)
+        return
+    e.out += b"X"
+    e.enc(idx.name)
+    _pd_values(e, idx.array, idx.dtype)
+
+
+def _e_pandas(e: _Encoder, v: Any) -> bool:
+    """Encode a pandas object; False if ``v`` is a pandas type with no rule."""
+    import pandas as pd
+
+    if isinstance(v, pd.DataFrame):
+        e.out += b"Q"
+        e.child(v.columns, ".columns")
+        e.child(v.index, ".index")
+        e.out += _U64(v.shape[1])
+        for j in range(v.shape[1]):
+            col = v.iloc[:, j]
+            try:
+                _pd_values(e, col.array, col.dtype)
+            except _PathError as err:
+                err.segments.append(f".iloc[:, {j}]")
+                raise
+    elif isinstance(v, pd.Series):
+        e.out += b"P"
+        e.child(v.name, ".name")
+        e.child(v.index, ".index")
+        _pd_values(e, v.array, v.dtype)
+    elif isinstance(v, pd.Index):
+        _e_index(e, v)
+    elif isinstance(v, pd.Timestamp):
+        _object(e, v, (v.value, v.unit, v.tzinfo is not None and _tz_tuple(v)))
+    elif isinstance(v, pd.Timedelta):
+        _object(e, v, (v.value, v.unit))
+    elif v is pd.NaT or v is pd.NA:
+        _object(e, v, None)
+    else:
+        return False
+    return True
+
+
+def _tz_tuple(v: Any) -> tuple:
+    key = getattr(v.tzinfo, "key", None) or getattr(v.tzinfo, "zone", None)
+    return (v.utcoffset(), v.tzname(), key if isinstance(key, str) else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# objects, callables and the fallback chain
+
+
+def _object(e: _Encoder, v: Any, canon: Any) -> None:
+    e.out += b"O"
+    e.enc(type_name(type(v)))
+    i = e.enter(v)
+    try:
+        e.child(canon, ".__kachery_canon__()")
+    finally:
+        e.active.discard(i)
+
+
+def _e_dataclass(e: _Encoder, v: Any) -> None:
+    fields = dataclasses.fields(v)
+    e.out += b"R"
+    e.enc(type_name(type(v)))
+    e.out += _U64(len(fields))
+    i = e.enter(v)
+    try:
+        for f in fields:
+            e.enc(f.name)
+            e.child(getattr(v, f.name), f".{f.name}")
+    finally:
+        e.active.discard(i)
+
+
+def _e_namedtuple(e: _Encoder, v: tuple) -> None:
+    e.out += b"n"
+    e.enc(type_name(type(v)))
+    e.out += _U64(len(v))
+    i = e.enter(v)
+    try:
+        for name, x in zip(type(v)._fields, v, strict=False):
+            e.enc(name)
+            e.child(x, f".{name}")
+    finally:
+        e.active.discard(i)
+
+
+def _e_function_id(e: _Encoder, fid: Any) -> None:
+    e.out += b"K"
+    e.enc(fid.name)
+    e.enc(fid.code_hash)
+
+
+def _builtin_name(v: Any) -> str:
+    if isinstance(v, np.ufunc):
+        return f"numpy.{v.__name__}"
+    owner = getattr(v, "__objclass__", None)
+    module = getattr(v, "__module__", None) or (owner.__module__ if owner is not None else None)
+    if module is None:
+        self_ = getattr(v, "__self__", None)
+        module = getattr(self_, "__name__", None) if isinstance(self_, types.ModuleType) else None
+        module = module or type(self_).__module__
+    return f"{module}.{getattr(v, '__qualname__', v.__name__)}"
+
+
+_BUILTIN_CALLABLES = (
+    types.BuiltinFunctionType,
+    types.WrapperDescriptorType,
+    types.MethodDescriptorType,
+    types.ClassMethodDescriptorType,
+    types.MethodWrapperType,
+    np.ufunc,
+)
+
+
+def _e_callable(e: _Encoder, v: Any) -> bool:
+    """Functions by identity (name + code hash), never by repr; False if ``v`` is no callable we know."""
+    from kachery_tasks.hashing.functions import _library_callable, class_id, function_id
+
+    if isinstance(v, functools.partial):
+        e.out += b"p"
+        i = e.enter(v)
+        try:
+            e.child(v.func, ".func")
+            e.child(v.args, ".args")
+            e.child(v.keywords, ".keywords")
+        finally:
+            e.active.discard(i)
+    elif isinstance(v, types.MethodType):
+        e.out += b"m"
+        e.child(v.__func__, ".__func__")
+        e.child(v.__self__, ".__self__")
+    elif isinstance(v, types.FunctionType):
+        _e_function_id(e, _fid_or_path_error(function_id, v))
+    elif isinstance(v, _BUILTIN_CALLABLES):
+        self_ = getattr(v, "__self__", None)
+        if self_ is not None and not isinstance(self_, (types.ModuleType, type)):
+            e.out += b"m"
+            e.out += b"k"
+            e.enc(_builtin_name(v))
+            e.child(self_, ".__self__")
+        else:
+            e.out += b"k"
+            e.enc(_builtin_name(v))
+    elif _library_callable(v):
+        e.out += b"k"
+        e.enc(f"{v.__module__}.{v.__qualname__}")
+    elif isinstance(v, type):
+        e.out += b"C"
+        cid = _fid_or_path_error(class_id, v)
+        e.enc(cid.name)
+        e.enc(cid.code_hash)
+    else:
+        return False
+    return True
+
+
+def _fid_or_path_error(fn: Callable[[Any], Any], v: Any) -> Any:
+    try:
+        return fn(v)
+    except UnhashableArgument as err:
+        raise _PathError("cannot hash {path}: " + str(err).replace("{", "{{").replace("}", "}}")) from err
+
+
+def _enc_other(e: _Encoder, v: Any) -> None:
+    """Everything not in the exact-type table, in a fixed order of precedence."""
+    t = type(v)
+    canon = getattr(t, "__kachery_canon__", None)
+    if canon is not None:
+        _object(e, v, v.__kachery_canon__())
+        return
+    fid = getattr(v, "__kachery_function_id__", None)
+    if fid is not None and callable(fid) and not isinstance(v, type):
+        _e_function_id(e, fid())
+        return
+    fn = _registered(t)
+    if fn is not None:
+        _object(e, v, fn(v))
+        return
+    if isinstance(v, enum.Enum):
+        e.out += b"E"
+        e.enc(type_name(t))
+        e.enc(v.name)
+    elif isinstance(v, np.ndarray):
+        if t is not np.memmap:
+            raise _PathError(
+                f"cannot hash {{path}}: {t.__module__}.{t.__qualname__} is an ndarray subclass that may "
+                "carry more than its data; pass np.asarray(x) or call register_canon for it"
+            )
+        _e_ndarray(e, v)
+    elif isinstance(v, np.generic):
+        _e_npscalar(e, v)
+    elif isinstance(v, tuple) and isinstance(getattr(t, "_fields", None), tuple):
+        _e_namedtuple(e, v)
+    elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+        _e_dataclass(e, v)
+    elif isinstance(v, pathlib.PurePath):
+        raise _PathError(
+            f"cannot hash {{path}}: a path ({str(v)!r}) names a location, not content. Call "
+            "kachery_tasks.store_file(path) and pass the returned URI/File instead"
+        )
+    elif t.__module__.startswith("pandas") and _e_pandas(e, v) or _e_callable(e, v):
+        return
+    else:
+        raise _unhashable(v)
+
+
+_EXACT: dict[type, Callable[[_Encoder, Any], None]] = {
+    type(None): _e_none,
+    bool: _e_bool,
+    int: _e_int,
+    float: _e_float,
+    complex: _e_complex,
+    str: _e_str,
+    bytes: _e_bytes,
+    bytearray: _e_bytearray,
+    list: _e_list,
+    tuple: _e_tuple,
+    dict: _e_dict,
+    OrderedDict: _e_ordereddict,
+    set: _e_pyset,
+    frozenset: _e_frozenset,
+    range: _e_range,
+    slice: _e_slice,
+    type(Ellipsis): _e_ellipsis,
+    decimal.Decimal: _e_decimal,
+    uuid.UUID: _e_uuid,
+    _dt.date: _e_date,
+    _dt.time: _e_time,
+    _dt.datetime: _e_datetime,
+    _dt.timedelta: _e_timedelta,
+    re.Pattern: _e_pattern,
+    np.ndarray: _e_ndarray,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# vectorised fast paths for long homogeneous containers. Each returns exactly the bytes of the
+# general path (tests check this with _FAST_PATHS off) or None when it does not apply.
+
+
+def _all_type(items: list, t: type) -> bool:
+    return all(type(x) is t for x in items)
+
+
+def _str_column(items: list) -> tuple[np.ndarray, bytes] | None:
+    """(UTF-8 lengths, concatenated UTF-8) of a list of str."""
+    joined = "".join(items)
+    if joined.isascii():
+        return np.fromiter(map(len, items), np.int64, len(items)), joined.encode("ascii")
+    encoded = [_utf8(s) for s in items]
+    return np.fromiter(map(len, encoded), np.int64, len(items)), b"".join(encoded)
+
+
+class _Fixed:
+    """A column of equal-width encodings: an (n, w) uint8 matrix."""
+
+    def __init__(self, mat: np.ndarray) -> None:
+        self.mat = mat
+
+    def widths(self) -> int:
+        return self.mat.shape[1]
+
+    def take(self, order: np.ndarray) -> _Fixed:
+        return _Fixed(self.mat[order])
+
+
+class _Var:
+    """A column of a fixed header (n, w) followed by variable-length data (lens, flat bytes)."""
+
+    def __init__(self, head: np.ndarray, lens: np.ndarray, flat: np.ndarray) -> None:
+        self.head, self.lens, self.flat = head, lens, flat
+
+    def widths(self) -> np.ndarray:
+        return self.lens + self.head.shape[1]
+
+    def take(self, order: np.ndarray) -> _Var:
+        lens = self.lens[order]
+        starts = np.cumsum(self.lens) - self.lens
+        new_starts = np.cumsum(lens) - lens
+        idx = np.repeat(starts[order] - new_starts, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+        return _Var(self.head[order], lens, self.flat[idx])
+
+
+def _header(tag: bytes, lens: np.ndarray) -> np.ndarray:
+    head = np.empty((len(lens), 9), np.uint8)
+    head[:, 0] = tag[0]
+    head[:, 1:] = lens.astype(">u8").view(np.uint8).reshape(-1, 8)
+    return head
+
+
+def _column(items: list) -> tuple[Any, np.ndarray] | None:
+    """Encodings of a homogeneous list of scalars plus a uint64/bytes sort key, or None."""
+    t = type(items[0])
+    n = len(items)
+    if not _all_type(items, t):
+        return _int_float_column(items) if t is int or t is float else None
+    if t is int or t is float:
+        try:
+            arr = np.array(items, dtype=np.int64 if t is int else np.float64)
+        except OverflowError:
+            return None
+        mat = np.empty((n, 9), np.uint8)
+        mat[:, 0] = ord("i") if t is int else ord("f")
+        mat[:, 1:] = arr.astype(">i8" if t is int else ">f8").view(np.uint8).reshape(n, 8)
+        return _Fixed(mat), arr.view(np.uint64)
+    if t is str or t is bytes:
+        if t is str:
+            lens, data = _str_column(items)
+        else:
+            lens, data = np.fromiter(map(len, items), np.int64, n), b"".join(items)
+        flat = np.frombuffer(data, np.uint8)
+        return _Var(_header(b"s" if t is str else b"b", lens), lens, flat), None
+    if t is bool or t is type(None):
+        mat = np.array([[ord("T") if x else ord("F")] for x in items] if t is bool else [[ord("N")]] * n,
+                       np.uint8)
+        return _Fixed(mat), None
+    return None
+
+
+def _int_float_column(items: list) -> tuple[_Fixed, None] | None:
+    """A mix of int and float (both 9 bytes). No sort key: mixed dict keys take the general path."""
+    kinds = list(map(type, items))
+    floats = list(map(operator.is_, kinds, itertools.repeat(float)))
+    ints = list(map(operator.is_, kinds, itertools.repeat(int)))
+    is_float = np.array(floats, dtype=bool)
+    if not bool((is_float | np.array(ints, dtype=bool)).all()):
+        return None
+    try:
+        ivals = np.fromiter(itertools.compress(items, ints), np.int64)
+    except OverflowError:
+        return None
+    fvals = np.fromiter(itertools.compress(items, floats), np.float64)
+    mat = np.empty((len(items), 9), np.uint8)
+    mat[:, 0] = np.where(is_float, ord("f"), ord("i"))
+    mat[~is_float, 1:] = ivals.astype(">i8").view(np.uint8).reshape(-1, 8)
+    mat[is_float, 1:] = fvals.astype(">f8").view(np.uint8).reshape(-1, 8)
+    return _Fixed(mat), None
+
+
+def _assemble(cols: list, n: int) -> np.ndarray:
+    """Interleave columns entry by entry into one uint8 buffer."""
+    widths = [c.widths() for c in cols]
+    sizes = np.zeros(n, np.int64)
+    for w in widths:
+        sizes += w
+    total = int(sizes.sum())
+    out = np.empty(total, np.uint8)
+    off = np.cumsum(sizes) - sizes
+    for c, w in zip(cols, widths, strict=False):
+        if isinstance(c, _Fixed):
+            out[(off[:, None] + np.arange(c.mat.shape[1])).ravel()] = c.mat.ravel()
+        else:
+            hw = c.head.shape[1]
+            out[(off[:, None] + np.arange(hw)).ravel()] = c.head.ravel()
+            data_start = off + hw
+            vstart = np.cumsum(c.lens) - c.lens
+            idx = np.repeat(data_start - vstart, c.lens) + np.arange(len(c.flat), dtype=np.int64)
+            out[idx] = c.flat
+        off = off + w
+    return out
+
+
+def _sort_order(col: Any, key: np.ndarray | None) -> np.ndarray | None:
+    """Order of entries by encoded bytes; None when two encodings are equal (NaN twins)."""
+    if key is not None:
+        order = np.argsort(key, kind="stable")
+        sk = key[order]
+        return None if len(sk) > 1 and bool((sk[1:] == sk[:-1]).any()) else order
+    if isinstance(col, _Fixed):
+        return None
+    # str/bytes: encoded as tag + big-endian length + data, so order by (length, data)
+    lens = col.lens
+    by_len = np.argsort(lens, kind="stable")
+    sorted_lens = lens[by_len]
+    bounds = np.flatnonzero(np.diff(sorted_lens)) + 1
+    starts = np.cumsum(lens) - lens
+    groups = []
+    for grp in np.split(by_len, bounds):
+        width = int(lens[grp[0]])
+        if width == 0 or len(grp) == 1:
+            groups.append(grp)
+            continue
+        mat = col.flat[(starts[grp][:, None] + np.arange(width)).ravel()].reshape(len(grp), width)
+        groups.append(grp[np.argsort(mat.view(f"S{width}").ravel(), kind="stable")])
+    return np.concatenate(groups)
+
+
+def _fast_seq(v: list | tuple, tag: bytes) -> np.ndarray | None:
+    first = v[0]
+    items = v if type(v) is list else list(v)
+    if type(first) is tuple:
+        cols = _tuple_columns(items)
+        if cols is None:
+            return None
+    else:
+        made = _column(items)
+        if made is None:
+            return None
+        cols = [made[0]]
+    body = _assemble(cols, len(items))
+    return np.concatenate([np.frombuffer(_TAG_LEN(tag, len(items)), np.uint8), body])
+
+
+def _tuple_columns(items: list) -> list | None:
+    """Columns for a list of equal-length tuples of scalars (each position of one type)."""
+    width = len(items[0])
+    if width == 0 or not _all_type(items, tuple) or any(len(x) != width for x in items):
+        return None
+    head = np.frombuffer(_TAG_LEN(b"t", width), np.uint8)
+    cols: list = [_Fixed(np.broadcast_to(head, (len(items), 9)))]
+    for position in zip(*items, strict=False):
+        made = _column(list(position))
+        if made is None:
+            return None
+        cols.append(made[0])
+    return cols
+
+
+def _fast_dict(d: dict) -> np.ndarray | None:
+    keys = list(d)
+    kc = _column(keys)
+    if kc is None:
+        return None
+    vc = _column(list(d.values()))
+    if vc is None:
+        return None
+    order = _sort_order(*kc)
+    if order is None:
+        return None
+    body = _assemble([kc[0].take(order), vc[0].take(order)], len(keys))
+    return np.concatenate([np.frombuffer(_TAG_LEN(b"d", len(keys)), np.uint8), body])
+
+
+def _fast_set(s: set | frozenset, tag: bytes) -> np.ndarray | None:
+    items = list(s)
+    made = _column(items)
+    if made is None:
+        return None
+    order = _sort_order(*made)
+    if order is None:
+        return None
+    body = _assemble([made[0].take(order)], len(items))
+    return np.concatenate([np.frombuffer(_TAG_LEN(tag, len(items)), np.uint8), body])
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def _run(e: _Encoder, value: Any, path: str) -> None:
+    try:
+        e.enc(value)
+    except _PathError as err:
+        raise UnhashableArgument(err.format(path)) from None
+    except RecursionError:
+        raise UnhashableArgument(f"cannot hash {path}: nesting too deep to encode") from None
+
+
+def canonical_bytes(value: Any, *, path: str = "value") -> bytes:
+    """The full kt1 encoding of ``value`` (for tests, vectors and docs; hashing streams instead)."""
+    e = _Encoder(stream=False)
+    _run(e, value, path)
+    return bytes(e.out)
+
+
+def hash_value(value: Any, *, path: str = "value") -> str:
+    """xxh3-128 (32 lowercase hex) of ``canonical_bytes(value)``, computed without materialising it.
+
+    ``path`` names the value in error messages (``args``, a parameter name, ...).
+    """
+    e = _Encoder(stream=True)
+    _run(e, value, path)
+    return e.hexdigest()
+
+
+class Hasher:
+    """Incremental hashing of a sequence of values, streamed as they come.
+
+    The digest is xxh3-128 of ``b"H" + enc(v1) + ... + enc(vn) + u64(n)``. Encodings are
+    self-delimiting, so this is unambiguous, and ``H`` is not a value tag, so it never equals a
+    ``hash_value``. Use it when the parts are produced one by one and may be large.
+    """
+
+    def __init__(self) -> None:
+        self._e = _Encoder(stream=True)
+        self._e.out += b"H"
+        self._n = 0
+
+    def update(self, value: Any, *, path: str | None = None) -> Hasher:
+        _run(self._e, value, path or f"value[{self._n}]")
+        self._n += 1
+        return self
+
+    def hexdigest(self) -> str:
+        tail = bytes(self._e.out) + _U64(self._n)
+        if self._e.sink is None:
+            return xxhash.xxh3_128_hexdigest(tail)
+        h = self._e.sink.copy()
+        h.update(tail)
+        return h.hexdigest()

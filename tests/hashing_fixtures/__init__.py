@@ -1,0 +1,1 @@
+"""Helpers for the hashing tests (module loading, sample types)."""
