@@ -108,15 +108,21 @@ class BlobStore:
                         progress(len(block))
                 if pending is not None:
                     pending.result()
-            os.fsync(fd)
-            share_fd(fd, 0o444)
+            digest = sha.hexdigest()
+            # Already stored and sound: drop the temp file unsynced, so a re-store costs no disk flush.
+            duplicate = self._valid_existing(digest)
+            if not duplicate:
+                os.fsync(fd)
+                share_fd(fd, 0o444)
         except BaseException:
             os.close(fd)
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         os.close(fd)
-        digest = sha.hexdigest()
+        if duplicate:
+            os.unlink(tmp)
+            return digest
         self._install(Path(tmp), digest, chunks.manifest(digest))
         return digest
 

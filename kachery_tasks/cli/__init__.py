@@ -1,0 +1,73 @@
+"""The ``kachery`` command: files, mutables, the node and its configuration.
+
+``main`` is a click group whose ``invoke`` turns every :class:`~kachery_tasks.errors.KacheryError`
+into one line on stderr (``kachery: error: ...``) and exit status 1: a user who gave a bad URI
+needs the message, not a traceback. Other exceptions are bugs and keep their traceback.
+
+One module per command group. ``feed``, ``task`` and ``demo`` are written separately and joined
+here when their module exists, so each can land on its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import click
+
+from .. import __version__, config
+from ..errors import KacheryError
+
+#: Command groups that live in their own modules and are added when present.
+OPTIONAL_GROUPS = ("feed", "task", "demo")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line printed for a user error (a message with newlines is folded)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return f"kachery: error: {text or type(exc).__name__}"
+
+
+class KacheryGroup(click.Group):
+    """A click group that reports KacheryError as one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KacheryError as exc:
+            click.echo(error_line(exc), err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=KacheryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", metavar="PATH", default=None,
+              help="Home directory to use instead of the configured one (config key 'home').")
+@click.version_option(__version__, "-V", "--version", prog_name="kachery")
+@click.pass_context
+def main(ctx: click.Context, home: str | None) -> None:
+    """kachery: content-addressed files, mutables and task results of this node."""
+    if home is not None:
+        # Held for the whole command: the subcommand runs inside this config.set block.
+        ctx.with_resource(config.set(home=home))
+
+
+def _add_groups() -> None:
+    from .config_cmd import config_group
+    from .files import cat, info, load, store, verify
+    from .mutable import mutable
+    from .node import node
+
+    for command in (store, load, cat, info, verify, mutable, node, config_group):
+        main.add_command(command)
+    for name in OPTIONAL_GROUPS:
+        module_name = f"{__name__}.{name}"
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        main.add_command(getattr(module, name))
+
+
+_add_groups()
+
+__all__ = ["KacheryGroup", "main"]

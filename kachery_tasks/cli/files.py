@@ -1,0 +1,153 @@
+"""``kachery store | load | cat | info | verify``: files in this node's store.
+
+Every read goes through the verified path of the store (``load_file``), so no command hands out a
+byte that does not match its hash.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..errors import IntegrityError, NotFoundError, UserError
+from ..store import current_store, file_info, load_file, parse_file_uri, store_file
+from .output import byte_progress, human_bytes, print_json, print_listing, print_mapping
+
+COPY_BLOCK = 8 * 2**20
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("--label", default=None, help="Label in the URI (default: the file name); one FILE only.")
+@click.option("--link", is_flag=True,
+              help="Hard-link instead of copying where possible (editing FILE in place then damages the blob).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {path, uri, size}.")
+def store(files: tuple[str, ...], label: str | None, link: bool, as_json: bool) -> None:
+    """Store FILE(s) and print their sha256:// URIs, one a line."""
+    if label is not None and len(files) > 1:
+        raise UserError("--label names one file; store several files without it (each keeps its name)")
+    rows = []
+    for name in files:
+        path = Path(name)
+        size = path.stat().st_size if path.is_file() else 0
+        with byte_progress(size, f"storing {path.name}") as progress:
+            uri = store_file(path, label, link=link, progress=progress)
+        rows.append({"path": str(path), "uri": uri, "size": size})
+        if not as_json:
+            click.echo(uri)
+    if as_json:
+        print_json(rows)
+
+
+@click.command()
+@click.argument("uri")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=True), default=None,
+              help="Copy the verified file here (a directory takes the label or hash as name).")
+def load(uri: str, output: str | None) -> None:
+    """Verify URI's file and print its path in the store, or copy it to -o PATH."""
+    source = load_file(uri)
+    if output is None:
+        click.echo(str(source))
+        return
+    target = Path(output)
+    if target.is_dir():
+        parsed = parse_file_uri(uri)
+        target = target / (parsed.label or parsed.sha256)
+    _copy(source, target)
+    click.echo(str(target))
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy through a temp file beside ``target`` and rename: never a partial file under its name."""
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
+    size = source.stat().st_size
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with byte_progress(size, f"copying to {target.name}") as progress, \
+                open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            while block := src.read(COPY_BLOCK):
+                dst.write(block)
+                if progress is not None:
+                    progress(len(block))
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@click.command()
+@click.argument("uri")
+def cat(uri: str) -> None:
+    """Write URI's bytes to stdout (verified before the first byte)."""
+    source = load_file(uri)
+    out = sys.stdout.buffer
+    try:
+        with open(source, "rb") as fh:
+            while block := fh.read(COPY_BLOCK):
+                out.write(block)
+        out.flush()
+    except BrokenPipeError:  # `kachery cat URI | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+@click.command()
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info(uri: str, as_json: bool) -> None:
+    """What the store knows of URI: size, path, chunks (no re-hash)."""
+    print_mapping(file_info(uri), as_json)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object {checked, bytes, damaged}.")
+def verify(as_json: bool) -> None:
+    """Re-hash every blob; quarantine and list damaged ones (exit status 1 if any)."""
+    blobs = current_store().blobs
+    hashes = list(blobs.iter_hashes())
+    total = 0
+    for h in hashes:
+        try:
+            total += blobs.size(h)
+        except NotFoundError:
+            pass
+    checked = checked_bytes = 0
+    damaged = []
+    with byte_progress(total, "verifying") as progress:
+        for h in hashes:
+            try:
+                size = blobs.size(h)
+                blobs.verified_path(h, rehash=True)
+            except NotFoundError:
+                continue  # removed while we walked the store
+            except IntegrityError as exc:
+                damaged.append({"sha256": h, "size": size, "error": str(exc)})
+            else:
+                checked_bytes += size
+            checked += 1
+            if progress is not None:
+                progress(size)
+    report = {"checked": checked, "bytes": checked_bytes + sum(d["size"] for d in damaged), "damaged": damaged}
+    if as_json:
+        print_json(report)
+    else:
+        if damaged:
+            print_listing([{"sha256": d["sha256"], "size": d["size"]} for d in damaged], ["sha256", "size"],
+                          False, title="damaged blobs (moved to quarantine)")
+        click.echo(f"{checked} blobs checked ({human_bytes(report['bytes'])}), {len(damaged)} damaged")
+    if damaged:
+        click.echo(f"kachery: error: {len(damaged)} damaged blob(s) moved to {blobs.quarantine_dir}; "
+                   "store them again or fetch them from another node", err=True)
+        raise click.exceptions.Exit(1)

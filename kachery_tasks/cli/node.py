@@ -1,0 +1,108 @@
+"""``kachery node init | info``: this home's identity (Ed25519 key, owner, label) and store size.
+
+``init --shared-group GROUP`` prepares a home that the Unix users of GROUP share: the group goes into
+``<home>/config.yaml`` (so every later write makes setgid, group-writable directories, see
+``store/fs.py``) and the directories that already exist are converted now.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import click
+import yaml
+
+from .. import config
+from ..errors import UserError
+from ..identity import init_node, node_identity
+from ..identity.node import key_path
+from ..store import current_store
+from ..store.fs import _group_id, atomic_write_bytes
+from .output import print_mapping
+
+
+@click.group()
+def node() -> None:
+    """This node: its identity and its store."""
+
+
+@node.command("init")
+@click.option("--owner", required=True, metavar="EMAIL", help="E-mail address of the node's owner.")
+@click.option("--label", default=None, metavar="NAME", help="A name for this node, shown to channel members.")
+@click.option("--shared-group", default=None, metavar="GROUP",
+              help="Unix group that shares this home: directories become setgid and group-writable.")
+def init_cmd(owner: str, label: str | None, shared_group: str | None) -> None:
+    """Create the node key if missing and record owner and label."""
+    home = config.home()
+    gid = _group_id(shared_group) if shared_group else None  # refuse an unknown group before any write
+    identity = init_node(home, owner, label)
+    if shared_group:
+        _write_home_config(home, {"shared_group": shared_group})
+        share_tree(home, gid)
+    click.echo(identity.node_id)
+
+
+def _write_home_config(home: Path, values: dict) -> None:
+    """Merge ``values`` into ``<home>/config.yaml``, keeping whatever else it holds."""
+    path = home / "config.yaml"
+    current = {}
+    if path.is_file():
+        try:
+            current = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({exc}); fix or remove it first") from None
+        if not isinstance(current, dict):
+            raise UserError(f"{path} must hold a mapping of option: value; fix or remove it first")
+    current.update(values)
+    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
+
+
+def share_tree(home: Path, gid: int) -> None:
+    """Give the home's existing directories and files to ``gid``, as fs.make_dirs/share_fd would.
+
+    Directories: setgid, group-writable. Files: group-readable, and group-writable where the owner
+    may write (the mutables database, records). The node key stays 0600: it is never shared.
+    """
+    private = key_path(home)
+    for root, dirs, files in os.walk(home):
+        for name in dirs:
+            _share(Path(root) / name, gid, directory=True)
+        for name in files:
+            path = Path(root) / name
+            if path != private and not path.is_symlink():
+                _share(path, gid, directory=False)
+    _share(home, gid, directory=True)
+
+
+def _share(path: Path, gid: int, directory: bool) -> None:
+    try:
+        os.chown(path, -1, gid)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if directory:
+            os.chmod(path, mode | 0o2070)
+        else:
+            os.chmod(path, mode | 0o040 | (0o020 if mode & 0o200 else 0))
+    except PermissionError as exc:
+        raise UserError(f"cannot share {path} with group {gid}: {exc.strerror}; run as its owner") from None
+
+
+@node.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info_cmd(as_json: bool) -> None:
+    """Node id, owner, label, home and store size."""
+    home = config.home()
+    identity = node_identity(home)
+    count, size = current_store().blobs.total_size()
+    print_mapping(
+        {
+            "node_id": identity.node_id,
+            "owner": identity.owner,
+            "label": identity.label,
+            "home": str(home),
+            "blobs": count,
+            "bytes": size,
+        },
+        as_json,
+    )

@@ -1,0 +1,99 @@
+"""The configuration: precedence default < home file < environment < config.set, and strict keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import kachery_tasks as kt
+from kachery_tasks import config
+
+_SHOW = (
+    "import json; from kachery_tasks import config\n"
+    "with config.set(**json.loads({set!r})):\n"
+    "    print(json.dumps({{k: [v, s] for k, v, s in config.effective()}}))\n"
+)
+
+
+def _effective(run_python, extra_env=None, set_values=None) -> dict:
+    out = run_python(_SHOW.format(set=json.dumps(set_values or {})), extra_env=extra_env)
+    return json.loads(out.stdout)
+
+
+def test_defaults_in_force() -> None:
+    assert config.get("inline_max_bytes") == config.DEFAULTS["inline_max_bytes"]
+    assert config.get("namespace") == ""
+
+
+def test_precedence_default_file_env_set(home: Path, run_python) -> None:
+    assert _effective(run_python)["inline_max_bytes"] == [8192, "default"]
+    (home / "config.yaml").write_text("inline_max_bytes: 100\nnamespace: lab\n")
+    found = _effective(run_python)
+    assert found["inline_max_bytes"] == [100, str(home / "config.yaml")]
+    assert found["namespace"] == ["lab", str(home / "config.yaml")]
+    found = _effective(run_python, {"KACHERY_TASKS_INLINE_MAX_BYTES": "200"})
+    assert found["inline_max_bytes"] == [200, "env KACHERY_TASKS_INLINE_MAX_BYTES"]
+    assert found["namespace"][0] == "lab"  # the file still counts for keys the environment leaves alone
+    found = _effective(run_python, {"KACHERY_TASKS_INLINE_MAX_BYTES": "200"}, {"inline_max_bytes": 300})
+    assert found["inline_max_bytes"] == [300, "config.set"]
+
+
+def test_env_values_are_typed(run_python) -> None:
+    found = _effective(run_python, {"KACHERY_TASKS_FORCE": "true", "KACHERY_TASKS_NAMESPACE": "123",
+                                    "KACHERY_TASKS_TIERS": "[memory]"})
+    assert found["force"][0] is True
+    assert found["namespace"][0] == "123"  # a string key stays a string
+    assert found["tiers"][0] == ["memory"]
+
+
+def test_set_is_scoped_and_restores_source() -> None:
+    with config.set(force=True):
+        assert config.get("force") is True
+        assert dict((k, s) for k, _, s in config.effective())["force"] == "config.set"
+    assert config.get("force") is False
+    assert dict((k, s) for k, _, s in config.effective())["force"] == "default"
+
+
+def test_unknown_key_names_the_closest() -> None:
+    with pytest.raises(kt.ConfigError, match="'inline_max_bytes'"), config.set(inline_max_byte=1):
+        pass
+    with pytest.raises(kt.ConfigError, match="'force'"):
+        config.get("forec")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("force", "yes"), ("lease_seconds", -1), ("lease_seconds", "10"), ("tiers", "memory"),
+     ("namespace", 5), ("memory_cache_bytes", True)],
+)
+def test_bad_value_types_are_refused(key: str, value) -> None:
+    with pytest.raises(kt.ConfigError, match=key), config.set(**{key: value}):
+        pass
+
+
+def test_home_file_with_unknown_key_is_one_line_error(home: Path, kachery) -> None:
+    (home / "config.yaml").write_text("forec: true\n")
+    proc = kachery("config", "show")
+    err = proc.stderr.decode()
+    assert proc.returncode == 1
+    assert err.count("\n") == 1 and "did you mean 'force'" in err and "Traceback" not in err
+
+
+def test_config_show_json_lists_sources(home: Path, kachery) -> None:
+    (home / "config.yaml").write_text("namespace: lab\n")
+    proc = kachery("config", "show", "--json", extra_env={"KACHERY_TASKS_POLL_SECONDS": "0.5"})
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["key"]: row for row in json.loads(proc.stdout)}
+    assert set(rows) == set(config.DEFAULTS)
+    assert rows["namespace"]["source"] == str(home / "config.yaml") and rows["namespace"]["value"] == "lab"
+    assert rows["poll_seconds"] == {"key": "poll_seconds", "value": 0.5, "source": "env KACHERY_TASKS_POLL_SECONDS"}
+    assert rows["force"]["source"] == "default"
+
+
+def test_home_option_overrides(tmp_path_factory, kachery) -> None:
+    other = tmp_path_factory.mktemp("other")
+    proc = kachery("--home", str(other), "config", "show", "--json")
+    rows = {row["key"]: row for row in json.loads(proc.stdout)}
+    assert rows["home"]["value"] == str(other) and rows["home"]["source"] == "config.set"
