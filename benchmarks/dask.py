@@ -1,0 +1,144 @@
+"""Dask layer: a wide fan-in graph of small pure tasks (N leaves summed pairwise), first run and
+all-cached rerun, against graphchain (if importable) and plain dask on the sync scheduler.
+
+Target (issue 6): an all-cached rerun costs ≤ 10 µs per pruned node. The rerun is measured from
+declaring the pipeline again (jobs and Merkle ids for every node: that is what a user pays) to the
+value, and separately the graph build + compute alone (one lookup, whatever the size).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import shutil
+import tempfile
+import time
+
+import dask
+
+import kachery_tasks as kt
+from kachery_tasks import config
+from kachery_tasks.dask.graph import build_graph
+from kachery_tasks.tasks import MEMORY
+
+#: 100k leaves take minutes for the first run on 2 cores (a signed record per node); scaled down.
+LEAVES = int(os.environ.get("KT_BENCH_DASK_LEAVES", "20000"))
+
+
+@kt.pure
+def leaf(i: int) -> int:
+    return i
+
+
+@kt.pure
+def pair(a: int, b: int) -> int:
+    return a + b
+
+
+def _pipeline(n: int):
+    level = [leaf.delayed(i) for i in range(n)]
+    while len(level) > 1:
+        nxt = [pair.delayed(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _dict_graph(n: int) -> tuple[dict, str]:
+    dsk: dict = {}
+    level = []
+    for i in range(n):
+        dsk[f"leaf-{i}"] = i
+        level.append(f"leaf-{i}")
+    depth = 0
+    while len(level) > 1:
+        nxt = []
+        for j in range(0, len(level) - 1, 2):
+            key = f"pair-{depth}-{j}"
+            dsk[key] = (operator.add, level[j], level[j + 1])
+            nxt.append(key)
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+        depth += 1
+    return dsk, level[0]
+
+
+def _row(case: str, ours: float, peer: str, peer_s: float | None, note: str = "") -> dict:
+    ratio = (peer_s / ours) if peer_s and ours else None
+    return {"case": case, "ours_s": round(ours, 6), "peer": peer,
+            "peer_s": None if peer_s is None else round(peer_s, 6),
+            "ratio": None if ratio is None else round(ratio, 3), "note": note}
+
+
+def run() -> list[dict]:
+    n = LEAVES
+    nodes = 2 * n - 1
+    expected = n * (n - 1) // 2
+    rows = []
+    home = tempfile.mkdtemp(prefix="kt-bench-dask-")
+    try:
+        with config.set(home=home):
+            t = time.perf_counter()
+            root = _pipeline(n)
+            declare_s = time.perf_counter() - t
+            t = time.perf_counter()
+            assert root.compute(scheduler="sync") == expected
+            first_s = time.perf_counter() - t + declare_s
+
+            MEMORY.clear()  # a new process would start with an empty memory tier
+            t = time.perf_counter()
+            root = _pipeline(n)
+            redeclare_s = time.perf_counter() - t
+            t = time.perf_counter()
+            dsk, counts = build_graph([root.job])
+            build_s = time.perf_counter() - t
+            assert counts["loads"] == 1 and counts["pruned"] == nodes - 1
+            t = time.perf_counter()
+            assert root.compute(scheduler="sync") == expected
+            compute_s = time.perf_counter() - t
+            rerun_s = redeclare_s + compute_s
+        graph, out = _dict_graph(n)
+        t = time.perf_counter()
+        assert dask.get(graph, out) == expected
+        plain_s = time.perf_counter() - t
+        gc_first = gc_rerun = None
+        gc_note = "graphchain not importable"
+        try:
+            import graphchain
+
+            gdir = tempfile.mkdtemp(prefix="kt-bench-graphchain-")
+            try:
+                t = time.perf_counter()
+                assert graphchain.get(dict(graph), out, location=gdir) == expected
+                gc_first = time.perf_counter() - t
+                t = time.perf_counter()
+                assert graphchain.get(dict(graph), out, location=gdir) == expected
+                gc_rerun = time.perf_counter() - t
+                gc_note = "graphchain 1.3 (pip --no-deps), tuple graph"
+            finally:
+                shutil.rmtree(gdir, ignore_errors=True)
+        except Exception as exc:  # graphchain pins python<3.11 and predates TaskSpec
+            gc_note = f"graphchain failed: {type(exc).__name__}: {exc}"[:120]
+        scale = f"{n} leaves, {nodes} nodes" + ("" if n >= 100_000 else " (scaled down from 100k leaves: 2 cores)")
+        rows.append(_row("dask fan-in: first run (declare + compute + record)", first_s, "graphchain.get",
+                         gc_first, f"{scale}; {gc_note}"))
+        rows.append(_row("dask fan-in: first run vs plain dask sync (no cache)", first_s, "dask.get sync",
+                         plain_s, scale))
+        rows.append(_row("dask fan-in: all-cached rerun (declare + compute)", rerun_s, "graphchain.get",
+                         gc_rerun, f"{rerun_s / (nodes - 1) * 1e6:.2f} µs per pruned node "
+                         f"(target ≤ 10); declare {redeclare_s:.3f} s, build+compute {compute_s:.4f} s"))
+        rows.append(_row("dask fan-in: all-cached rerun vs plain dask sync", rerun_s, "dask.get sync",
+                         plain_s, scale))
+        rows.append(_row("dask fan-in: pruned graph build alone", build_s, "-", None,
+                         f"{counts['loads']} lookup, {counts['pruned']} nodes pruned; "
+                         f"{build_s / (nodes - 1) * 1e6:.2f} µs per pruned node (counting them)"))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)

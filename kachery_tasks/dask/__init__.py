@@ -1,0 +1,10 @@
+"""Dask integration: ``f.delayed`` graphs keyed by task id and pruned of cached work, ``cached()``
+for any Dask collection, ``KacheryPlugin`` for ``distributed``, and progress. See docs/dask.md."""
+
+from .cached import cached
+from .graph import JobDelayed, build_graph, job_delayed
+from .plugin import KacheryPlugin, stats
+from .progress import CacheProgress, progress
+
+__all__ = ["CacheProgress", "JobDelayed", "KacheryPlugin", "build_graph", "cached", "job_delayed",
+           "progress", "stats"]

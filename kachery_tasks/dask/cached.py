@@ -1,0 +1,237 @@
+"""``cached(collection)``: any Dask collection, keyed by content and cached in the store.
+
+Every node of the (optimized) graph whose content can be identified (identify.py) becomes a job of
+a small generic runner task, with its Merkle id as task id; the jobs then go through the same
+pruning graph builder as ``f.delayed`` (graph.py), so recorded nodes are loaded and their upstream
+dropped, and results are written by the task engine's own record machinery (same record format,
+codecs, single flight). Nodes that cannot be identified, and everything downstream of them, stay as
+they were, and a debug log line says why. The collection keeps its type, chunks and metadata: its
+output keys remain, as aliases of the content-keyed nodes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import dask
+from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
+from dask.core import flatten
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from dask.utils import key_split
+
+from .. import config
+from ..errors import UnhashableArgument
+from ..hashing import FunctionId, hash_value
+from ..store.local import store_for
+from ..tasks.settings import CallSettings
+from ..tasks.task import Job, Task
+from .graph import JobDelayed, JobTask, build_graph, job_key
+from .identify import graph_ids, toposort
+
+log = logging.getLogger("kachery_tasks.dask")
+
+C = TypeVar("C")
+
+try:
+    _VERSION = importlib.metadata.version("kachery-tasks")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a checkout
+    _VERSION = "unknown"
+
+
+class NodeSpec:
+    """One node of a dask graph, as the argument of its job: hashed by its Merkle id only."""
+
+    __slots__ = ("id", "node", "dep_keys", "min_seconds", "is_data")
+    __kachery_type__ = "kachery_tasks.dask.Node"
+
+    def __init__(self, id_: str, node: GraphNode, dep_keys: tuple, min_seconds: float, is_data: bool):
+        self.id = id_
+        self.node = node
+        self.dep_keys = dep_keys
+        self.min_seconds = min_seconds
+        self.is_data = is_data
+
+    def __kachery_canon__(self) -> str:
+        return self.id
+
+    def run(self, deps: tuple) -> Any:
+        return self.node(dict(zip(self.dep_keys, deps, strict=True)))
+
+    def __repr__(self) -> str:
+        return f"<dask node {self.node.key!r} {self.id}>"
+
+
+class NodeRunner:
+    """The function of every cached() job: runs its node on the values of its dependencies.
+
+    One instance per (dask name, number of dependencies), with a signature ``(node, d0, d1, ...)``
+    so that each upstream job is an argument of its own, as the task records expect."""
+
+    def __init__(self, name: str, arity: int):
+        self.__name__ = name
+        self.__qualname__ = f"dask.{name}"
+        self.arity = arity
+        params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                  for p in ("node", *(f"d{i}" for i in range(arity)))]
+        self.__signature__ = inspect.Signature(params)
+
+    def __call__(self, node: NodeSpec, *deps: Any) -> Any:
+        return node.run(deps)
+
+    def __kachery_function_id__(self) -> FunctionId:
+        return FunctionId(f"kachery_tasks.dask:{self.__name__}", f"kachery-tasks=={_VERSION}", {})
+
+    def __reduce__(self):
+        return (node_task_func, (self.__name__, self.arity))
+
+
+_RUNNERS: dict[tuple[str, int], Task] = {}
+
+
+def node_task_func(name: str, arity: int) -> NodeRunner:
+    return node_task(name, arity).func
+
+
+def node_task(name: str, arity: int) -> Task:
+    task = _RUNNERS.get((name, arity))
+    if task is None:
+        task = _RUNNERS[(name, arity)] = Task(NodeRunner(name, arity), "pure")
+    return task
+
+
+def run_node(job: Job, upstream: Mapping[str, Any], min_seconds: float) -> Any:
+    """Compute a node; record it only if it took at least ``min_seconds`` (cheap nodes are not
+    worth a record and a blob)."""
+    from ..tasks.provenance import Measure
+    from ..tasks.recording import record_success
+    from ..tasks.resolver import compute
+
+    measure = Measure()
+    value = compute(job, measure, upstream)
+    s = job.settings
+    if s.cache and not s.read_only and measure.wall_s >= min_seconds:
+        record_success(job, store_for(s.home_path), value, measure)
+    return value
+
+
+# -- graph → jobs ----------------------------------------------------------------------------------
+def _graph_of(collection: Any) -> tuple[Any, dict[Any, GraphNode], list]:
+    """The optimized collection, its graph as TaskSpec nodes, and its output keys."""
+    if not isinstance(collection, Delayed) and not hasattr(collection, "__dask_postpersist__"):
+        raise TypeError(f"cached() takes a dask collection, not {type(collection).__name__}")
+    (opt,) = dask.optimize(collection)
+    graph = dict(opt.__dask_graph__())
+    dsk = convert_legacy_graph(graph)
+    return opt, dsk, list(flatten(opt.__dask_keys__()))
+
+
+def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
+               settings: CallSettings | None = None, reasons: dict[Any, str] | None = None) -> dict[Any, Job]:
+    """A job for every identifiable key of ``dsk`` (aliases share their target's job); why the
+    others have none goes to ``reasons``."""
+    settings = settings or CallSettings.current()
+    reasons = {} if reasons is None else reasons
+    ids = graph_ids(dsk, reasons=reasons)
+    for key, why in list(reasons.items())[:20]:
+        log.debug("cached(): %r is not cached: %s", key, why)
+    if len(reasons) > 20:
+        log.debug("cached(): %d more nodes are not cached", len(reasons) - 20)
+    jobs: dict[Any, Job] = {}
+    ns = settings.namespace
+    data_settings = replace(settings, cache=False)
+    for key in toposort(dsk):
+        if key not in ids:
+            continue
+        node = dsk[key]
+        if isinstance(node, JobTask):  # already a job (f.delayed inside a plain graph)
+            if node.full is not None:
+                jobs[key] = node.full
+            continue
+        if isinstance(node, Alias):
+            if node.target in jobs:
+                jobs[key] = jobs[node.target]
+            continue
+        deps = tuple(sorted(node.dependencies, key=str))
+        if not all(d in jobs for d in deps):
+            continue
+        jid = ids[key] if not ns else hash_value(("kt1-dask-ns", ns, ids[key]))
+        is_data = isinstance(node, DataNode)
+        spec = NodeSpec(jid, node, deps, min_seconds, is_data)
+        args: dict[str, Any] = {"node": spec}
+        for i, dep in enumerate(deps):
+            args[f"d{i}"] = jobs[dep]
+        name = key_split(key) or "node"
+        job = Job(node_task(name, len(deps)), args, data_settings if is_data else settings)
+        job._id = jid
+        jobs[key] = job
+    return jobs
+
+
+def cached(collection: C, min_seconds: float | None = None) -> C:
+    """An equivalent collection whose tasks are keyed by content and cached in the store.
+
+    Nodes taking at least ``min_seconds`` (default: config ``dask_min_seconds``) to compute are
+    recorded; on a later call, recorded nodes are loaded and the work upstream of them is pruned.
+    Pruning is decided here, when ``cached`` is called (for a delayed object: at each compute).
+    """
+    if isinstance(collection, JobDelayed):
+        return collection  # already keyed by task id and cached
+    min_s = float(config.get("dask_min_seconds") if min_seconds is None else min_seconds)
+    opt, dsk, out_keys = _graph_of(collection)
+    jobs = graph_jobs(dsk, min_s)
+    if isinstance(collection, Delayed) and out_keys[0] in jobs:
+        return JobDelayed(jobs[out_keys[0]])  # type: ignore[return-value]
+    # roots: the outputs, and what the uncached nodes need
+    roots: dict[str, Job] = {}
+    new: dict[Any, GraphNode] = {}
+    subs = {k: job_key(j) for k, j in jobs.items()}
+    for key, node in dsk.items():
+        if key in jobs:
+            continue
+        for dep in node.dependencies:
+            if dep in jobs:
+                roots[jobs[dep].id] = jobs[dep]
+        new[key] = node.substitute(subs)
+    for key in out_keys:
+        if key in jobs:
+            roots[jobs[key].id] = jobs[key]
+            new[key] = Alias(key, subs[key])
+    built, _ = build_graph(roots.values())
+    new.update(built)
+    rebuild, args = opt.__dask_postpersist__()
+    return rebuild(_hlg(new, opt.__dask_layers__()), *args)
+
+
+def _hlg(dsk: dict, names: Any) -> HighLevelGraph:
+    """A graph under the collection's own layer names, so that collections built on top of the
+    result (``cached(x).sum()``) find the layers they depend on."""
+    names = list(names)
+    layers = {names[0]: MaterializedLayer(dsk)}
+    deps: dict[str, set] = {names[0]: set()}
+    for extra in names[1:]:
+        layers[extra] = MaterializedLayer({})
+        deps[extra] = {names[0]}
+    return HighLevelGraph(layers, deps)
+
+
+def collection_job(collection: Any) -> Job:
+    """The job computing a dask collection's value (for collections passed to ``f.delayed``)."""
+    target = collection if isinstance(collection, Delayed) else dask.delayed(collection)
+    if isinstance(target, JobDelayed):
+        return target.job
+    _, dsk, out_keys = _graph_of(target)
+    reasons: dict[Any, str] = {}
+    jobs = graph_jobs(dsk, float(config.get("dask_min_seconds")), reasons=reasons)
+    try:
+        return jobs[out_keys[0]]
+    except KeyError:
+        why = next(iter(reasons.values()), "unknown")
+        raise UnhashableArgument(
+            f"the dask collection {collection!r} passed to a task cannot be identified by content "
+            f"({why}); compute it first or pass it through a kachery task") from None

@@ -1,0 +1,313 @@
+"""Jobs as Dask graphs, with cached work pruned before the graph runs.
+
+``f.delayed(...)`` returns a :class:`JobDelayed`: a ``Delayed`` keyed ``<name>-<task id>`` whose graph
+is built only when Dask asks for it (at compute/persist time, on the client), top-down from its
+job. A job whose result is recorded becomes one node that loads it, with no dependencies, so
+everything upstream that nothing else needs is never scheduled: an all-cached pipeline costs one
+lookup. Other jobs become a node that resolves the job on the worker with its upstream values fed
+in. Identical task ids appear once per graph (keys are content ids), and a cluster that already holds
+a key reuses it, so concurrent graphs compute an id once; the store's lock covers other clusters.
+
+Why rebuild instead of using dask's optimizer hooks: the graph optimizer runs on the scheduler under
+``distributed`` and has no hook for expression collections (see docs/dask.md); building the graph
+ourselves works on every scheduler.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from dask._task_spec import DataNode, GraphNode, Task, TaskRef
+from dask.base import is_dask_collection
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from .. import config
+from ..errors import KacheryError
+from ..store.local import store_for
+from ..tasks.task import Job, substitute_jobs
+
+#: Topic of the events that load and run nodes log on ``distributed`` workers (see plugin.py).
+TOPIC = "kachery"
+
+
+# -- graph nodes -----------------------------------------------------------------------------------
+class JobTask(Task):
+    """A node that stands for one job. A cache boundary: never fused into its neighbours.
+
+    ``full`` keeps the complete job in this process only (it is not pickled), so that cached()
+    can see through a kachery node inside a plain dask graph back to its job."""
+
+    __slots__ = ("full",)
+
+    def __init__(self, key: Any, func: Any, /, *args: Any, full: Job | None = None, **kwargs: Any):
+        super().__init__(key, func, *args, **kwargs)
+        self.full = full
+
+    @property
+    def block_fusion(self) -> bool:
+        return True
+
+    def __reduce__(self):
+        return (_rebuild_job_task, (type(self), self.key, self.func, self.args))
+
+
+def _rebuild_job_task(cls: type, key: Any, func: Any, args: tuple) -> JobTask:
+    return cls(key, func, *args)
+
+
+class LoadTask(JobTask):
+    """Loads a recorded result; no dependencies."""
+
+    __slots__ = ()
+
+
+class RunTask(JobTask):
+    """Resolves a job with its upstream values."""
+
+    __slots__ = ()
+
+
+def job_key(job: Job) -> str:
+    """``<name>-<task id>``: ``dask.utils.key_split`` shows ``name`` on the dashboard."""
+    name = getattr(job.task.func, "__name__", None) or "task"
+    return f"{name}-{job.id}"
+
+
+def _node_spec(job: Job) -> Any:
+    """The cached() node a job stands for, or None for a job of a user task."""
+    from .cached import NodeRunner
+
+    return job.args.get("node") if isinstance(job.task.func, NodeRunner) else None
+
+
+def _prunable(job: Job) -> bool:
+    s = job.settings
+    return job.kind == "pure" and s.cache and not s.force
+
+
+def _stub(job: Job, stubs: dict[str, Job]) -> Job:
+    """A job carrying only its id (and task, settings): what a node needs of an upstream job.
+
+    Shipping full jobs would pickle the whole upstream DAG into every task of the graph."""
+    jid = job.id
+    stub = stubs.get(jid)
+    if stub is None:
+        stub = Job(job.task, {}, job.settings)
+        stub._id = jid
+        stubs[jid] = stub
+    return stub
+
+
+def shallow(job: Job, stubs: dict[str, Job]) -> Job:
+    """``job`` with every upstream job replaced by a stub; same id."""
+    out = Job(job.task, substitute_jobs(job.args, lambda up: _stub(up, stubs)), job.settings)
+    out._id = job.id
+    out.action_key = job.action_key
+    return out
+
+
+def build_graph(roots: Iterable[Job], *, has_result: Any = None) -> tuple[dict[str, GraphNode], dict[str, int]]:
+    """The pruned graph that computes ``roots``, and counts: loads, runs, data, pruned.
+
+    Top-down and iterative (no recursion limit), memoized by task id: a diamond's shared job
+    appears once. ``has_result`` (for tests and benchmarks) replaces the store check.
+    """
+    if has_result is None:
+        from ..tasks.resolver import has_result
+    dsk: dict[str, GraphNode] = {}
+    seen: dict[str, str] = {}
+    stubs: dict[str, Job] = {}
+    loaded: list[Job] = []
+    counts = {"loads": 0, "runs": 0, "data": 0, "pruned": 0}
+    stack = list(roots)
+    while stack:
+        job = stack.pop()
+        jid = job.id
+        if jid in seen:
+            continue
+        key = seen[jid] = job_key(job)
+        spec = _node_spec(job)
+        if spec is not None and spec.is_data:
+            dsk[key] = DataNode(key, spec.node.value)
+            counts["data"] += 1
+            continue
+        if _prunable(job) and has_result(job):
+            loaded.append(job)
+            dsk[key] = None  # filled below, once the pruned upstream is counted
+            counts["loads"] += 1
+            continue
+        ups: dict[str, Job] = {}
+        for up in job.upstream():
+            ups.setdefault(up.id, up)
+        dsk[key] = RunTask(key, run_job, shallow(job, stubs), tuple(ups),
+                           *(TaskRef(job_key(up)) for up in ups.values()), full=job)
+        counts["runs"] += 1
+        stack.extend(ups.values())
+    for job in loaded:
+        pruned = _count_pruned(job, seen)
+        counts["pruned"] += pruned
+        key = seen[job.id]
+        dsk[key] = LoadTask(key, load_job, shallow(job, stubs), pruned, full=job)
+    return dsk, counts
+
+
+def _count_pruned(job: Job, seen: dict[str, str]) -> int:
+    """Jobs upstream of a loaded job that the graph leaves out (each counted once per build)."""
+    n = 0
+    stack = job.upstream()
+    while stack:
+        up = stack.pop()
+        uid = up.id
+        if uid in seen:
+            continue
+        seen[uid] = ""
+        n += 1
+        stack.extend(up.upstream())
+    return n
+
+
+# -- what runs on the workers ----------------------------------------------------------------------
+@contextmanager
+def entered(job: Job) -> Iterator[None]:
+    """Run under the job's settings (its home above all), as in the process that made it.
+
+    Entered only when the configuration differs, because ``config.set`` is process-wide: threads
+    of one scheduler running jobs of the caller's own settings never touch it.
+    """
+    wanted = job.settings.as_config()
+    same = str(config.home()) == wanted["home"] and all(
+        config.get(k) == v for k, v in wanted.items() if k != "home")
+    with nullcontext() if same else config.set(**wanted):
+        yield
+
+
+def in_worker() -> Any:
+    """The ``distributed`` worker running this task, or None (local schedulers)."""
+    dist = sys.modules.get("distributed")
+    if dist is None:
+        return None
+    try:
+        return dist.get_worker()
+    except ValueError:
+        return None
+
+
+def emit(msg: dict[str, Any]) -> None:
+    """Tell the scheduler (KacheryPlugin) what a node did; a no-op off ``distributed``."""
+    worker = in_worker()
+    if worker is not None:
+        worker.log_event(TOPIC, msg)
+
+
+def load_job(job: Job, pruned: int = 0) -> Any:
+    """Load a recorded result (the load node of a pruned graph)."""
+    from ..tasks.resolver import _MISS, lookup
+
+    with entered(job):
+        store = store_for(job.settings.home_path)
+        value = lookup(job, store)
+        if value is _MISS:
+            raise KacheryError(
+                f"the record of task {job.id} ({job.task.name}) disappeared between building the "
+                "graph and running it (garbage collection?); compute the graph again to recompute it")
+        if in_worker() is not None:
+            record = store.records.read(job.id) or {}
+            saved = float(record.get("provenance", {}).get("wall_s", 0.0) or 0.0)
+            emit({"event": "hit", "key": job_key(job), "saved_s": saved, "pruned": pruned})
+    return value
+
+
+def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
+    """Resolve a job on the worker, with the values of its upstream jobs (ids in ``ids``)."""
+    from ..tasks.resolver import _MISS, lookup, resolve
+
+    upstream = dict(zip(ids, values, strict=True))
+    start = time.perf_counter()
+    with entered(job):
+        spec = _node_spec(job)
+        if _prunable(job):  # recorded since the graph was built (another graph, another cluster)
+            found = lookup(job, store_for(job.settings.home_path))
+            if found is not _MISS:
+                emit({"event": "late-hit", "key": job_key(job)})
+                return found
+        if spec is not None and spec.min_seconds > 0:
+            from .cached import run_node
+
+            value = run_node(job, upstream, spec.min_seconds)
+        else:
+            value = resolve(job, upstream=upstream)
+    emit({"event": "computed", "key": job_key(job), "seconds": time.perf_counter() - start})
+    return value
+
+
+# -- the Delayed -----------------------------------------------------------------------------------
+class JobDelayed(Delayed):
+    """A ``Delayed`` for one job whose graph is built, and pruned, each time Dask asks for it."""
+
+    __slots__ = ("_job", "_built")
+
+    #: Dask asks for the graph up to three times per compute (``is_dask_collection`` materializes
+    #: it); a graph built this recently is reused. Reusing a stale graph stays correct: its run
+    #: nodes look the store up before computing.
+    REUSE_SECONDS = 0.5
+
+    def __init__(self, job: Job):
+        super().__init__(job_key(job), None)
+        self._job = job
+        self._built: tuple[float, HighLevelGraph] | None = None
+
+    @property
+    def job(self) -> Job:
+        return self._job
+
+    @property
+    def dask(self) -> HighLevelGraph:
+        now = time.monotonic()
+        if self._built is not None and now - self._built[0] < self.REUSE_SECONDS:
+            return self._built[1]
+        dsk, _ = build_graph([self._job])
+        graph = HighLevelGraph.from_collections(self._key, dsk, dependencies=())
+        self._built = (time.monotonic(), graph)
+        return graph
+
+    def __dask_tokenize__(self) -> str:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"JobDelayed({self._key!r})"
+
+
+def job_delayed(job: Job) -> JobDelayed:
+    """A Delayed for ``job``; delayed objects among its arguments become upstream jobs.
+
+    Our own delayed objects turn back into their jobs (ids stay Merkle); other dask collections
+    are identified by their graph's content (see cached.py), so their values feed in at run time.
+    """
+    args = _absorb(job.args)
+    if args is not job.args:
+        job = Job(job.task, args, job.settings)
+    job.id  # noqa: B018 - ids are computed now, when the graph is declared; bad arguments fail here
+    return JobDelayed(job)
+
+
+def _absorb(value: Any) -> Any:
+    """``value`` with delayed objects and dask collections replaced by jobs (same object if none)."""
+    if isinstance(value, JobDelayed):
+        return value.job
+    if isinstance(value, Delayed) or is_dask_collection(value):
+        from .cached import collection_job
+
+        return collection_job(value)
+    t = type(value)
+    if t is list or t is tuple:
+        items = [_absorb(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else t(items)
+    if t is dict:
+        items = {k: _absorb(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    return value

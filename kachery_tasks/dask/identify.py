@@ -1,0 +1,232 @@
+"""Content identity of the nodes of a Dask graph: a Merkle id per node, never dask's key names.
+
+Dask keys say nothing about content: ``name=``, ``dask_key_name=`` and ``pure=True`` tokens can stay
+the same while data or code change, and dask's own tokens hash callables by reference. So a node's
+id here is the hash of (what the node runs, its literal arguments, the ids of its dependencies), and
+the callable is identified by looking through dask's wrappers (``functools.partial`` and its bound
+arguments, ``dask.utils.methodcaller``/``apply``, fused ``_execute_subgraph`` tasks, the getattr and
+method wrappers behind delayed attributes) down to the user's functions, which the hashing layer
+identifies by code, and to library callables, identified by name and package version.
+
+A node that cannot be identified raises :class:`Unidentifiable` with the reason; the caller leaves
+it (and everything downstream, whose Merkle id would depend on it) uncached.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from dask._task_spec import Alias, DataNode, GraphNode, NestedContainer, Task, TaskRef, _execute_subgraph
+from dask.utils import methodcaller
+
+from ..errors import UnhashableArgument
+from ..hashing import hash_value
+from ..hashing.canonical import _BUILTIN_CALLABLES, _builtin_name
+from ..hashing.functions import _module_kind, package_version
+from .graph import JobTask
+
+#: Bump when the way nodes are identified changes: every cached() id changes with it.
+SCHEME = "kt1-dask-1"
+
+
+class Unidentifiable(Exception):
+    """A node (or something it refers to) with no content identity; the message says why."""
+
+
+class _Ref:
+    """Stands for a dependency inside a node's canonical form: its id, never its key."""
+
+    __slots__ = ("id",)
+    __kachery_type__ = "kachery_tasks.dask.Ref"
+
+    def __init__(self, id_: str):
+        self.id = id_
+
+    def __kachery_canon__(self) -> str:
+        return self.id
+
+
+class _Canon:
+    """An already canonical structure (callable identities, nested tasks) for ``hash_value``."""
+
+    __slots__ = ("value",)
+    __kachery_type__ = "kachery_tasks.dask.Canon"
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __kachery_canon__(self) -> Any:
+        return self.value
+
+
+# -- callables -------------------------------------------------------------------------------------
+_CALLABLE_CACHE: dict[int, tuple[Any, Any]] = {}
+
+
+def callable_identity(func: Any) -> Any:
+    """A canonical (hashable by ``hash_value``) stand-in for ``func``; raises Unidentifiable."""
+    cached = _CALLABLE_CACHE.get(id(func))
+    if cached is not None and cached[0] is func:
+        return cached[1]
+    ident = _callable_identity(func)
+    if not isinstance(func, functools.partial):  # partials are made per chunk: don't hoard them
+        _CALLABLE_CACHE[id(func)] = (func, ident)
+    return ident
+
+
+def _callable_identity(func: Any) -> Any:
+    if isinstance(func, functools.partial):
+        return _Canon(("partial", callable_identity(func.func), canon_args(func.args, {}),
+                       canon_args(func.keywords, {})))
+    if isinstance(func, methodcaller):
+        return _Canon(("methodcaller", func.method))
+    if getattr(func, "__kachery_function_id__", None) is not None:  # a kachery Task
+        return _Canon(("fid", func.__kachery_function_id__().__kachery_canon__()))
+    if isinstance(func, _BUILTIN_CALLABLES):  # includes numpy ufuncs
+        name = _builtin_name(func)
+        version = package_version(name.partition(".")[0])[1]  # numpy's ufuncs change with numpy
+        self_ = getattr(func, "__self__", None)
+        if self_ is not None and not isinstance(self_, types.ModuleType | type):
+            return _Canon(("bound", name, version, canon_value(self_, {})))
+        return _Canon(("builtin", name, version))
+    if isinstance(func, types.MethodType):
+        return _Canon(("method", callable_identity(func.__func__), canon_value(func.__self__, {})))
+    if isinstance(func, types.FunctionType | type):
+        try:
+            return _Canon(("fid", hash_value(func)))
+        except UnhashableArgument as exc:
+            raise Unidentifiable(str(exc)) from None
+    # curried functions (toolz.curry) look like partials
+    inner = getattr(func, "func", None)
+    if callable(inner) and isinstance(getattr(func, "args", None), tuple) and isinstance(
+            getattr(func, "keywords", None), dict):
+        return _Canon(("curry", type(func).__qualname__, callable_identity(inner),
+                       canon_args(func.args, {}), canon_args(func.keywords, {})))
+    # library callable objects (numpy's array-function dispatchers, ...): name and package version
+    module = getattr(func, "__module__", None) or type(func).__module__
+    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if isinstance(module, str) and isinstance(qualname, str) and _module_kind(module) != "user":
+        return _Canon(("library", f"{module}.{qualname}", package_version(module)[1]))
+    try:
+        return _Canon(("object", hash_value(func)))
+    except UnhashableArgument as exc:
+        raise Unidentifiable(f"cannot identify the callable {type(func).__qualname__}: {exc}") from None
+
+
+# -- arguments -------------------------------------------------------------------------------------
+def canon_value(value: Any, ids: Mapping[Any, str]) -> Any:
+    """``value`` with references, nested tasks and callables replaced by canonical stand-ins."""
+    if isinstance(value, TaskRef):
+        try:
+            return _Ref(ids[value.key])
+        except KeyError:
+            raise Unidentifiable(f"it depends on {value.key!r}, which has no id") from None
+    if isinstance(value, GraphNode):
+        return _Canon(("node", node_identity(value, ids)))
+    t = type(value)
+    if t is list or t is tuple:
+        return t(canon_value(v, ids) for v in value)
+    if t is dict:
+        return {k: canon_value(v, ids) for k, v in value.items()}
+    if isinstance(value, np.dtype):  # dask passes dtype= everywhere; kt1 has no rule for bare dtypes
+        return _Canon(("dtype", value.str, value.descr if value.fields is not None else None))
+    if callable(value) and not isinstance(value, type | np.ndarray):
+        return callable_identity(value)
+    return value
+
+
+def canon_args(args: Any, ids: Mapping[Any, str]) -> Any:
+    return canon_value(args, ids)
+
+
+# -- nodes -----------------------------------------------------------------------------------------
+def node_identity(node: GraphNode, ids: Mapping[Any, str]) -> Any:
+    """The canonical form of ``node`` given the ids of the keys it refers to."""
+    if isinstance(node, Alias):
+        return _Canon(("alias", canon_value(TaskRef(node.target), ids)))
+    if isinstance(node, DataNode):
+        return _Canon(("data", node.value if not callable(node.value) else callable_identity(node.value)))
+    if isinstance(node, NestedContainer):
+        return _Canon(("container", node.klass.__name__, canon_value(list(node.args), ids)))
+    if isinstance(node, Task):
+        if node.func is _execute_subgraph:
+            return _Canon(("node", _subgraph_id(node, ids)))
+        return _Canon(("task", callable_identity(node.func), canon_value(list(node.args), ids),
+                       canon_value(dict(node.kwargs), ids)))
+    raise Unidentifiable(f"unknown graph node type {type(node).__qualname__}")
+
+
+def _subgraph_id(node: Task, ids: Mapping[Any, str]) -> str:
+    """A fused task is identified by its inner graph, with its inputs by the ids they stand for:
+    fusing or not fusing the same computation gives the same id."""
+    inner, outkey, inkeys, *deps = node.args
+    env = dict(zip(inkeys, (canon_value(d, ids) for d in deps), strict=True))
+    local: dict[Any, str] = {}
+    for k, v in env.items():
+        local[k] = v.id if isinstance(v, _Ref) else hash_value(v)
+    reasons: dict[Any, str] = {}
+    found = graph_ids(inner, local, reasons)
+    if outkey not in found:
+        why = next(iter(reasons.values()), "an inner node has no id")
+        raise Unidentifiable(f"fused subgraph: {why}")
+    return found[outkey]
+
+
+def node_id(node: GraphNode, ids: Mapping[Any, str]) -> str:
+    """The Merkle id of ``node``: 32 hex; raises :class:`Unidentifiable`."""
+    if isinstance(node, JobTask):  # a kachery job inside a plain graph: its own task id
+        return node.args[0].id
+    if isinstance(node, Alias):
+        try:
+            return ids[node.target]
+        except KeyError:
+            raise Unidentifiable(f"it is an alias of {node.target!r}, which has no id") from None
+    canon = node_identity(node, ids)
+    if isinstance(node, Task) and node.func is _execute_subgraph:
+        return canon.value[1]
+    try:
+        return hash_value((SCHEME, canon))
+    except UnhashableArgument as exc:
+        raise Unidentifiable(str(exc)) from None
+
+
+def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = None,
+              reasons: dict[Any, str] | None = None) -> dict[Any, str]:
+    """Ids of every identifiable key of ``dsk`` (in dependency order); the others go to ``reasons``."""
+    ids: dict[Any, str] = dict(known or {})
+    for key in toposort(dsk):
+        if key in ids:
+            continue
+        try:
+            ids[key] = node_id(dsk[key], ids)
+        except Unidentifiable as exc:
+            if reasons is not None:
+                reasons[key] = str(exc)
+    return ids
+
+
+def toposort(dsk: Mapping[Any, GraphNode]) -> list[Any]:
+    """Keys of ``dsk`` with every dependency before its dependents (iterative: no recursion limit)."""
+    order: list[Any] = []
+    state: dict[Any, int] = {}
+    for root in dsk:
+        if root in state:
+            continue
+        stack = [(root, iter(dsk[root].dependencies))]
+        state[root] = 1
+        while stack:
+            key, deps = stack[-1]
+            for dep in deps:
+                if dep in dsk and dep not in state:
+                    state[dep] = 1
+                    stack.append((dep, iter(dsk[dep].dependencies)))
+                    break
+            else:
+                stack.pop()
+                state[key] = 2
+                order.append(key)
+    return order
