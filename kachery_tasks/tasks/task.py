@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,16 @@ class Task:
         return f"<{self.kind} task {self.name}>"
 
     def __reduce__(self):
+        # A task that its module exposes under its own name pickles by reference, as functions do:
+        # a worker then imports the same object and computes the same function id.
+        module = sys.modules.get(self.func.__module__)
+        qualname = self.func.__qualname__
+        if module is not None and self.func.__module__ != "__main__" and "<locals>" not in qualname:
+            obj: Any = module
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if obj is self:
+                return qualname
         return (
             _rebuild_task,
             (self.func, self.kind, self.version, self.name_override, self.codec, self.ignore_globals,
