@@ -299,3 +299,23 @@ def test_small_task_id_is_fast():
     for _ in range(2000):
         task_id("pure", fid, bound)
     assert (time.perf_counter() - t) / 2000 < 40e-6
+
+
+def test_local_import_of_a_package_counts_the_same_before_and_after_it_is_imported():
+    """A package imported inside a function body is identified by its version whether or not the
+    process has imported it yet (a fresh process and a busy one must agree)."""
+    code = textwrap.dedent('''
+        import sys
+        from kachery_tasks.hashing import function_id
+        def f():
+            import locket
+            return locket
+        assert "locket" not in sys.modules
+        before = function_id(f)
+        import locket
+        after = function_id(f)
+        assert before.code_hash == after.code_hash, (before.deps, after.deps)
+        assert any(v.startswith("locket==") for v in after.deps.values()), after.deps
+    ''')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

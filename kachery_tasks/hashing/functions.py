@@ -18,6 +18,7 @@ import builtins
 import dis
 import functools
 import importlib.metadata
+import importlib.util
 import inspect
 import logging
 import os
@@ -80,7 +81,7 @@ def _module_kind(modname: str) -> str:
     if top in sys.stdlib_module_names or top in sys.builtin_module_names:
         return "stdlib"
     mod = sys.modules.get(modname)
-    path = getattr(mod, "__file__", None)
+    path = getattr(mod, "__file__", None) if mod is not None else _unimported_origin(top)
     if not path:
         return "user"
     real = os.path.realpath(path)
@@ -90,6 +91,20 @@ def _module_kind(modname: str) -> str:
     if any(real.startswith(d + os.sep) for d in _STDLIB_DIRS):
         return "stdlib"
     return "user"
+
+
+@functools.lru_cache(maxsize=1024)
+def _unimported_origin(top: str) -> str | None:
+    """Where a top-level module that is not imported yet would load from, found without importing
+    it: a function that imports a package inside its body must get the same id before and after
+    that package is first imported."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+        return None
+    return spec.origin
 
 
 def _is_user(modname: str | None) -> bool:
@@ -424,6 +439,11 @@ class _Walk:
             self.package(modname)
             return
         mod = sys.modules.get(modname)
+        if mod is None:  # the function will import it when it runs; its source counts now
+            try:
+                mod = importlib.import_module(modname)
+            except Exception:
+                mod = None
         parsed = _parse_source(mod) if mod is not None else None
         self.add(f"module:{modname}", _ast_hash(parsed[0], True) if parsed else "<no source>")
 
