@@ -11,7 +11,9 @@ here when their module exists, so each can land on its own.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import logging
 from typing import Any
 
 import click
@@ -21,6 +23,8 @@ from ..errors import KacheryError
 
 #: Command groups that live in their own modules and are added when present.
 OPTIONAL_GROUPS = ("feed", "task", "demo")
+#: The entry-point group through which installed plugins add command groups.
+PLUGIN_ENTRY_POINTS = "kachery_tasks.cli"
 
 
 def error_line(exc: BaseException) -> str:
@@ -66,6 +70,13 @@ def _add_groups() -> None:
             continue
         module = importlib.import_module(module_name)
         main.add_command(getattr(module, name))
+    # Installed plugins add their own groups (kachery-spikesort adds `kachery spikesort`).
+    for entry in importlib.metadata.entry_points(group=PLUGIN_ENTRY_POINTS):
+        try:
+            main.add_command(entry.load(), entry.name)
+        except Exception as exc:  # a broken plugin must not take the whole command down
+            logging.getLogger("kachery_tasks").warning(
+                "plugin command %r could not be loaded (%s: %s); reinstall it", entry.name, type(exc).__name__, exc)
 
 
 _add_groups()
