@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
 
 _config = Config("kachery_tasks", defaults=[DEFAULTS], paths=[], env={})
 _sources: dict[str, str] = {}
+#: Changes whenever any value may have changed, so hot paths can cache what they derive from config.
+_generation = 0
 #: A bad home file or environment value found at import, raised by get() (see the end of this module).
 _load_error: ConfigError | None = None
 
@@ -98,7 +100,8 @@ def _parse_env(key: str, raw: str) -> Any:
 
 def refresh(environ: Mapping[str, str] | None = None) -> None:
     """Re-read the home file and the environment (done once at import)."""
-    global _load_error
+    global _load_error, _generation
+    _generation += 1
     environ = os.environ if environ is None else environ
     env_values = _env_values(environ)
     home = env_values.get("home", DEFAULTS["home"])
@@ -159,6 +162,11 @@ def _validate(key: str, value: Any) -> Any:
     return value
 
 
+def generation() -> int:
+    """A number that changes whenever a configuration value may have changed."""
+    return _generation
+
+
 def get(key: str) -> Any:
     """The value in force for ``key``."""
     if _load_error is not None:
@@ -178,7 +186,9 @@ def set(**values: Any) -> Iterator[None]:  # noqa: A001 - mirrors dask.config.se
     for key, value in values.items():
         _check_key(key)
         checked[key] = _validate(key, value)
+    global _generation
     with _config.set(checked):
+        _generation += 1
         saved = {k: _sources.get(k) for k in checked}
         for key in checked:
             _sources[key] = "config.set"
@@ -186,6 +196,7 @@ def set(**values: Any) -> Iterator[None]:  # noqa: A001 - mirrors dask.config.se
             yield
         finally:
             _sources.update(saved)
+    _generation += 1  # after donfig restored the old values
 
 
 _resolved_homes: dict[str, str] = {}

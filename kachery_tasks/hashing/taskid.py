@@ -38,6 +38,26 @@ def bind_arguments(func: Callable[..., Any], args: tuple, kwargs: Mapping[str, A
     return dict(bound.arguments)
 
 
+_PREFIXES: dict[tuple[str, str, str, str], bytes] = {}
+
+
+def _prefix(namespace: str, kind: str, name: str, code_hash: str) -> bytes:
+    """The encoding of the id tuple up to the arguments: the same for every call of a function,
+    so it is encoded once (this is on the cache-hit path)."""
+    key = (namespace, kind, name, code_hash)
+    found = _PREFIXES.get(key)
+    if found is None:
+        e = _Encoder(stream=False)
+        e.out += _TAG_LEN(b"t", 6)
+        for part in (SCHEME, namespace, kind, name, code_hash):
+            e.enc(part)
+        found = bytes(e.out)
+        if len(_PREFIXES) > 100_000:  # notebooks redefine functions: keep this bounded
+            _PREFIXES.clear()
+        _PREFIXES[key] = found
+    return found
+
+
 def task_id(kind: str, fid: FunctionId, bound: Mapping[str, Any], namespace: str = "") -> str:
     """xxh3-128 hex of ``canonical(("kt1", namespace, kind, fid.name, fid.code_hash, dict(bound)))``.
 
@@ -45,9 +65,7 @@ def task_id(kind: str, fid: FunctionId, bound: Mapping[str, Any], namespace: str
     ``opts['params'][2]``.
     """
     e = _Encoder(stream=True)
-    e.out += _TAG_LEN(b"t", 6)
-    for part in (SCHEME, namespace, kind, fid.name, fid.code_hash):
-        e.enc(part)
+    e.out += _prefix(namespace, kind, fid.name, fid.code_hash)
     try:
         e.enc(dict(bound))
     except _PathError as err:

@@ -29,10 +29,17 @@ class CallSettings:
 
     @classmethod
     def current(cls, overrides: dict[str, Any] | None = None) -> CallSettings:
-        get = config.get
-        settings = cls(config.home_str(), get("namespace"), get("force"), get("cache"), get("read_only"),
+        """The settings in force, with ``overrides``; cached until the configuration changes,
+        because every job (one per call, on the hit path) asks."""
+        global _cached
+        generation = config.generation()
+        if _cached is None or _cached[0] != generation:
+            get = config.get
+            base = cls(config.home_str(), get("namespace"), get("force"), get("cache"), get("read_only"),
                        get("cache_errors"))
-        return replace(settings, **overrides) if overrides else settings
+            _cached = (generation, base)
+        base = _cached[1]
+        return replace(base, **overrides) if overrides else base
 
     @property
     def home_path(self) -> Path:
@@ -41,6 +48,9 @@ class CallSettings:
     def as_config(self) -> dict[str, Any]:
         """These settings as ``config.set`` keywords, to re-enter them in another process."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_cached: tuple[int, CallSettings] | None = None
 
 
 def check_call_options(options: dict[str, Any]) -> dict[str, Any]:

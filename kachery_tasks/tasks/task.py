@@ -98,7 +98,7 @@ class Task:
 
     def job(self, *args: Any, **kwargs: Any) -> Job:
         """Bind arguments (defaults applied) into a job; nothing runs."""
-        bound = _bind_positional(self._simple, args) if not kwargs and self._simple else None
+        bound = _bind_simple(self._simple, args, kwargs) if self._simple is not None else None
         if bound is None:
             try:
                 bound = bind_arguments(self.func, args, kwargs)
@@ -157,20 +157,26 @@ def _simple_parameters(signature: inspect.Signature) -> tuple[tuple[str, Any], .
     return tuple((p.name, p.default) for p in signature.parameters.values())
 
 
-def _bind_positional(params: tuple[tuple[str, Any], ...], args: tuple) -> dict[str, Any] | None:
-    """``bind`` + ``apply_defaults`` for positional calls of simple signatures, without inspect's
-    cost on the hit path; None where the general binder must decide (and raise)."""
+def _bind_simple(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """``bind`` + ``apply_defaults`` for simple signatures, without inspect's cost on the hit path;
+    None where the general binder must decide (and raise the right TypeError)."""
     if len(args) > len(params):
         return None
     bound = {}
+    used = 0
     for i, (name, default) in enumerate(params):
         if i < len(args):
+            if name in kwargs:
+                return None  # given twice
             bound[name] = args[i]
+        elif name in kwargs:
+            bound[name] = kwargs[name]
+            used += 1
         elif default is inspect.Parameter.empty:
             return None
         else:
             bound[name] = default
-    return bound
+    return bound if used == len(kwargs) else None
 
 
 def _rebuild_task(func, kind, version, name, codec, ignore_globals, rtol, atol, call_options) -> Task:
