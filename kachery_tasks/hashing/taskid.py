@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kachery_tasks.errors import UnhashableArgument
-from kachery_tasks.hashing.canonical import _TAG_LEN, SCHEME, _Encoder, _PathError
+from kachery_tasks.hashing.canonical import _TAG_LEN, FAST_MIN, SCHEME, _Encoder, _PathError
 from kachery_tasks.hashing.functions import FunctionId
 
 _SIGNATURES: dict[int, tuple[Any, inspect.Signature]] = {}
@@ -58,6 +58,36 @@ def _prefix(namespace: str, kind: str, name: str, code_hash: str) -> bytes:
     return found
 
 
+_ORDERS: dict[tuple[str, ...], tuple[tuple[bytes, str], ...]] = {}
+
+
+def _encode_bound(e: _Encoder, bound: Mapping[str, Any]) -> None:
+    """Exactly ``e.enc(dict(bound))``, with the parameter names' encodings and their sorted order
+    computed once per signature (they are the same at every call)."""
+    names = tuple(bound)
+    order = _ORDERS.get(names)
+    if order is None:
+        if not all(type(n) is str for n in names):
+            e.enc(dict(bound))
+            return
+        keyed = []
+        for n in names:
+            b = n.encode("utf-8", "surrogatepass")
+            keyed.append((_TAG_LEN(b"s", len(b)) + b, n))
+        order = _ORDERS[names] = tuple(sorted(keyed))
+    if len(order) >= FAST_MIN:  # the general path has its own fast path for big dicts
+        e.enc(dict(bound))
+        return
+    e.out += _TAG_LEN(b"d", len(order))
+    for key_bytes, name in order:
+        e.out += key_bytes
+        try:
+            e.enc(bound[name])
+        except _PathError as err:
+            err.segments.append(f"[{name!r}]")
+            raise
+
+
 def task_id(kind: str, fid: FunctionId, bound: Mapping[str, Any], namespace: str = "") -> str:
     """xxh3-128 hex of ``canonical(("kt1", namespace, kind, fid.name, fid.code_hash, dict(bound)))``.
 
@@ -67,7 +97,7 @@ def task_id(kind: str, fid: FunctionId, bound: Mapping[str, Any], namespace: str
     e = _Encoder(stream=True)
     e.out += _prefix(namespace, kind, fid.name, fid.code_hash)
     try:
-        e.enc(dict(bound))
+        _encode_bound(e, bound)
     except _PathError as err:
         raise UnhashableArgument(_format_bound(err)) from None
     except RecursionError:

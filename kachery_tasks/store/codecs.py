@@ -16,6 +16,7 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
+import orjson
 
 from ..errors import CodecError
 
@@ -94,7 +95,7 @@ def npy_blocks(array: np.ndarray) -> Iterator[bytes | memoryview]:
 
 
 def decode_json(data: bytes) -> Any:
-    return json.loads(data)
+    return orjson.loads(data)
 
 
 def decode_pickle(data: bytes) -> Any:

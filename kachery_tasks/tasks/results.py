@@ -8,6 +8,7 @@ recompute replaces the blob (the blob store checks an existing blob before it sk
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,11 @@ def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
     """Decode a record's result; any trouble with its blob is :class:`IncompleteRecord`."""
     codec = result["codec"]
     if "inline" in result:
+        # the record was parsed just now, so its value is a fresh object nobody else holds; the
+        # memory tier keeps its text and decodes a copy per hit
         value = result["inline"]
-        data = encode_json(value)
-        return Loaded(decode_json(data), ("json", data), len(data))
+        data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return Loaded(value, ("json", data), len(data))
     if "inline_b64" in result:
         data = base64.b64decode(result["inline_b64"])
         return Loaded(decode_pickle(data), ("pickle", data), len(data))

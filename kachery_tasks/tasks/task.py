@@ -149,6 +149,20 @@ class Task:
         )
 
 
+def _resolver():
+    """The resolver module (it imports this one, so it is looked up on first use; cached because
+    an import statement costs a microsecond on the hit path)."""
+    global _resolver_module
+    if _resolver_module is None:
+        from . import resolver
+
+        _resolver_module = resolver
+    return _resolver_module
+
+
+_resolver_module = None
+
+
 def _simple_parameters(signature: inspect.Signature) -> tuple[tuple[str, Any], ...] | None:
     """(name, default) pairs when every parameter is plain positional-or-keyword, else None."""
     kinds = {p.kind for p in signature.parameters.values()}
@@ -213,9 +227,7 @@ class Job:
 
     def result(self, *, allow_stale: bool = True, retry: bool = False) -> Any:
         """Resolve the job: memory, then the local store, then compute (see docs/tasks.md)."""
-        from .resolver import resolve
-
-        return resolve(self, allow_stale=allow_stale, retry=retry)
+        return _resolver().resolve(self, allow_stale=allow_stale, retry=retry)
 
     def explain(self):
         from .explain import explain
