@@ -22,6 +22,9 @@ from pathlib import Path
 from ..store.fs import make_dirs
 
 
+_INFO_BYTES = 256
+
+
 class TaskLock:
     def __init__(self, locks_dir: Path, task_id: str):
         self.path = locks_dir / task_id[:2] / f"{task_id}.lock"
@@ -41,9 +44,10 @@ class TaskLock:
             raise
         self._fd = fd
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
+        # padded in place, never truncated: on ext4 a truncated-then-written file is flushed to disk
+        # at close (auto_da_alloc), which would cost a disk write per computed task
         with suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info, 0)
+            os.pwrite(fd, info.ljust(_INFO_BYTES), 0)
         return True
 
     def release(self, *, done: bool) -> None:
