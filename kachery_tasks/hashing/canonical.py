@@ -589,9 +589,25 @@ def _tz_tuple(v: Any) -> tuple:
 # objects, callables and the fallback chain
 
 
+_TYPE_NAME_BYTES: dict[type, bytes] = {}
+
+
+def _type_name_encoded(t: type) -> bytes:
+    """``enc(type_name(t))``, memoized: jobs and files are encoded this way at every call."""
+    found = _TYPE_NAME_BYTES.get(t)
+    if found is None:
+        sub = _Encoder(False)
+        sub.enc(type_name(t))
+        found = bytes(sub.out)
+        if len(_TYPE_NAME_BYTES) > 10_000:
+            _TYPE_NAME_BYTES.clear()
+        _TYPE_NAME_BYTES[t] = found
+    return found
+
+
 def _object(e: _Encoder, v: Any, canon: Any) -> None:
     e.out += b"O"
-    e.enc(type_name(type(v)))
+    e.out += _type_name_encoded(type(v))
     i = e.enter(v)
     try:
         e.child(canon, ".__kachery_canon__()")
