@@ -98,6 +98,22 @@ def _parse_env(key: str, raw: str) -> Any:
     return value
 
 
+def read_home_file(home: str | os.PathLike) -> dict[str, Any]:
+    """The options in ``<home>/config.yaml`` (empty if there is none), keys checked."""
+    path = _home_file(os.fspath(home))
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}; fix or remove it") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of option: value; fix or remove it")
+    for key in loaded:
+        _check_key(key, where=str(path))
+    return dict(loaded)
+
+
 def refresh(environ: Mapping[str, str] | None = None) -> None:
     """Re-read the home file and the environment (done once at import)."""
     global _load_error, _generation
@@ -105,18 +121,8 @@ def refresh(environ: Mapping[str, str] | None = None) -> None:
     environ = os.environ if environ is None else environ
     env_values = _env_values(environ)
     home = env_values.get("home", DEFAULTS["home"])
-    file_values: dict[str, Any] = {}
     path = _home_file(home)
-    if path.is_file():
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}; fix or remove it") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of option: value; fix or remove it")
-        for key in loaded:
-            _check_key(key, where=str(path))
-        file_values = dict(loaded)
+    file_values = read_home_file(home)
     _config.clear()
     _config.update_defaults(DEFAULTS)
     _sources.clear()

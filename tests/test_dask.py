@@ -14,42 +14,34 @@ import dask.array as da
 import numpy as np
 import pytest
 from dask.utils import key_split
+from execution_log import note, runs
 
 from kachery_tasks.dask import cached, progress
 from kachery_tasks.dask.graph import LoadTask, RunTask, build_graph
 from kachery_tasks.tasks import pure
 
 
-def _note(log: str, what: str) -> None:
-    with open(log, "a") as fh:
-        fh.write(what + "\n")
-
-
-def runs(log: Path) -> list[str]:
-    return log.read_text().split() if log.exists() else []
-
-
 @pure
 def load(n: int, log: str) -> list:
-    _note(log, "load")
+    note(log, "load")
     return list(range(n))
 
 
 @pure
 def scale(xs: list, factor: int, log: str) -> list:
-    _note(log, "scale")
+    note(log, "scale")
     return [x * factor for x in xs]
 
 
 @pure
 def total(xs: list, log: str) -> int:
-    _note(log, "total")
+    note(log, "total")
     return sum(xs)
 
 
 @pure
 def combine(a: list, b: int, log: str) -> int:
-    _note(log, "combine")
+    note(log, "combine")
     return sum(a) + b
 
 
@@ -114,7 +106,7 @@ def test_plain_delayed_argument_is_identified_by_content(tmp_path):
     where = str(log)  # a Path names a location, not content: closures must hold the string
 
     def make(n):
-        _note(where, "plain")
+        note(where, "plain")
         return list(range(n))
 
     d1 = total.delayed(dask.delayed(make)(3), str(log))
@@ -128,7 +120,7 @@ def test_plain_delayed_argument_is_identified_by_content(tmp_path):
 
 
 def _counted_block(block, log):
-    _note(log, "block")
+    note(log, "block")
     return block * 2 + 1
 
 

@@ -4,13 +4,14 @@ KacheryPlugin statistics, cached() arrays, and a worker killed in the middle of 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pytest
 
 distributed = pytest.importorskip("distributed")
+
+from execution_log import note, runs  # noqa: E402
 
 from kachery_tasks.dask import KacheryPlugin, cached, stats  # noqa: E402
 from kachery_tasks.errors import UserError  # noqa: E402
@@ -19,27 +20,18 @@ from kachery_tasks.tasks import pure  # noqa: E402
 from kachery_tasks.tasks.resolver import _MISS, lookup  # noqa: E402
 
 
-def _note(log: str, what: str) -> None:
-    with open(log, "a") as fh:
-        fh.write(what + "\n")
-
-
-def runs(log: Path) -> list[str]:
-    return log.read_text().split() if log.exists() else []
-
-
 @pure
 def slow_square(x: int, log: str) -> int:
     import time
 
-    _note(log, f"square{x}")
+    note(log, f"square{x}")
     time.sleep(0.05)
     return x * x
 
 
 @pure
 def add_all(xs: list, log: str) -> int:
-    _note(log, "add")
+    note(log, "add")
     return sum(xs)
 
 
@@ -127,7 +119,7 @@ def test_submit_of_task_hits_store(plugin, tmp_path):
 
 
 def _counted_block(block, log):
-    _note(log, "block")
+    note(log, "block")
     return block + 1
 
 

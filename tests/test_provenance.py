@@ -15,33 +15,18 @@ import pytest
 
 from kachery_tasks import config
 from kachery_tasks.store import current_store
-from kachery_tasks.tasks import MEMORY, pure
+from kachery_tasks.tasks import pure
 
 
-@pytest.fixture
-def home(tmp_path):
-    home = tmp_path / "home"
-    with config.set(home=str(home)):
-        MEMORY.clear()
-        yield home
-    MEMORY.clear()
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["KACHERY_TASKS_HOME"] = str(home)
-    return env
-
-
-def _py(cwd: Path, home: Path, code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=_env(home),
+def _py(cwd: Path, env: dict[str, str], code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def _kachery(cwd: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kachery_tasks.cli", *args], cwd=cwd, env=_env(home),
+def _kachery(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kachery_tasks.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -62,7 +47,7 @@ def test_provenance_fields(home):
     assert len(record["signature"]) == 128 and len(record["node_id"]) == 64
 
 
-def test_git_commit_and_dirty_flag(tmp_path, home):
+def test_git_commit_and_dirty_flag(tmp_path, home, env):
     repo = tmp_path / "repo"
     repo.mkdir()
     git = ["git", "-c", "user.email=t@example.org", "-c", "user.name=t"]
@@ -71,7 +56,7 @@ def test_git_commit_and_dirty_flag(tmp_path, home):
     subprocess.run([*git, "add", "."], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "one"], cwd=repo, check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    out = _py(repo, home, """
+    out = _py(repo, env, """
         import gitmod, json
         from kachery_tasks.store import current_store
         gitmod.f(1)
@@ -80,7 +65,7 @@ def test_git_commit_and_dirty_flag(tmp_path, home):
     git_state = json.loads(out)
     assert git_state["commit"] == commit and git_state["dirty"] is False
     (repo / "gitmod.py").write_text("from kachery_tasks import pure\n@pure\ndef f(x):\n    return x + 0\n")
-    out = _py(repo, home, """
+    out = _py(repo, env, """
         import gitmod, json
         from kachery_tasks.store import current_store
         gitmod.f(2)
@@ -107,46 +92,46 @@ def unrelated(x):
 """
 
 
-def test_stale_lists_dependents_of_an_edited_helper_and_rerun_fixes_them(tmp_path, home):
+def test_stale_lists_dependents_of_an_edited_helper_and_rerun_fixes_them(tmp_path, home, env):
     (tmp_path / "helpers_s.py").write_text("def scale(v):\n    return v * 2\n")
     (tmp_path / "pipe_s.py").write_text(PIPELINE)
-    _py(tmp_path, home, """
+    _py(tmp_path, env, """
         import pipe_s
         for n in (3, 4):
             pipe_s.scaled(pipe_s.load.job(n))
         pipe_s.unrelated(1)
     """)
-    report = _kachery(tmp_path, home, "task", "stale", "--json")
+    report = _kachery(tmp_path, env, "task", "stale", "--json")
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["functions"] == {}
     (tmp_path / "helpers_s.py").write_text("def scale(v):\n    return v * 5\n")
-    report = _kachery(tmp_path, home, "task", "stale", "--json")
+    report = _kachery(tmp_path, env, "task", "stale", "--json")
     assert report.returncode == 0, report.stderr
     functions = json.loads(report.stdout)["functions"]
     assert set(functions) == {"pipe_s.scaled"}
     assert functions["pipe_s.scaled"]["count"] == 2
     assert any("helpers_s.scale" in r for r in functions["pipe_s.scaled"]["reasons"])
-    rerun = _kachery(tmp_path, home, "task", "stale", "--rerun")
+    rerun = _kachery(tmp_path, env, "task", "stale", "--rerun")
     assert rerun.returncode == 0, rerun.stderr
-    after = json.loads(_kachery(tmp_path, home, "task", "stale", "--json").stdout)
+    after = json.loads(_kachery(tmp_path, env, "task", "stale", "--json").stdout)
     assert after["functions"] == {}
-    out = _py(tmp_path, home, "import pipe_s\nprint(pipe_s.scaled(pipe_s.load.job(3)))")
+    out = _py(tmp_path, env, "import pipe_s\nprint(pipe_s.scaled(pipe_s.load.job(3)))")
     assert out.strip() == "[0, 5, 10]"
     # the old records stay as history
     names = [r["function"]["name"] for r in current_store().records.iter_records()]
     assert names.count("pipe_s.scaled") == 4 and names.count("pipe_s.unrelated") == 1
 
 
-def test_stale_reports_functions_that_cannot_be_imported(tmp_path, home):
+def test_stale_reports_functions_that_cannot_be_imported(tmp_path, home, env):
     (tmp_path / "gone_mod.py").write_text("from kachery_tasks import pure\n@pure\ndef f(x):\n    return x\n")
-    _py(tmp_path, home, "import gone_mod; gone_mod.f(1)")
+    _py(tmp_path, env, "import gone_mod; gone_mod.f(1)")
     (tmp_path / "gone_mod.py").unlink()
-    report = _kachery(tmp_path, home, "task", "stale", "--json")
+    report = _kachery(tmp_path, env, "task", "stale", "--json")
     assert report.returncode == 0, report.stderr
     assert "gone_mod.f" in json.loads(report.stdout)["unimportable"]
 
 
-def test_recheck_passes_deterministic_and_flags_random(tmp_path, home):
+def test_recheck_passes_deterministic_and_flags_random(tmp_path, home, env):
     (tmp_path / "rc_mod.py").write_text(textwrap.dedent("""
         import numpy as np
         from kachery_tasks import pure
@@ -163,8 +148,8 @@ def test_recheck_passes_deterministic_and_flags_random(tmp_path, home):
         def almost(n):
             return np.arange(n, dtype=float) + np.random.default_rng().normal(size=n) * 1e-12
     """))
-    _py(tmp_path, home, "import rc_mod\nrc_mod.steady(100); rc_mod.noisy(100); rc_mod.almost(100)")
-    out = _kachery(tmp_path, home, "task", "recheck", "--function", "rc_mod.*", "--json")
+    _py(tmp_path, env, "import rc_mod\nrc_mod.steady(100); rc_mod.noisy(100); rc_mod.almost(100)")
+    out = _kachery(tmp_path, env, "task", "recheck", "--function", "rc_mod.*", "--json")
     assert out.returncode == 2  # something is not reproducible
     rows = {r["function"]: r for r in json.loads(out.stdout)}
     assert rows["rc_mod.steady"]["reproducible"] == "yes"
@@ -174,7 +159,7 @@ def test_recheck_passes_deterministic_and_flags_random(tmp_path, home):
     assert len(list(current_store().records.iter_records())) == 3
 
 
-def test_task_ls_failed_and_show(tmp_path, home):
+def test_task_ls_failed_and_show(tmp_path, home, env):
     (tmp_path / "fail_mod.py").write_text(textwrap.dedent("""
         from kachery_tasks import pure
         @pure
@@ -183,7 +168,7 @@ def test_task_ls_failed_and_show(tmp_path, home):
                 raise ValueError(f"negative: {x}")
             return x
     """))
-    _py(tmp_path, home, """
+    _py(tmp_path, env, """
         import fail_mod
         for x in (1, 2, -1):
             try:
@@ -191,15 +176,15 @@ def test_task_ls_failed_and_show(tmp_path, home):
             except ValueError:
                 pass
     """)
-    failed = _kachery(tmp_path, home, "task", "ls", "--failed", "--json")
+    failed = _kachery(tmp_path, env, "task", "ls", "--failed", "--json")
     assert failed.returncode == 0, failed.stderr
     rows = json.loads(failed.stdout)
     assert len(rows) == 1 and "negative: -1" in rows[0]["error"]
-    listing = json.loads(_kachery(tmp_path, home, "task", "ls", "--json").stdout)
+    listing = json.loads(_kachery(tmp_path, env, "task", "ls", "--json").stdout)
     assert len(listing) == 2
-    show = _kachery(tmp_path, home, "task", "show", listing[0]["task_id"][:10])
+    show = _kachery(tmp_path, env, "task", "show", listing[0]["task_id"][:10])
     assert show.returncode == 0 and "fail_mod.f" in show.stdout
-    bad = _kachery(tmp_path, home, "task", "show", "zz")
+    bad = _kachery(tmp_path, env, "task", "show", "zz")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
 
 
@@ -224,7 +209,7 @@ def test_shared_group_home_is_group_writable(tmp_path):
     assert blob_dirs and all(d.stat().st_mode & stat.S_ISGID for d in blob_dirs)
 
 
-def test_two_users_share_one_home():
+def test_two_users_share_one_home(env):
     """Root computes into a group-shared home; user nobody (group nogroup) hits it and adds a record."""
     import shutil
     import tempfile
@@ -244,8 +229,7 @@ def test_two_users_share_one_home():
         os.chmod(base, 0o755)
         (base / "shared_mod.py").write_text("from kachery_tasks import pure\n@pure\ndef f(x):\n    return x * 7\n")
         os.chmod(base / "shared_mod.py", 0o644)
-        home = base / "home"
-        env = {**_env(home), "KACHERY_TASKS_SHARED_GROUP": group}
+        env = {**env, "KACHERY_TASKS_HOME": str(base / "home"), "KACHERY_TASKS_SHARED_GROUP": group}
         first = subprocess.run([sys.executable, "-c", "import shared_mod; print(shared_mod.f(1))"], cwd=base, env=env,
                                capture_output=True, text=True)
         assert first.returncode == 0, first.stderr

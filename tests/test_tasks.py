@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from execution_log import runs
 
 import kachery_tasks as kt
 from kachery_tasks import config
@@ -27,36 +28,15 @@ from kachery_tasks.store import current_store
 from kachery_tasks.tasks import MEMORY, ActionResult, action, explain, pure, query
 
 
-@pytest.fixture
-def home(tmp_path):
-    home = tmp_path / "home"
-    with config.set(home=str(home)):
-        MEMORY.clear()
-        yield home
-    MEMORY.clear()
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["KACHERY_TASKS_HOME"] = str(home)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _module(tmp_path: Path, name: str, source: str) -> Path:
     path = tmp_path / f"{name}.py"
     path.write_text(textwrap.dedent(source))
     return path
 
 
-def _run(tmp_path: Path, home: Path, code: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=_env(home),
+def _run(tmp_path: Path, env: dict[str, str], code: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _count_lines(path: Path | str) -> int:
-    path = Path(path)
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 # -- pure ------------------------------------------------------------------------------------------
@@ -73,12 +53,12 @@ def test_pure_computes_once_and_binds_defaults(home, tmp_path):
     assert add(x=1) == 3
     assert add(1, y=2) == 3
     assert add(1, 2) == 3
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
     assert add.task_id(1) == add.task_id(x=1, y=2)
     assert add.task_id(1) != add.task_id(2)
     MEMORY.clear()
     assert add(1) == 3  # from the store
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
     record = current_store().records.read(add.task_id(1))
     assert record["status"] == "succeeded" and record["result"]["inline"] == 3
     assert record["args"]["x"] == {"hash": record["args"]["x"]["hash"], "json": 1}
@@ -100,9 +80,9 @@ def test_jobs_are_merkle_and_nothing_runs(home, tmp_path):
     job = total.job(source.job(10))
     other = total.job(source.job(11))
     assert job.id != other.id
-    assert _count_lines(log) == 0
+    assert len(runs(log)) == 0
     assert job.result() == 45
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
     # the downstream id is the same whether the upstream is a job or a job made again
     assert total.job(source.job(10)).id == job.id
 
@@ -187,7 +167,7 @@ def test_corrupt_record_is_quarantined_and_recomputed(home, tmp_path):
     path.write_text("{not json")
     MEMORY.clear()
     assert f(4) == 8
-    assert _count_lines(log) == 2
+    assert len(runs(log)) == 2
     assert list((home / "tasks" / "quarantine").iterdir())
 
 
@@ -206,7 +186,7 @@ def test_record_whose_blob_is_missing_recomputes(home, tmp_path):
     current_store().blobs.path(sha).unlink()
     MEMORY.clear()
     assert f(1000).sum() == 1000
-    assert _count_lines(log) == 2
+    assert len(runs(log)) == 2
     assert current_store().blobs.exists(sha)  # the recompute put the blob back
 
 
@@ -242,12 +222,12 @@ def test_force_recomputes_and_replaces(home, tmp_path):
     first = f(1)
     forced = f.options(force=True)(1)
     assert forced != first
-    assert _count_lines(log) == 2
+    assert len(runs(log)) == 2
     MEMORY.clear()
     assert f(1) == forced  # the record was replaced
     with config.set(force=True):
         f(1)
-    assert _count_lines(log) == 3
+    assert len(runs(log)) == 3
 
 
 def test_cache_false_leaves_no_record(home):
@@ -276,7 +256,7 @@ def test_read_only_uses_hits_and_never_writes(home):
         kt.store_bytes(b"x")
 
 
-def test_read_only_home_on_disk(home, tmp_path):
+def test_read_only_home_on_disk(home, tmp_path, env):
     """A home on a read-only file system still serves hits (a read-only bind mount in a private
     mount namespace: as root, permission bits alone would not stop a write)."""
     import shutil
@@ -289,12 +269,12 @@ def test_read_only_home_on_disk(home, tmp_path):
         def f(x):
             return x * 10
     """)
-    done = _run(tmp_path, home, "import romod; print(romod.f(3))")
+    done = _run(tmp_path, env, "import romod; print(romod.f(3))")
     assert done.returncode == 0, done.stderr
     code = "import romod, kachery_tasks as kt\nwith kt.config.set(read_only=True):\n    print(romod.f(3), romod.f(4))"
     script = (f"mount --bind {home} {home} && mount -o remount,ro,bind {home} && "
               f"touch {home}/probe 2>/dev/null && echo WRITABLE; exec {sys.executable} -c '{code}'")
-    result = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, env=_env(home),
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     if "mount" in result.stderr and result.returncode != 0 and "romod" not in result.stderr:
         pytest.skip(f"cannot mount here: {result.stderr.strip()}")
@@ -368,7 +348,7 @@ def test_cache_errors_serves_the_recorded_exception(home, tmp_path):
         bad(1)
     with pytest.raises(Boom):
         bad(1)
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
 
 
 # -- query -----------------------------------------------------------------------------------------
@@ -421,7 +401,7 @@ def test_explain_names_changed_argument_and_upstream(home):
     assert explain(stat.job(load.job(5), scale=2.0)).hit
 
 
-def test_explain_names_the_changed_helper(tmp_path, home):
+def test_explain_names_the_changed_helper(tmp_path, home, env):
     _module(tmp_path, "helpers_x", "def helper(x):\n    return x + 1\n")
     _module(tmp_path, "pipeline_x", """
         from kachery_tasks import pure
@@ -430,10 +410,10 @@ def test_explain_names_the_changed_helper(tmp_path, home):
         def f(x):
             return helper(x)
     """)
-    first = _run(tmp_path, home, "import pipeline_x; print(pipeline_x.f(1))")
+    first = _run(tmp_path, env, "import pipeline_x; print(pipeline_x.f(1))")
     assert first.returncode == 0, first.stderr
     (tmp_path / "helpers_x.py").write_text("def helper(x):\n    return x + 2\n")
-    second = _run(tmp_path, home, "import pipeline_x, kachery_tasks as kt; print(kt.explain(pipeline_x.f.job(1)))")
+    second = _run(tmp_path, env, "import pipeline_x, kachery_tasks as kt; print(kt.explain(pipeline_x.f.job(1)))")
     assert second.returncode == 0, second.stderr
     assert "miss" in second.stdout and "helpers_x.helper" in second.stdout
 
@@ -452,16 +432,16 @@ SLOW = """
 """
 
 
-def test_eight_processes_compute_once(tmp_path, home):
+def test_eight_processes_compute_once(tmp_path, home, env):
     _module(tmp_path, "slowmod", SLOW)
     log = str(tmp_path / "calls.txt")
-    env = {**_env(home), "CALL_LOG": str(log)}
+    env = {**env, "CALL_LOG": str(log)}
     procs = [subprocess.Popen([sys.executable, "-c", "import slowmod; print(slowmod.slow(21))"], cwd=tmp_path,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outputs]
     assert [o[0].strip() for o in outputs] == ["42"] * 8
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
 
 
 def test_threads_compute_once(home, tmp_path):
@@ -478,18 +458,18 @@ def test_threads_compute_once(home, tmp_path):
 
     with ThreadPoolExecutor(6) as pool:
         assert list(pool.map(slow, [5] * 6)) == [5] * 6
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
 
 
-def test_killed_computer_is_taken_over(tmp_path, home):
+def test_killed_computer_is_taken_over(tmp_path, home, env):
     _module(tmp_path, "slowmod2", SLOW)
     log = str(tmp_path / "calls.txt")
-    env = {**_env(home), "CALL_LOG": str(log), "SLEEP": "30"}
+    env = {**env, "CALL_LOG": str(log), "SLEEP": "30"}
     victim = subprocess.Popen([sys.executable, "-c", "import slowmod2; slowmod2.slow(1)"], cwd=tmp_path, env=env)
     deadline = time.time() + 30
-    while _count_lines(log) < 1 and time.time() < deadline:
+    while len(runs(log)) < 1 and time.time() < deadline:
         time.sleep(0.05)
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
     env_fast = {**env, "SLEEP": "0"}
     waiter = subprocess.Popen([sys.executable, "-c", "import slowmod2; print(slowmod2.slow(1))"], cwd=tmp_path,
                               env=env_fast, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -500,7 +480,7 @@ def test_killed_computer_is_taken_over(tmp_path, home):
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err
     assert out.strip() == "2"
-    assert _count_lines(log) == 2
+    assert len(runs(log)) == 2
     records = list(current_store().records.iter_records())
     assert len(records) == 1 and records[0]["result"]["inline"] == 2
 
@@ -520,19 +500,19 @@ ACTIONS = """
 """
 
 
-def test_action_runs_once_across_processes_and_restarts(tmp_path, home):
+def test_action_runs_once_across_processes_and_restarts(tmp_path, home, env):
     _module(tmp_path, "actmod", ACTIONS)
     log = str(tmp_path / "calls.txt")
-    env = {**_env(home), "CALL_LOG": str(log), "SLEEP": "0.5"}
+    env = {**env, "CALL_LOG": str(log), "SLEEP": "0.5"}
     code = "import actmod; r = actmod.send('hello'); print(r.ok)"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outputs]
     assert [o[0].strip() for o in outputs] == ["True"] * 4
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
     again = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert again.stdout.strip() == "True" and _count_lines(log) == 1
+    assert again.stdout.strip() == "True" and len(runs(log)) == 1
 
 
 def test_action_failure_is_recorded_and_returned(tmp_path, home):
@@ -548,20 +528,20 @@ def test_action_failure_is_recorded_and_returned(tmp_path, home):
     result = send("bad")
     assert isinstance(result, ActionResult) and not result.ok and "refused" in result.error
     again = send("bad")
-    assert not again.ok and again.replayed and _count_lines(log) == 1
+    assert not again.ok and again.replayed and len(runs(log)) == 1
     retried = send.call("bad", retry=True)
-    assert not retried.ok and _count_lines(log) == 2
+    assert not retried.ok and len(runs(log)) == 2
     assert send.call("other", key="k1").ok and send.call("different", key="k1").replayed
-    assert _count_lines(log) == 3
+    assert len(runs(log)) == 3
 
 
-def test_action_killed_midway_is_unknown_until_settled(tmp_path, home):
+def test_action_killed_midway_is_unknown_until_settled(tmp_path, home, env):
     _module(tmp_path, "actmod2", ACTIONS)
     log = str(tmp_path / "calls.txt")
-    env = {**_env(home), "CALL_LOG": str(log), "SLEEP": "30"}
+    env = {**env, "CALL_LOG": str(log), "SLEEP": "30"}
     victim = subprocess.Popen([sys.executable, "-c", "import actmod2; actmod2.send('x')"], cwd=tmp_path, env=env)
     deadline = time.time() + 30
-    while _count_lines(log) < 1 and time.time() < deadline:
+    while len(runs(log)) < 1 and time.time() < deadline:
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
@@ -579,11 +559,11 @@ def test_action_killed_midway_is_unknown_until_settled(tmp_path, home):
     check = subprocess.run([sys.executable, "-c", "import actmod2; r = actmod2.send('x'); print(r.ok, r.state)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert check.stdout.strip() == "True succeeded"
-    assert _count_lines(log) == 1
+    assert len(runs(log)) == 1
 
 
 # -- stability -------------------------------------------------------------------------------------
-def test_ids_are_stable_across_processes(tmp_path, home):
+def test_ids_are_stable_across_processes(tmp_path, home, env):
     _module(tmp_path, "stable_mod", """
         from kachery_tasks import pure
         @pure
@@ -591,7 +571,7 @@ def test_ids_are_stable_across_processes(tmp_path, home):
             return x
     """)
     code = "import stable_mod; print(stable_mod.f.task_id(1.5, opts={'a': [1, (2, 3)], 'b': {4}}))"
-    ids = {subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**_env(home), "PYTHONHASHSEED": str(seed)},
+    ids = {subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONHASHSEED": str(seed)},
                           capture_output=True, text=True).stdout.strip() for seed in (1, 2, 3)}
     assert len(ids) == 1 and len(ids.pop()) == 32
 
@@ -625,6 +605,6 @@ def test_tiers_choose_where_hits_come_from(home, tmp_path):
     MEMORY.clear()
     with config.set(tiers=["memory"]):  # the store is not consulted: computes again
         f(1)
-    assert _count_lines(log) == 2
+    assert len(runs(log)) == 2
     with config.set(tiers=["memory", "local", "bucket"]), pytest.raises(UserError, match="unknown resolution tier"):
         f(1)

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
 from ..store import current_store
-from ..store.fs import _group_id, atomic_write_bytes
+from ..store.fs import atomic_write_bytes, group_id
 from .output import print_mapping
 
 
@@ -36,7 +36,7 @@ def node() -> None:
 def init_cmd(owner: str, label: str | None, shared_group: str | None) -> None:
     """Create the node key if missing and record owner and label."""
     home = config.home()
-    gid = _group_id(shared_group) if shared_group else None  # refuse an unknown group before any write
+    gid = group_id(shared_group) if shared_group else None  # refuse an unknown group before any write
     identity = init_node(home, owner, label)
     if shared_group:
         _write_home_config(home, {"shared_group": shared_group})
@@ -47,14 +47,7 @@ def init_cmd(owner: str, label: str | None, shared_group: str | None) -> None:
 def _write_home_config(home: Path, values: dict) -> None:
     """Merge ``values`` into ``<home>/config.yaml``, keeping whatever else it holds."""
     path = home / "config.yaml"
-    current = {}
-    if path.is_file():
-        try:
-            current = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path} is not valid YAML ({exc}); fix or remove it first") from None
-        if not isinstance(current, dict):
-            raise UserError(f"{path} must hold a mapping of option: value; fix or remove it first")
+    current = config.read_home_file(home)
     current.update(values)
     atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
 

@@ -19,7 +19,7 @@ from ..errors import UserError
 
 
 @lru_cache(maxsize=8)
-def _group_id(name: str) -> int:
+def group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
@@ -28,7 +28,7 @@ def _group_id(name: str) -> int:
 
 def shared_gid() -> int | None:
     name = config.get("shared_group")
-    return None if not name else _group_id(name)
+    return None if not name else group_id(name)
 
 
 def make_dirs(path: Path) -> Path:

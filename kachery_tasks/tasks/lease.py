@@ -21,7 +21,6 @@ from pathlib import Path
 
 from ..store.fs import make_dirs
 
-
 _INFO_BYTES = 256
 
 
