@@ -27,6 +27,7 @@ from ..errors import UnhashableArgument
 from ..hashing import hash_value
 from ..hashing.canonical import _BUILTIN_CALLABLES, _builtin_name
 from ..hashing.functions import _module_kind, package_version
+from ..hashing.memo import IdentityMemo
 from .graph import JobTask
 
 #: Bump when the way nodes are identified changes: every cached() id changes with it.
@@ -64,18 +65,14 @@ class _Canon:
 
 
 # -- callables -------------------------------------------------------------------------------------
-_CALLABLE_CACHE: dict[int, tuple[Any, Any]] = {}
+_CALLABLE_CACHE: IdentityMemo[Any] = IdentityMemo()
 
 
 def callable_identity(func: Any) -> Any:
     """A canonical (hashable by ``hash_value``) stand-in for ``func``; raises Unidentifiable."""
-    cached = _CALLABLE_CACHE.get(id(func))
-    if cached is not None and cached[0] is func:
-        return cached[1]
-    ident = _callable_identity(func)
-    if not isinstance(func, functools.partial):  # partials are made per chunk: don't hoard them
-        _CALLABLE_CACHE[id(func)] = (func, ident)
-    return ident
+    if isinstance(func, functools.partial):  # partials are made per chunk: don't hoard them
+        return _callable_identity(func)
+    return _CALLABLE_CACHE.get_or_compute(func, _callable_identity)
 
 
 def _callable_identity(func: Any) -> Any:

@@ -35,6 +35,7 @@ import xxhash
 
 from kachery_tasks.errors import UnhashableArgument
 from kachery_tasks.hashing.canonical import _BUILTIN_CALLABLES, _builtin_name, hash_value
+from kachery_tasks.hashing.memo import IdentityMemo
 
 _MISSING = object()
 _PY = f"python=={sys.version_info.major}.{sys.version_info.minor}"
@@ -148,7 +149,7 @@ class _Static:
     imports: tuple[str, ...]
 
 
-_STATIC: dict[int, tuple[types.CodeType, _Static]] = {}
+_STATIC: IdentityMemo[_Static] = IdentityMemo()
 
 
 def _dump(node: Any) -> str:
@@ -250,9 +251,9 @@ def _scan(code: types.CodeType) -> tuple[tuple[str, ...], tuple[tuple[str, ...],
 
 def _static(func: types.FunctionType) -> _Static:
     code = func.__code__
-    hit = _STATIC.get(id(code))
-    if hit is not None and hit[0] is code:
-        return hit[1]
+    hit = _STATIC.get(code)
+    if hit is not None:
+        return hit
     own = None
     parsed = _parse_source(func)
     if parsed is not None:
@@ -261,18 +262,17 @@ def _static(func: types.FunctionType) -> _Static:
             own = _ast_hash(node, keep_decorators=False)
     if own is None:
         own = code_identity(code)
-    st = _Static(own, *_scan(code))
-    _STATIC[id(code)] = (code, st)
-    return st
+    return _STATIC.put(code, _Static(own, *_scan(code)))
 
 
-_CLASS_STATIC: dict[int, tuple[type, str]] = {}
+_CLASS_STATIC: IdentityMemo[str] = IdentityMemo()
 
 
 def _class_hash(cls: type) -> str:
-    hit = _CLASS_STATIC.get(id(cls))
-    if hit is not None and hit[0] is cls:
-        return hit[1]
+    return _CLASS_STATIC.get_or_compute(cls, _compute_class_hash)
+
+
+def _compute_class_hash(cls: type) -> str:
     parsed = _parse_source(cls)
     node = next((n for n in ast.walk(parsed[0]) if isinstance(n, ast.ClassDef)), None) if parsed else None
     if node is not None and node.name == cls.__name__:
@@ -284,7 +284,6 @@ def _class_hash(cls: type) -> str:
             if fn is not None:
                 parts.append((name, _static(fn).own_hash))
         h = "members:" + hash_value(tuple(parts))
-    _CLASS_STATIC[id(cls)] = (cls, h)
     return h
 
 
@@ -299,19 +298,12 @@ def _member_function(member: Any) -> types.FunctionType | None:
 # ---------------------------------------------------------------------------------------------
 # the dynamic part: values reached through globals, closures and defaults
 
-_VALUE_CACHE: dict[int, tuple[Any, str]] = {}
+_VALUE_CACHE: IdentityMemo[str] = IdentityMemo()
 
 
 def _value_hash(obj: Any) -> str:
     """hash_value, reused while ``obj`` is the same object (in-place mutation is not seen)."""
-    hit = _VALUE_CACHE.get(id(obj))
-    if hit is not None and hit[0] is obj:
-        return hit[1]
-    h = hash_value(obj)
-    if len(_VALUE_CACHE) > 8192:
-        _VALUE_CACHE.clear()
-    _VALUE_CACHE[id(obj)] = (obj, h)
-    return h
+    return _VALUE_CACHE.get_or_compute(obj, hash_value)
 
 
 def _library_callable(obj: Any) -> bool:

@@ -14,18 +14,14 @@ from typing import Any
 from kachery_tasks.errors import UnhashableArgument
 from kachery_tasks.hashing.canonical import _TAG_LEN, FAST_MIN, SCHEME, _Encoder, _PathError
 from kachery_tasks.hashing.functions import FunctionId
+from kachery_tasks.hashing.memo import IdentityMemo
 
-_SIGNATURES: dict[int, tuple[Any, inspect.Signature]] = {}
+_SIGNATURES: IdentityMemo[inspect.Signature] = IdentityMemo()
 
 
 def _signature(func: Callable[..., Any]) -> inspect.Signature:
-    """inspect.signature is ~10 µs; cache it per function object (strong ref keeps ids unique)."""
-    hit = _SIGNATURES.get(id(func))
-    if hit is not None and hit[0] is func:
-        return hit[1]
-    sig = inspect.signature(func)
-    _SIGNATURES[id(func)] = (func, sig)
-    return sig
+    """inspect.signature is ~10 µs; cache it per function object."""
+    return _SIGNATURES.get_or_compute(func, inspect.signature)
 
 
 def bind_arguments(func: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
