@@ -608,3 +608,24 @@ def test_tiers_choose_where_hits_come_from(home, tmp_path):
     assert len(runs(log)) == 2
     with config.set(tiers=["memory", "local", "bucket"]), pytest.raises(UserError, match="unknown resolution tier"):
         f(1)
+
+
+def test_tasks_pickle_by_reference_with_their_options(tmp_path, env):
+    """A worker must compute the same function id: tasks travel as references to their module."""
+    _module(tmp_path, "picklemod", """
+        from kachery_tasks import pure
+        @pure
+        def f(x):
+            return x
+    """)
+    code = textwrap.dedent("""
+        import cloudpickle, picklemod
+        data = cloudpickle.dumps((picklemod.f, picklemod.f.options(force=True)))
+        assert b"picklemod" in data and len(data) < 600, len(data)
+        plain, forced = cloudpickle.loads(data)
+        assert plain is picklemod.f and forced.func is picklemod.f.func
+        assert forced.call_options == {"force": True}
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -7,6 +7,7 @@ argument, or which upstream job (and, recursively, why that job differs).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +136,6 @@ def code_changes(before: dict[str, str], now: dict[str, str]) -> list[str]:
 
 
 def _ago(when: float | None) -> str:
-    import time
-
     if when is None:
         return "at an unknown time"
     seconds = time.time() - when

@@ -21,7 +21,7 @@ from .lease import TaskLock
 from .memory import MEMORY
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
-from .results import IncompleteRecord, Loaded, from_memo, load_result
+from .results import IncompleteRecord, Loaded, check_complete, from_memo, load_result
 from .stats import STATS
 from .task import Job, substitute_jobs
 
@@ -92,8 +92,6 @@ def _load_record(store: LocalStore, task_id: str) -> Loaded | None:
 
 def has_result(job: Job) -> bool:
     """True if resolving ``job`` now would be a hit, without loading the result."""
-    from .results import check_complete
-
     settings = job.settings
     if MEMORY.get(settings.home, job.id) is not None:
         return True

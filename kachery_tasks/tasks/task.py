@@ -131,17 +131,25 @@ class Task:
     def __repr__(self) -> str:
         return f"<{self.kind} task {self.name}>"
 
+    def _exposed(self) -> Task | None:
+        """The task its module exposes under the function's name, if it wraps the same function."""
+        module = sys.modules.get(self.func.__module__)
+        qualname = self.func.__qualname__
+        if module is None or self.func.__module__ == "__main__" or "<locals>" in qualname:
+            return None
+        obj: Any = module
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        return obj if isinstance(obj, Task) and obj.func is self.func and obj.kind == self.kind else None
+
     def __reduce__(self):
         # A task that its module exposes under its own name pickles by reference, as functions do:
         # a worker then imports the same object and computes the same function id.
-        module = sys.modules.get(self.func.__module__)
-        qualname = self.func.__qualname__
-        if module is not None and self.func.__module__ != "__main__" and "<locals>" not in qualname:
-            obj: Any = module
-            for part in qualname.split("."):
-                obj = getattr(obj, part, None)
-            if obj is self:
-                return qualname
+        exposed = self._exposed()
+        if exposed is self:
+            return self.func.__qualname__
+        if exposed is not None:  # f.options(...): the exposed task by reference, plus the options
+            return (_with_options, (exposed, self.call_options))
         return (
             _rebuild_task,
             (self.func, self.kind, self.version, self.name_override, self.codec, self.ignore_globals,
@@ -191,6 +199,10 @@ def _bind_simple(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict[
         else:
             bound[name] = default
     return bound if used == len(kwargs) else None
+
+
+def _with_options(task: Task, call_options: dict[str, Any]) -> Task:
+    return task.options(**call_options)
 
 
 def _rebuild_task(func, kind, version, name, codec, ignore_globals, rtol, atol, call_options) -> Task:
