@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_verify_reports_and_quarantines(kachery, home: Path) -> None:
     good = kt.store_bytes(b"good bytes")
     bad = kt.store_bytes(b"bad bytes!")
     report = json.loads(ok(kachery("verify", "--json")))
-    assert report == {"checked": 2, "bytes": 20, "damaged": []}
+    assert report == {"checked": 2, "bytes": 20, "damaged": [], "temp_files_removed": 0}
     assert "2 blobs checked" in ok(kachery("verify"))
     path = current_store().blobs.path(parse_file_uri(bad).sha256)
     st = path.stat()
@@ -128,6 +129,18 @@ def test_verify_reports_and_quarantines(kachery, home: Path) -> None:
     assert ok(kachery("cat", good)) == "good bytes"
     assert_user_error(kachery("cat", bad), "not found")
     assert json.loads(ok(kachery("verify", "--json")))["damaged"] == []
+
+
+def test_verify_removes_temp_files_of_killed_writers(kachery, home: Path) -> None:
+    tmp = current_store().blobs.tmp_dir
+    tmp.mkdir(parents=True, exist_ok=True)
+    old, fresh = tmp / "blob-old", tmp / "blob-fresh"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (time.time() - 86400, time.time() - 86400))
+    report = json.loads(ok(kachery("verify", "--json")))
+    assert report["temp_files_removed"] == 1
+    assert not old.exists() and fresh.exists()  # a live writer's file is left alone
 
 
 def test_mutable_commands(kachery) -> None:

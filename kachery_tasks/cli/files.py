@@ -15,6 +15,7 @@ import click
 
 from ..errors import IntegrityError, NotFoundError, UserError
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
+from ..store.fs import remove_stale_files
 from .output import byte_progress, human_bytes, print_json, print_listing, print_mapping
 
 COPY_BLOCK = 8 * 2**20
@@ -139,14 +140,17 @@ def verify(as_json: bool) -> None:
             checked += 1
             if progress is not None:
                 progress(size)
-    report = {"checked": checked, "bytes": checked_bytes + sum(d["size"] for d in damaged), "damaged": damaged}
+    leftovers = blobs.clean_tmp() + remove_stale_files(current_store().records.tmp_dir, 6 * 3600)
+    report = {"checked": checked, "bytes": checked_bytes + sum(d["size"] for d in damaged), "damaged": damaged,
+              "temp_files_removed": leftovers}
     if as_json:
         print_json(report)
     else:
         if damaged:
             print_listing([{"sha256": d["sha256"], "size": d["size"]} for d in damaged], ["sha256", "size"],
                           False, title="damaged blobs (moved to quarantine)")
-        click.echo(f"{checked} blobs checked ({human_bytes(report['bytes'])}), {len(damaged)} damaged")
+        click.echo(f"{checked} blobs checked ({human_bytes(report['bytes'])}), {len(damaged)} damaged, "
+                   f"{leftovers} temp file(s) of interrupted writes removed")
     if damaged:
         click.echo(f"kachery: error: {len(damaged)} damaged blob(s) moved to {blobs.quarantine_dir}; "
                    "store them again or fetch them from another node", err=True)

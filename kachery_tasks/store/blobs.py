@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IntegrityError, NotFoundError
-from .fs import atomic_write_bytes, make_dirs, share_fd
+from .fs import atomic_write_bytes, make_dirs, remove_stale_files, share_fd
 from .manifest import CHUNK_SIZE, ChunkHasher, Manifest
 from .uris import check_sha256_hex
 
@@ -243,6 +243,11 @@ class BlobStore:
             with suppress(FileNotFoundError):
                 size += self.path(h).stat().st_size
         return count, size
+
+    def clean_tmp(self, older_than_s: float = 6 * 3600) -> int:
+        """Remove temp files left by writers that died (a live writer keeps its file's mtime fresh:
+        it writes at least every block). Returns how many were removed."""
+        return remove_stale_files(self.tmp_dir, older_than_s)
 
     # -- damage ----------------------------------------------------------------------------------
     def quarantine(self, sha256: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import os
 import tempfile
+import time
 from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
@@ -82,3 +83,22 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_files(directory: Path, older_than_s: float) -> int:
+    """Remove the files in ``directory`` not modified for ``older_than_s`` seconds (temp files of
+    killed writers: never under a final name, so removing them loses nothing)."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
