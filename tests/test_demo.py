@@ -1,0 +1,22 @@
+"""The README's main job: `kachery demo` computes, then loads everything, then recomputes one branch."""
+
+from __future__ import annotations
+
+import re
+
+
+def test_demo_three_runs(kachery) -> None:
+    proc = kachery("demo", "--recordings", "2", "--duration", "1", timeout=300)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    rows = {m.group(1).strip(): tuple(int(x) for x in m.groups()[1:4])
+            for m in re.finditer(r"│ ([a-z0-9 ]+?)\s*│ (\d+)\s*│ (\d+)\s*│ (\d+)\s*│", out)}
+    assert rows["first run"] == (10, 0, 0)  # 5 stages x 2 recordings, all computed
+    assert rows["run again"] == (0, 2, 8)  # 2 summaries loaded, everything upstream pruned
+    computed, loaded, _ = rows["threshold of rec00 changed"]
+    assert computed == 3 and loaded == 2  # detect, features, summary of rec00; its filter and rec01 load
+
+
+def test_demo_bad_option_is_one_line(kachery) -> None:
+    proc = kachery("demo", "--recordings", "0")
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
