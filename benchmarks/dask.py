@@ -21,6 +21,8 @@ from kachery_tasks import config
 from kachery_tasks.dask.graph import build_graph
 from kachery_tasks.tasks import MEMORY
 
+from ._common import row
+
 #: 100k leaves take minutes for the first run on 2 cores (a signed record per node); scaled down.
 LEAVES = int(os.environ.get("KT_BENCH_DASK_LEAVES", "20000"))
 
@@ -76,13 +78,6 @@ def _dict_graph(n: int) -> tuple[dict, str]:
     return dsk, level[0]
 
 
-def _row(case: str, ours: float, peer: str, peer_s: float | None, note: str = "") -> dict:
-    ratio = (peer_s / ours) if peer_s and ours else None
-    return {"case": case, "ours_s": round(ours, 6), "peer": peer,
-            "peer_s": None if peer_s is None else round(peer_s, 6),
-            "ratio": None if ratio is None else round(ratio, 3), "note": note}
-
-
 def run() -> list[dict]:
     n = LEAVES
     nodes = 2 * n - 1
@@ -136,19 +131,19 @@ def run() -> list[dict]:
         except Exception as exc:  # graphchain pins python<3.11 and predates TaskSpec
             gc_note = f"graphchain failed: {type(exc).__name__}: {exc}"[:120]
         scale = f"{n} leaves, {nodes} nodes" + ("" if n >= 100_000 else " (scaled down from 100k leaves: 2 cores)")
-        rows.append(_row("dask fan-in: first run (declare + compute + record)", first_s, "graphchain.get",
+        rows.append(row("dask fan-in: first run (declare + compute + record)", first_s, "graphchain.get",
                          gc_first, f"{scale}; {gc_note}"))
-        rows.append(_row("dask fan-in: first run vs plain dask sync (no cache)", first_s, "dask.get sync",
+        rows.append(row("dask fan-in: first run vs plain dask sync (no cache)", first_s, "dask.get sync",
                          plain_s, scale))
-        rows.append(_row("dask fan-in: all-cached rerun (declare + compute)", rerun_s, "graphchain.get",
+        rows.append(row("dask fan-in: all-cached rerun (declare + compute)", rerun_s, "graphchain.get",
                          gc_rerun, f"{rerun_s / (nodes - 1) * 1e6:.2f} µs per pruned node "
                          f"(target ≤ 10); declare {redeclare_s:.3f} s, build+compute {compute_s:.4f} s"))
-        rows.append(_row("dask fan-in: all-cached rerun vs plain dask sync", rerun_s, "dask.get sync",
+        rows.append(row("dask fan-in: all-cached rerun vs plain dask sync", rerun_s, "dask.get sync",
                          plain_s, scale))
-        rows.append(_row("dask fan-in: declaring the pipeline (ids, no lookups)", redeclare_s,
+        rows.append(row("dask fan-in: declaring the pipeline (ids, no lookups)", redeclare_s,
                          "dask.delayed declare", plain_declare_s,
                          f"{redeclare_s / nodes * 1e6:.2f} µs per node vs {plain_declare_s / nodes * 1e6:.2f} µs"))
-        rows.append(_row("dask fan-in: pruned graph build alone", build_s, "-", None,
+        rows.append(row("dask fan-in: pruned graph build alone", build_s, "-", None,
                          f"{counts['loads']} lookup, {counts['pruned']} nodes pruned; "
                          f"{build_s / (nodes - 1) * 1e6:.2f} µs per pruned node (counting them)"))
     finally:

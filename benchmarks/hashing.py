@@ -5,20 +5,11 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-
-def _best(fn: Callable[[], Any], repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from ._common import best_of, row
 
 
 def _cases() -> dict[str, Any]:
@@ -52,14 +43,13 @@ def run() -> list[dict]:
     peers = {"joblib.hash": joblib.hash, "dask.base.tokenize": tokenize}
     rows = []
     for case, value in _cases().items():
-        ours = _best(lambda v=value: hash_value(v))
+        ours = best_of(lambda v=value: hash_value(v))
         for peer, fn in peers.items():
-            peer_s = _best(lambda v=value, f=fn: f(v))
-            rows.append({"case": case, "ours_s": ours, "peer": peer, "peer_s": peer_s, "ratio": peer_s / ours})
+            peer_s = best_of(lambda v=value, f=fn: f(v))
+            rows.append(row(case, ours, peer, peer_s))
     return rows
 
 
 if __name__ == "__main__":
-    for row in run():
-        print(f"{row['case']:<46} ours {row['ours_s']:.4f}s  {row['peer']:<19} {row['peer_s']:.4f}s  "
-              f"x{row['ratio']:.1f}")
+    for r in run():
+        print(r)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import kachery_tasks as kt
 
+from ._common import row
+
 RECORDS = int(os.environ.get("KT_BENCH_STALE_RECORDS", "100000"))
 
 MODULE = """
@@ -71,9 +73,8 @@ def run() -> list[dict]:
                         json.loads(fh.read())
                     count += 1
             floor = time.perf_counter() - t
-        return [{"case": f"kt.stale() over {RECORDS} records (all stale)", "ours_s": ours,
-                 "peer": "read + json.loads every record", "peer_s": floor, "ratio": floor / ours,
-                 "note": f"{ours / RECORDS * 1e6:.1f} µs per record"}]
+        return [row(f"kt.stale() over {RECORDS} records (all stale)", ours, "read + json.loads every record",
+                    floor, f"{ours / RECORDS * 1e6:.1f} µs per record")]
     finally:
         sys.path.remove(str(base))
         shutil.rmtree(base, ignore_errors=True)

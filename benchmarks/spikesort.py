@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+from ._common import row
+
 N_RECORDINGS = int(os.environ.get("KT_BENCH_SPIKESORT_RECORDINGS", 8))
 DURATION_S = float(os.environ.get("KT_BENCH_SPIKESORT_SECONDS", 10.0))
 SORTERS = [
@@ -110,16 +112,14 @@ def run() -> list[dict]:
     batch = f"{N_RECORDINGS} recordings x {len(SORTERS)} sorters ({DURATION_S:g} s, 8 ch)"
     peer = "spikeinterface loop"
     return [
-        {"case": f"first run, {batch}", "ours_s": first_s, "peer": peer, "peer_s": peer_s,
-         "ratio": peer_s / first_s,
-         "note": f"{first.computed} tasks computed on a 2-worker LocalCluster; {n_sorts} sorts; "
-                 f"mean accuracy ours {sum(ours_acc) / len(ours_acc):.3f}, loop {sum(peer_acc) / len(peer_acc):.3f}"},
-        {"case": "full rerun", "ours_s": rerun_s, "peer": peer, "peer_s": peer_s, "ratio": peer_s / rerun_s,
-         "note": f"{rerun.computed} computed, {rerun.cached} cached, no cluster started; target ratio >= 50"},
-        {"case": "one parameter changed (simple detect_threshold)", "ours_s": changed_s, "peer": peer,
-         "peer_s": peer_s, "ratio": peer_s / changed_s,
-         "note": f"{changed.computed} tasks recomputed (the {N_RECORDINGS} simple sorts and their compare/"
-                 f"metrics/summary), {changed.cached} cached"},
+        row(f"first run, {batch}", first_s, peer, peer_s,
+            f"{first.computed} tasks computed on a 2-worker LocalCluster; {n_sorts} sorts; mean accuracy ours "
+            f"{sum(ours_acc) / len(ours_acc):.3f}, loop {sum(peer_acc) / len(peer_acc):.3f}"),
+        row("full rerun", rerun_s, peer, peer_s,
+            f"{rerun.computed} computed, {rerun.cached} cached, no cluster started", "ratio ≥ 50"),
+        row("one parameter changed (simple detect_threshold)", changed_s, peer, peer_s,
+            f"{changed.computed} tasks recomputed (the {N_RECORDINGS} simple sorts and their compare/"
+            f"metrics/summary), {changed.cached} cached"),
     ]
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import kachery_tasks as kt
 from kachery_tasks.store import current_store
 
+from ._common import row
+
 SIZE = int(os.environ.get("KT_BENCH_STORE_BYTES", 2**30))
 
 
@@ -55,11 +57,6 @@ def _median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _row(case, ours, peer, peer_s, note=None, target=None) -> dict:
-    return {"case": case, "ours_s": ours, "peer": peer, "peer_s": peer_s,
-            "ratio": ours / peer_s if peer_s else None, "note": note, "target": target}
-
-
 def run() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="kt-bench-store-") as tmp:
@@ -76,19 +73,19 @@ def run() -> list[dict]:
         peer_s, _ = _timed(peer_store)
         with kt.config.set(home=str(tmp / "home")):
             ours_s, uri = _timed(lambda: kt.store_file(src))
-            rows.append(_row(f"store {SIZE / 2**30:.2g} GiB", ours_s, "sha256sum + cp", peer_s,
+            rows.append(row(f"store {SIZE / 2**30:.2g} GiB", ours_s, "sha256sum + cp", peer_s,
                              note=f"{gb / ours_s:.2f} GB/s (peer {gb / peer_s:.2f} GB/s); ours fsyncs",
                              target=">= 1.2 GB/s"))
 
             again_s, _ = _timed(lambda: kt.store_file(src))
             hash_s, _ = _timed(lambda: subprocess.run(["sha256sum", str(src)], stdout=subprocess.DEVNULL,
                                                       check=True))
-            rows.append(_row("re-store (already stored)", again_s, "sha256sum", hash_s,
+            rows.append(row("re-store (already stored)", again_s, "sha256sum", hash_s,
                              note=f"{gb / again_s:.2f} GB/s, no second copy"))
 
             kt.load_file(uri)
             load_s = _median_time(lambda: kt.load_file(uri), 200)
-            rows.append(_row("load_file (stamp)", load_s, "sha256sum (re-verify)", hash_s,
+            rows.append(row("load_file (stamp)", load_s, "sha256sum (re-verify)", hash_s,
                              note=f"{load_s * 1e6:.0f} µs"))
 
             array = np.random.default_rng(1).standard_normal(SIZE // 8)
@@ -99,7 +96,7 @@ def run() -> list[dict]:
             kt.load_npy(npy_uri)
             warm_s = _median_time(lambda: kt.load_npy(npy_uri), 50)
             peer_npy = _median_time(lambda: np.load(plain, mmap_mode="r"), 50)
-            rows.append(_row("load_npy 1 GB (stamp in memory)", warm_s, "np.load mmap", peer_npy,
+            rows.append(row("load_npy 1 GB (stamp in memory)", warm_s, "np.load mmap", peer_npy,
                              note=f"{warm_s * 1e3:.2f} ms", target="<= 10 ms"))
 
             blobs = current_store().blobs
@@ -109,7 +106,7 @@ def run() -> list[dict]:
                 kt.load_npy(npy_uri)
 
             cold_s = _median_time(cold, 50)
-            rows.append(_row("load_npy 1 GB (stamp from disk)", cold_s, "np.load mmap", peer_npy,
+            rows.append(row("load_npy 1 GB (stamp from disk)", cold_s, "np.load mmap", peer_npy,
                              note=f"{cold_s * 1e3:.2f} ms", target="<= 10 ms"))
         shutil.rmtree(tmp / "home", ignore_errors=True)
     return rows

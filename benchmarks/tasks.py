@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +16,7 @@ import numpy as np
 import kachery_tasks as kt
 from kachery_tasks.tasks import MEMORY
 
-
-def _per_call(fn, n: int) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best
-
-
-def _best(fn, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def _row(case: str, ours: float, peer: str, peer_s: float, note: str = "", target: str = "") -> dict:
-    return {"case": case, "ours_s": ours, "peer": peer, "peer_s": peer_s,
-            "ratio": peer_s / ours if ours else float("inf"), "note": note, "target": target}
+from ._common import best_of, per_call, row
 
 
 def small(a, b=2, opts=None):
@@ -70,36 +47,36 @@ def run() -> list[dict]:
             opts = {"mode": "fast", "levels": [1, 2, 3]}
             k_small(1, opts=opts)
             j_small(1, opts=opts)
-            joblib_hit = _per_call(lambda: j_small(1, opts=opts), 2000)
-            memory_hit = _per_call(lambda: k_small(1, opts=opts), 5000)
+            joblib_hit = per_call(lambda: j_small(1, opts=opts), 2000)
+            memory_hit = per_call(lambda: k_small(1, opts=opts), 5000)
 
             def store_hit():
                 MEMORY.clear()
                 k_small(1, opts=opts)
 
-            store_s = _per_call(store_hit, 3000)
-            recompute = _per_call(lambda: small(1, opts=opts), 100000)
-            rows.append(_row("hit, small args, from store", store_s, "joblib.Memory hit", joblib_hit,
+            store_s = per_call(store_hit, 3000)
+            recompute = per_call(lambda: small(1, opts=opts), 100000)
+            rows.append(row("hit, small args, from store", store_s, "joblib.Memory hit", joblib_hit,
                              f"plain call {recompute * 1e6:.2f} µs", "≤ 40 µs, ≥ 5×"))
-            rows.append(_row("hit, small args, from memory", memory_hit, "joblib.Memory hit", joblib_hit,
+            rows.append(row("hit, small args, from memory", memory_hit, "joblib.Memory hit", joblib_hit,
                              "", "≤ 10 µs"))
 
             x = np.random.default_rng(0).random(16 * 2**20)  # 128 MiB float64
             k_array(x)
             j_array(x)
-            ours = _best(lambda: k_array(x))
-            theirs = _best(lambda: j_array(x))
-            plain = _best(lambda: array_sum(x))
-            rows.append(_row("hit, 128 MiB array argument", ours, "joblib.Memory hit", theirs,
+            ours = best_of(lambda: k_array(x))
+            theirs = best_of(lambda: j_array(x))
+            plain = best_of(lambda: array_sum(x))
+            rows.append(row("hit, 128 MiB array argument", ours, "joblib.Memory hit", theirs,
                              f"plain recompute {plain * 1e3:.1f} ms", "≥ 13×"))
 
             n = 2**27  # 1 GiB float64
-            first = _best(lambda: k_big(n), repeat=1)
+            first = best_of(lambda: k_big(n), repeat=1)
             MEMORY.clear()
-            hit = _best(lambda: k_big(n))
-            plain = _best(lambda: big_result(n), repeat=1)
-            rows.append(_row("1 GiB array result: first call (compute + store)", first, "plain compute", plain))
-            rows.append(_row("1 GiB array result: hit (memory map)", hit, "plain compute", plain))
+            hit = best_of(lambda: k_big(n))
+            plain = best_of(lambda: big_result(n), repeat=1)
+            rows.append(row("1 GiB array result: first call (compute + store)", first, "plain compute", plain))
+            rows.append(row("1 GiB array result: hit (memory map)", hit, "plain compute", plain))
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return rows
