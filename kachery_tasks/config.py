@@ -47,11 +47,8 @@ DEFAULTS: dict[str, Any] = {
     # Arguments whose canonical encoding is at most this many bytes are kept in the record, so the
     # call can be replayed by `kachery task rerun` / `stale --rerun` / `recheck`.
     "record_args_max_bytes": 65536,
-    # Single flight: a computing process holds a lease renewed every lease_seconds / 3.
-    "lease_seconds": 20.0,
-    # How often a waiter looks for the record of a call computed elsewhere.
-    "poll_seconds": 0.05,
-    # Node ids whose pickle results may be unpickled (unpickling runs code).
+    # Node ids whose pickle results may be unpickled (unpickling runs code). Read by the bucket and
+    # channel tiers; this node's own store is always trusted.
     "trusted_nodes": [],
     # A Unix group that shares the home: directories setgid and group-writable.
     "shared_group": None,

@@ -65,7 +65,7 @@ def test_unknown_key_names_the_closest() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("force", "yes"), ("lease_seconds", -1), ("lease_seconds", "10"), ("tiers", "memory"),
+    [("force", "yes"), ("memory_cache_bytes", -1), ("memory_cache_bytes", "10"), ("tiers", "memory"),
      ("namespace", 5), ("memory_cache_bytes", True)],
 )
 def test_bad_value_types_are_refused(key: str, value) -> None:
@@ -83,12 +83,13 @@ def test_home_file_with_unknown_key_is_one_line_error(home: Path, kachery) -> No
 
 def test_config_show_json_lists_sources(home: Path, kachery) -> None:
     (home / "config.yaml").write_text("namespace: lab\n")
-    proc = kachery("config", "show", "--json", extra_env={"KACHERY_TASKS_POLL_SECONDS": "0.5"})
+    proc = kachery("config", "show", "--json", extra_env={"KACHERY_TASKS_DASK_MIN_SECONDS": "0.5"})
     assert proc.returncode == 0, proc.stderr
     rows = {row["key"]: row for row in json.loads(proc.stdout)}
     assert set(rows) == set(config.DEFAULTS)
     assert rows["namespace"]["source"] == str(home / "config.yaml") and rows["namespace"]["value"] == "lab"
-    assert rows["poll_seconds"] == {"key": "poll_seconds", "value": 0.5, "source": "env KACHERY_TASKS_POLL_SECONDS"}
+    assert rows["dask_min_seconds"] == {"key": "dask_min_seconds", "value": 0.5,
+                                        "source": "env KACHERY_TASKS_DASK_MIN_SECONDS"}
     assert rows["force"]["source"] == "default"
 
 
