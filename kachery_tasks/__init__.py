@@ -73,12 +73,31 @@ __all__ = [
 ]
 
 # The task engine (kachery_tasks.tasks) imports no dask; kachery_tasks.dask is imported on use.
+from .feeds import create_feed, list_feeds, load_feed, local_feed  # noqa: E402
 from .tasks import ActionResult, Job, Task, TaskFailed, action, explain, pure, query  # noqa: E402
 from .tasks.stale import recheck, rerun, stale  # noqa: E402
+
+#: Names served from kachery_tasks.dask on first use, so that importing kachery_tasks stays free of
+#: dask and distributed.
+_FROM_DASK = ("cached", "KacheryPlugin")
+
+
+def __getattr__(name: str):
+    if name in _FROM_DASK:
+        from . import dask as _dask
+
+        return getattr(_dask, name)
+    raise AttributeError(f"module 'kachery_tasks' has no attribute {name!r}")
 
 __all__ += [
     "ActionResult",
     "Job",
+    "KacheryPlugin",
+    "cached",
+    "create_feed",
+    "list_feeds",
+    "load_feed",
+    "local_feed",
     "Task",
     "TaskFailed",
     "action",

@@ -629,3 +629,11 @@ def test_tasks_pickle_by_reference_with_their_options(tmp_path, env):
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_import_stays_free_of_dask_until_used():
+    code = ("import sys, kachery_tasks as kt\n"
+            "assert 'dask' not in sys.modules and 'distributed' not in sys.modules\n"
+            "assert kt.cached.__module__ == 'kachery_tasks.dask.cached'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
