@@ -637,3 +637,16 @@ def test_import_stays_free_of_dask_until_used():
             "assert kt.cached.__module__ == 'kachery_tasks.dask.cached'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_big_integers_come_back_exact(home):
+    @pure
+    def big(n):
+        return {"value": 10**n, "list": [2**64, -(2**70)]}
+
+    expected = {"value": 10**30, "list": [2**64, -(2**70)]}
+    assert big(30) == expected
+    MEMORY.clear()
+    assert big(30) == expected  # from the store: not turned into floats
+    record = current_store().records.read(big.task_id(30))
+    assert record["result"]["codec"] == "pickle"

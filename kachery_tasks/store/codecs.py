@@ -21,15 +21,21 @@ import orjson
 from ..errors import CodecError
 
 CODECS = ("json", "npy", "pickle")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _NPY_BLOCK = 8 * 2**20
 
 
 def is_plain_json(value: Any, depth: int = 0) -> bool:
-    """True if ``json.loads(json.dumps(value)) == value`` with the same types all the way down."""
+    """True if ``value`` survives a JSON round trip unchanged, with the same types all the way down.
+
+    Integers must fit in 64 bits: records are read with orjson, which turns larger ones into floats.
+    """
     if depth > 200:
         return False
-    if value is None or type(value) in (bool, int, str):
+    if value is None or type(value) in (bool, str):
         return True
+    if type(value) is int:
+        return _INT_MIN <= value <= _INT_MAX
     if type(value) is float:
         return math.isfinite(value)
     if type(value) is list:

@@ -8,11 +8,11 @@ recompute replaces the blob (the blob store checks an existing blob before it sk
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ..errors import CodecError, IntegrityError, NotFoundError
 from ..store.blobs import BlobStore
@@ -81,7 +81,7 @@ def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
         # the record was parsed just now, so its value is a fresh object nobody else holds; the
         # memory tier keeps its text and decodes a copy per hit
         value = result["inline"]
-        data = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        data = orjson.dumps(value)  # it came from orjson.loads of the record: it round-trips
         return Loaded(value, ("json", data), len(data))
     if "inline_b64" in result:
         data = base64.b64decode(result["inline_b64"])
