@@ -418,6 +418,21 @@ def test_explain_names_the_changed_helper(tmp_path, home, env):
     assert "miss" in second.stdout and "helpers_x.helper" in second.stdout
 
 
+def _start_and_wait_until_running(code: str, cwd: Path, env: dict[str, str], log: str) -> subprocess.Popen:
+    """Start ``python -c code`` and return once its task has logged that it runs."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env)
+    deadline = time.time() + 30
+    while len(runs(log)) < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(runs(log)) == 1, "the task never started"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 # -- single flight ---------------------------------------------------------------------------------
 SLOW = """
     import os, time
@@ -465,18 +480,13 @@ def test_killed_computer_is_taken_over(tmp_path, home, env):
     _module(tmp_path, "slowmod2", SLOW)
     log = str(tmp_path / "calls.txt")
     env = {**env, "CALL_LOG": str(log), "SLEEP": "30"}
-    victim = subprocess.Popen([sys.executable, "-c", "import slowmod2; slowmod2.slow(1)"], cwd=tmp_path, env=env)
-    deadline = time.time() + 30
-    while len(runs(log)) < 1 and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(runs(log)) == 1
+    victim = _start_and_wait_until_running("import slowmod2; slowmod2.slow(1)", tmp_path, env, log)
     env_fast = {**env, "SLEEP": "0"}
     waiter = subprocess.Popen([sys.executable, "-c", "import slowmod2; print(slowmod2.slow(1))"], cwd=tmp_path,
                               env=env_fast, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     assert waiter.poll() is None  # waiting for the computing process
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    _kill(victim)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err
     assert out.strip() == "2"
@@ -539,12 +549,7 @@ def test_action_killed_midway_is_unknown_until_settled(tmp_path, home, env):
     _module(tmp_path, "actmod2", ACTIONS)
     log = str(tmp_path / "calls.txt")
     env = {**env, "CALL_LOG": str(log), "SLEEP": "30"}
-    victim = subprocess.Popen([sys.executable, "-c", "import actmod2; actmod2.send('x')"], cwd=tmp_path, env=env)
-    deadline = time.time() + 30
-    while len(runs(log)) < 1 and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait()
+    _kill(_start_and_wait_until_running("import actmod2; actmod2.send('x')", tmp_path, env, log))
     env["SLEEP"] = "0"
     check = subprocess.run([sys.executable, "-c", "import actmod2; r = actmod2.send('x'); print(r.state)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
