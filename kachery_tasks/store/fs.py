@@ -70,15 +70,23 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path
 
     The temp file lives on the same file system, is fsynced, then renamed over the target.
     """
-    make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=".tmp-")
+    directory = tmp_dir or path.parent
+    try:  # directories exist but the first time: ask forgiveness, the check costs a stat per write
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    except FileNotFoundError:
+        make_dirs(directory)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
             share_fd(fh.fileno(), mode)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:  # the target's directory is new
+            make_dirs(path.parent)
+            os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -31,8 +31,11 @@ class TaskLock:
 
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock; with ``blocking``, wait while another process computes."""
-        make_dirs(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        except FileNotFoundError:  # first lock in this directory
+            make_dirs(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:

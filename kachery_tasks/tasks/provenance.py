@@ -9,6 +9,7 @@ the tree is dirty costs one ``git status`` per repository per process every ``_G
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import platform
@@ -77,6 +78,12 @@ class Measure:
         }
 
 
+@functools.lru_cache(maxsize=4096)
+def _repo_root_of(module_file: str) -> Path | None:
+    """The work tree holding a module file; cached, as it is asked at every computed task."""
+    return _repo_root(Path(module_file).resolve().parent)
+
+
 def _repo_root(path: Path) -> Path | None:
     for parent in [path, *path.parents]:
         if (parent / ".git").exists():
@@ -123,7 +130,7 @@ def git_state(module_file: str | None) -> dict[str, Any] | None:
     """``{"commit", "dirty", "root"}`` for the git work tree holding ``module_file``, or None."""
     if not module_file:
         return None
-    root = _repo_root(Path(module_file).resolve().parent)
+    root = _repo_root_of(module_file)
     if root is None:
         return None
     now = time.monotonic()

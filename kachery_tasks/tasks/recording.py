@@ -145,8 +145,11 @@ def function_index_path(store: LocalStore, name: str) -> str:
 def _index_by_function(store: LocalStore, name: str, task_id: str) -> None:
     """Append the id to the function's index (one O_APPEND write: atomic across processes)."""
     path = function_index_path(store, name)
-    make_dirs(store.records.root / "by_function")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+    except FileNotFoundError:  # the first record of this store
+        make_dirs(store.records.root / "by_function")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
     try:
         os.write(fd, f"{task_id}\n".encode())
     finally:
