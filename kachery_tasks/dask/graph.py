@@ -257,9 +257,12 @@ class JobDelayed(Delayed):
     REUSE_SECONDS = 0.5
 
     def __init__(self, job: Job):
-        super().__init__(job_key(job), None)
-        self._job = job
-        self._built: tuple[float, HighLevelGraph] | None = None
+        # what Delayed.__init__(key, None) does, without its checks and its __setattr__ wrapper:
+        # one of these is made per node of a pipeline
+        key = job_key(job)
+        for name, value in (("_key", key), ("_dask", None), ("_length", None), ("_layer", key),
+                            ("_job", job), ("_built", None)):
+            object.__setattr__(self, name, value)
 
     @property
     def job(self) -> Job:
@@ -295,8 +298,13 @@ def job_delayed(job: Job) -> JobDelayed:
     return JobDelayed(job)
 
 
+_PLAIN = frozenset({int, float, str, bool, bytes, type(None)})
+
+
 def _absorb(value: Any) -> Any:
     """``value`` with delayed objects and dask collections replaced by jobs (same object if none)."""
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, JobDelayed):
         return value.job
     if isinstance(value, Delayed) or is_dask_collection(value):
