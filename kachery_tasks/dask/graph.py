@@ -257,12 +257,9 @@ class JobDelayed(Delayed):
     REUSE_SECONDS = 0.5
 
     def __init__(self, job: Job):
-        # what Delayed.__init__(key, None) does, without its checks and its __setattr__ wrapper:
-        # one of these is made per node of a pipeline
-        key = job_key(job)
-        for name, value in (("_key", key), ("_dask", None), ("_length", None), ("_layer", key),
-                            ("_job", job), ("_built", None)):
-            object.__setattr__(self, name, value)
+        super().__init__(job_key(job), None)
+        self._job = job
+        self._built: tuple[float, HighLevelGraph] | None = None
 
     @property
     def job(self) -> Job:
