@@ -655,3 +655,33 @@ def test_big_integers_come_back_exact(home):
     assert big(30) == expected  # from the store: not turned into floats
     record = current_store().records.read(big.task_id(30))
     assert record["result"]["codec"] == "pickle"
+
+
+def test_methods_are_tasks_bound_to_their_instance(home, tmp_path):
+    import dataclasses
+
+    log = str(tmp_path / "calls.txt")
+
+    @dataclasses.dataclass(frozen=True)
+    class Filter:
+        low: float
+
+        @pure
+        def apply(self, values):
+            with open(log, "a") as fh:
+                fh.write("x\n")
+            return [v for v in values if v >= self.low]
+
+    assert Filter(2.0).apply([1, 2, 3]) == [2, 3]
+    assert Filter(2.0).apply([1, 2, 3]) == [2, 3]
+    assert len(runs(log)) == 1
+    assert Filter(2.0).apply.task_id([1]) != Filter(3.0).apply.task_id([1])
+    assert Filter(1.0).apply.options(cache=False)([1]) == [1]
+
+    class Opaque:
+        @pure
+        def value(self):
+            return 1
+
+    with pytest.raises(UnhashableArgument, match="self"):
+        Opaque().value()

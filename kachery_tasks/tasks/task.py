@@ -128,6 +128,11 @@ class Task:
 
         return job_delayed(self.job(*args, **kwargs))
 
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """Decorating a method: ``obj.method`` is the task with ``obj`` bound as its first argument
+        (so ``obj`` must have a canonical form: a dataclass, or ``__kachery_canon__``)."""
+        return self if instance is None else BoundTask(self, instance)
+
     def __repr__(self) -> str:
         return f"<{self.kind} task {self.name}>"
 
@@ -199,6 +204,37 @@ def _bind_simple(params: tuple[tuple[str, Any], ...], args: tuple, kwargs: dict[
         else:
             bound[name] = default
     return bound if used == len(kwargs) else None
+
+
+class BoundTask:
+    """A task decorating a method, read from an instance: every call passes the instance first."""
+
+    __slots__ = ("task", "instance")
+
+    def __init__(self, task: Task, instance: Any):
+        self.task = task
+        self.instance = instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.task(self.instance, *args, **kwargs)
+
+    def job(self, *args: Any, **kwargs: Any) -> Job:
+        return self.task.job(self.instance, *args, **kwargs)
+
+    def task_id(self, *args: Any, **kwargs: Any) -> str:
+        return self.task.task_id(self.instance, *args, **kwargs)
+
+    def delayed(self, *args: Any, **kwargs: Any):
+        return self.task.delayed(self.instance, *args, **kwargs)
+
+    def call(self, *args: Any, **kwargs: Any) -> ActionResult:
+        return self.task.call(self.instance, *args, **kwargs)
+
+    def options(self, **options: Any) -> BoundTask:
+        return BoundTask(self.task.options(**options), self.instance)
+
+    def __repr__(self) -> str:
+        return f"<bound {self.task!r} of {self.instance!r}>"
 
 
 def _with_options(task: Task, call_options: dict[str, Any]) -> Task:
