@@ -67,7 +67,15 @@ def lookup(job: Job, store: LocalStore) -> Any:
 KNOWN_TIERS = ("memory", "local")
 
 
+_checked_tiers: tuple[int, list[str]] | None = None
+
+
 def _tiers() -> list[str]:
+    """The tiers in force, checked once per configuration change (this is on the hit path)."""
+    global _checked_tiers
+    generation = config.generation()
+    if _checked_tiers is not None and _checked_tiers[0] == generation:
+        return _checked_tiers[1]
     tiers = config.get("tiers")
     for tier in tiers:
         if tier not in KNOWN_TIERS:
@@ -75,6 +83,7 @@ def _tiers() -> list[str]:
                 f"unknown resolution tier {tier!r} in config 'tiers'; this version has {', '.join(KNOWN_TIERS)} "
                 "(bucket and channel tiers come with the network layer)"
             )
+    _checked_tiers = (generation, tiers)
     return tiers
 
 
