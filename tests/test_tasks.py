@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -481,6 +482,10 @@ def test_killed_computer_is_taken_over(tmp_path, home, env):
     log = str(tmp_path / "calls.txt")
     env = {**env, "CALL_LOG": str(log), "SLEEP": "30"}
     victim = _start_and_wait_until_running("import slowmod2; slowmod2.slow(1)", tmp_path, env, log)
+    listing = subprocess.run([sys.executable, "-m", "kachery_tasks.cli", "task", "ls", "--running", "--json"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert listing.returncode == 0, listing.stderr
+    assert [r["pid"] for r in json.loads(listing.stdout)] == [victim.pid]
     env_fast = {**env, "SLEEP": "0"}
     waiter = subprocess.Popen([sys.executable, "-c", "import slowmod2; print(slowmod2.slow(1))"], cwd=tmp_path,
                               env=env_fast, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -489,6 +494,9 @@ def test_killed_computer_is_taken_over(tmp_path, home, env):
     _kill(victim)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err
+    after = subprocess.run([sys.executable, "-m", "kachery_tasks.cli", "task", "ls", "--running", "--json"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert json.loads(after.stdout) == []
     assert out.strip() == "2"
     assert len(runs(log)) == 2
     records = list(current_store().records.iter_records())

@@ -41,11 +41,20 @@ def _summary(record: dict[str, Any], failed: bool = False) -> dict[str, Any]:
 @task.command("ls")
 @click.option("--function", "pattern", default=None, help="Only functions whose name matches (glob or substring).")
 @click.option("--failed", is_flag=True, help="Only tasks whose latest outcome is a failure.")
+@click.option("--running", is_flag=True, help="Only tasks being computed right now, with who computes them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--limit", type=int, default=None, help="At most this many rows (most costly first).")
-def ls_cmd(pattern: str | None, failed: bool, as_json: bool, limit: int | None) -> None:
+def ls_cmd(pattern: str | None, failed: bool, running: bool, as_json: bool, limit: int | None) -> None:
     """List task records, most costly first."""
     store = current_store()
+    if running:
+        from ..tasks.lease import running as running_tasks
+
+        rows = running_tasks(store.records.root / "locks")
+        for r in rows:
+            r["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("started", 0)))
+        print_listing(rows, ["task_id", "host", "pid", "started"], as_json, title="running tasks")
+        return
     rows = [_summary(r, failed) for r in store.records.iter_records(failures=failed)]
     if pattern:
         rows = [r for r in rows if fnmatch.fnmatchcase(r["function"] or "", pattern) or pattern in (r["function"] or "")]

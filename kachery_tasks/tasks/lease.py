@@ -73,3 +73,28 @@ class TaskLock:
 
     def __exit__(self, *exc) -> None:
         self.release(done=False)
+
+
+def running(locks_dir: Path) -> list[dict]:
+    """The task ids being computed right now in this home (their locks are held), with holder info."""
+    found = []
+    for path in sorted(locks_dir.glob("*/*.lock")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: someone computes it
+                try:
+                    info = json.loads(os.pread(fd, _INFO_BYTES, 0).decode().strip() or "{}")
+                except ValueError:
+                    info = {}
+                found.append({"task_id": path.stem, **info})
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return found
+
