@@ -240,3 +240,16 @@ def test_two_users_share_one_home(env):
         assert second.stdout.split() == ["True", "14"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_large_arguments_are_kept_by_hash_only(home):
+    import numpy as np
+
+    @pure
+    def total(x):
+        return float(x.sum())
+
+    big = np.ones(100_000)  # 800 kB > record_args_max_bytes
+    total(big)
+    entry = current_store().records.read(total.task_id(big))["args"]["x"]
+    assert set(entry) == {"hash", "omitted"} and "800000 bytes" in entry["omitted"]

@@ -16,6 +16,7 @@ import traceback
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import xxhash
 
 from .. import config
@@ -47,6 +48,8 @@ def describe_args(job: Job) -> dict[str, Any]:
             entry["file"] = value.uri
         elif is_plain_json(value) and len(json.dumps(value)) <= limit:
             entry["json"] = value
+        elif _known_size(value) > limit:  # do not pickle a big array only to find it is too big
+            entry["omitted"] = f"{_known_size(value)} bytes > record_args_max_bytes={limit}"
         else:
             try:
                 data = cloudpickle.dumps(value, protocol=5)
@@ -59,6 +62,15 @@ def describe_args(job: Job) -> dict[str, Any]:
                     entry["omitted"] = f"{len(data)} bytes > record_args_max_bytes={limit}"
         described[name] = entry
     return described
+
+
+def _known_size(value: Any) -> int:
+    """The size of a value's data when it is cheap to know (arrays, buffers), else 0."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value)
+    return 0
 
 
 def _base_record(job: Job, measure: Measure | None) -> dict[str, Any]:

@@ -215,7 +215,3 @@ def _resolve_query(job: Job, allow_stale: bool, upstream: Mapping[str, Any] | No
         record_success(job, store, value, measure)
     return value
 
-
-def require_kind(job: Job, kind: str) -> None:
-    if job.kind != kind:
-        raise UserError(f"{job.task.name} is a {job.kind} task, not a {kind} task")
