@@ -693,3 +693,20 @@ def test_methods_are_tasks_bound_to_their_instance(home, tmp_path):
 
     with pytest.raises(UnhashableArgument, match="self"):
         Opaque().value()
+
+
+def test_read_only_action_replays_or_refuses_and_writes_nothing(home, tmp_path):
+    log = str(tmp_path / "calls.txt")
+
+    @action
+    def send(message):
+        with open(log, "a") as fh:
+            fh.write(message + "\n")
+
+    with config.set(read_only=True), pytest.raises(ReadOnlyStoreError, match="no recorded outcome"):
+        send("a")
+    assert not (home / "feeds").exists() and len(runs(log)) == 0
+    assert send("a").ok
+    with config.set(read_only=True):
+        assert send("a").replayed
+    assert len(runs(log)) == 1

@@ -130,6 +130,16 @@ def action_log(home: str) -> ActionLog:
         return log
 
 
+def _recorded_without_writing(home: str, key: str) -> dict[str, Any] | None:
+    """The latest message of ``key`` in a home that must not be written: no action log is created."""
+    from ..feeds import local_names
+
+    with in_home(home):
+        if LOG_FEED not in local_names():
+            return None
+    return action_log(home).latest(key)
+
+
 def _outcome(body: dict[str, Any], replayed: bool) -> ActionResult | None:
     state = body["state"]
     if state == "resolved":
@@ -146,15 +156,15 @@ def run_action(job: Job, *, retry: bool = False, upstream: Mapping[str, Any] | N
     key = job.action_key or job.id
     if not settings.cache:  # explicitly asked: run, record nothing, promise nothing
         return _run(job, upstream, None, key)
-    log = action_log(settings.home)
-    rerun = retry or settings.force
-    lock = log.lock(key)
     if settings.read_only:
-        body = log.latest(key)
+        body = _recorded_without_writing(settings.home, key)
         found = _outcome(body, True) if body else None
         if found is None:
             raise ReadOnlyStoreError(f"action {job.task.name} (key {key!r}) has no recorded outcome and read_only forbids running it")
         return found
+    log = action_log(settings.home)
+    rerun = retry or settings.force
+    lock = log.lock(key)
     lock.acquire()  # a concurrent call of this key finishes first; then we see its outcome
     try:
         body = log.latest(key)
