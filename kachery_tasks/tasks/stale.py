@@ -176,7 +176,10 @@ def recheck(task_ids: list[str], store: LocalStore | None = None) -> list[Rechec
         except NotReplayable as exc:
             results.append(RecheckResult(task_id, name, None, str(exc)))
             continue
-        results.append(_compare(task_id, name, recorded, fresh, job.task.rtol, job.task.atol))
+        result = _compare(task_id, name, recorded, fresh, job.task.rtol, job.task.atol)
+        if job.task.function_id.code_hash != record["function"].get("code_hash"):
+            result.detail += " (the code changed since this record; `kachery task stale` lists it)"
+        results.append(result)
     return results
 
 
