@@ -193,3 +193,30 @@ def test_progress_counts_cached_and_computed(tmp_path):
 def test_graph_nodes_block_fusion(tmp_path):
     dsk, _ = build_graph([pipeline(tmp_path / "log").job])
     assert all(isinstance(v, RunTask) and v.block_fusion for v in dsk.values())
+
+
+def test_dataframes_feed_tasks_by_content_and_cached_refuses_them_clearly(tmp_path):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    from kachery_tasks.errors import UserError
+
+    log = str(tmp_path / "log")
+
+    @pure
+    def column_total(frame, log):
+        note(log, "total")
+        return float(frame.c.sum())
+
+    def with_c(part):
+        return part.assign(c=part.a * 2 + part.b)
+
+    frame = pd.DataFrame({"a": np.arange(100), "b": np.arange(100.0)})
+    y = dd.from_pandas(frame, npartitions=2).map_partitions(with_c)
+    assert column_total.delayed(y, log).compute() == float(y.c.sum().compute())
+    assert column_total.delayed(y, log).compute() == float(y.c.sum().compute())
+    assert runs(log) == ["total"]
+    other = dd.from_pandas(frame.assign(a=frame.a + 1), npartitions=2).map_partitions(with_c)
+    assert column_total.delayed(other, log).compute() == float(other.c.sum().compute())
+    assert runs(log) == ["total", "total"]  # other data: a miss
+    with pytest.raises(UserError, match="DataFrame"):
+        cached(y)

@@ -26,7 +26,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import key_split
 
 from .. import config
-from ..errors import UnhashableArgument
+from ..errors import UnhashableArgument, UserError
 from ..hashing import FunctionId, hash_value
 from ..store.local import store_for
 from ..tasks.settings import CallSettings
@@ -182,6 +182,11 @@ def cached(collection: C, min_seconds: float | None = None) -> C:
     """
     if isinstance(collection, JobDelayed):
         return collection  # already keyed by task id and cached
+    if hasattr(collection, "expr"):
+        raise UserError(
+            f"cached() does not take {type(collection).__name__} collections yet: dask's expression "
+            "collections (DataFrame, Series) hand out graphs that do not show their tasks; cache the "
+            "per-partition work with a kachery task (map_partitions over f) or go through to_delayed()")
     min_s = float(config.get("dask_min_seconds") if min_seconds is None else min_seconds)
     opt, dsk, out_keys = _graph_of(collection)
     jobs = graph_jobs(dsk, min_s)
