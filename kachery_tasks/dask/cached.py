@@ -182,7 +182,7 @@ def cached(collection: C, min_seconds: float | None = None) -> C:
     """
     if isinstance(collection, JobDelayed):
         return collection  # already keyed by task id and cached
-    if hasattr(collection, "expr"):
+    if hasattr(type(collection), "expr"):  # on the type: Delayed answers any attribute
         raise UserError(
             f"cached() does not take {type(collection).__name__} collections yet: dask's expression "
             "collections (DataFrame, Series) hand out graphs that do not show their tasks; cache the "
