@@ -68,6 +68,8 @@ MUST_DIFFER = [
     (samples.Calc(2).run, samples.Calc(3).run), (len, abs), (np.add, np.multiply), (samples.Point, samples.OtherPoint),
     ([1, [2, 3]], [[1, 2], 3]), (("a", "bc"), ("ab", "c")), ({"a": 1, "b": 2}, {"a": 2, "b": 1}),
     ([], ()), ({}, set()), ("", b""), (slice(1, 2), slice(1, 3)), (..., None),
+    (np.dtype("<f8"), np.dtype("<f4")), (np.dtype("<f8"), np.dtype(">f8")), (np.dtype("<f8"), "<f8"),
+    (np.dtype([("a", "<i4")]), np.dtype([("b", "<i4")])), (np.dtype("M8[D]"), np.dtype("M8[s]")),
 ]
 
 
@@ -87,7 +89,7 @@ MUST_EQUAL = [
     (samples.Point(1, 2), samples.Point(1, 2)), (samples.Calc(2).run, samples.Calc(2).run),
     (functools.partial(samples.double, 1), functools.partial(samples.double, 1)),
     (DF, DF.copy()), (DF, pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}, index=pd.Index([0, 1]))),
-    (np.memmap, np.memmap),
+    (np.memmap, np.memmap), (np.dtype("float64"), np.dtype("<f8")), (np.dtype(float), A.dtype),
 ]
 
 

@@ -129,8 +129,6 @@ def canon_value(value: Any, ids: Mapping[Any, str]) -> Any:
         return t(canon_value(v, ids) for v in value)
     if t is dict:
         return {k: canon_value(v, ids) for k, v in value.items()}
-    if isinstance(value, np.dtype):  # dask passes dtype= everywhere; kt1 has no rule for bare dtypes
-        return _Canon(("dtype", value.str, value.descr if value.fields is not None else None))
     if callable(value) and not isinstance(value, type | np.ndarray):
         return callable_identity(value)
     return value

@@ -40,7 +40,7 @@ EXPRESSIONS = [
     "np.array(['ab', 'c'], dtype=object)", "np.array([1, 'x', None], dtype=object)",
     "np.array(['2020-01-01'], dtype='datetime64[ns]')", "np.zeros(2, dtype=[('a', '<i4'), ('b', '<f8')])",
     "np.zeros((0, 3))", "np.float64(1.0)", "np.int8(-3)", "np.bool_(True)", "np.str_('hi')",
-    "np.datetime64('2020-01-01', 'D')",
+    "np.datetime64('2020-01-01', 'D')", "np.dtype('<f8')", "np.dtype([('a', '<i4'), ('b', '<f8')])",
     "{f'k{i}': i for i in range(40)}", "{f'k{i}': i / 4 for i in range(40)}", "[f's{i}' for i in range(40)]",
     "[(i, str(i), i / 2) for i in range(40)]", "set(range(-20, 20))",
     "pd.Series([1.5, 2.5], index=['a', 'b'], name='s')",

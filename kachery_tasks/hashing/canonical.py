@@ -421,6 +421,12 @@ def _e_dtype(e: _Encoder, dt: np.dtype) -> None:
         e.enc(dt.str)
 
 
+def _e_npdtype(e: _Encoder, dt: np.dtype) -> None:
+    """A dtype passed as a value (dask passes ``dtype=`` everywhere): the same DTYPE as in arrays."""
+    e.out += b"q"
+    _e_dtype(e, dt)
+
+
 def _contiguous_chunks(a: np.ndarray):
     """The C-order bytes of ``a`` as uint8 arrays, copying at most ~_CHUNK bytes at a time."""
     if a.flags.c_contiguous:
@@ -733,6 +739,9 @@ def _enc_other(e: _Encoder, v: Any) -> None:
     fn = _registered(t)
     if fn is not None:
         _object(e, v, fn(v))
+        return
+    if isinstance(v, np.dtype):  # every dtype has its own class (Float64DType, ...)
+        _e_npdtype(e, v)
         return
     if isinstance(v, enum.Enum):
         e.out += b"E"
