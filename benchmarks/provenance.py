@@ -81,5 +81,5 @@ def run() -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in run():
-        print(row)
+    for result in run():
+        print(result)

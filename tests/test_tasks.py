@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from execution_log import runs
+from execution_log import note, runs
 
 import kachery_tasks as kt
 from kachery_tasks import config
@@ -46,8 +46,7 @@ def test_pure_computes_once_and_binds_defaults(home, tmp_path):
 
     @pure
     def add(x, y=2):
-        with open(log, "a") as fh:
-            fh.write(f"{x}\n")
+        note(log, f"{x}")
         return x + y
 
     assert add(1) == 3
@@ -70,8 +69,7 @@ def test_jobs_are_merkle_and_nothing_runs(home, tmp_path):
 
     @pure
     def source(n):
-        with open(log, "a") as fh:
-            fh.write("source\n")
+        note(log, "source")
         return list(range(n))
 
     @pure
@@ -159,8 +157,7 @@ def test_corrupt_record_is_quarantined_and_recomputed(home, tmp_path):
 
     @pure
     def f(x):
-        with open(log, "a") as fh:
-            fh.write("x\n")
+        note(log, "x")
         return x * 2
 
     assert f(4) == 8
@@ -177,8 +174,7 @@ def test_record_whose_blob_is_missing_recomputes(home, tmp_path):
 
     @pure
     def f(n):
-        with open(log, "a") as fh:
-            fh.write("x\n")
+        note(log, "x")
         return np.ones(n)
 
     f(1000)
@@ -216,8 +212,7 @@ def test_force_recomputes_and_replaces(home, tmp_path):
 
     @pure
     def f(x):
-        with open(log, "a") as fh:
-            fh.write("x\n")
+        note(log, "x")
         return time.time()
 
     first = f(1)
@@ -341,8 +336,7 @@ def test_cache_errors_serves_the_recorded_exception(home, tmp_path):
 
     @pure(cache_errors=True)
     def bad(x):
-        with open(log, "a") as fh:
-            fh.write("x\n")
+        note(log, "x")
         raise Boom("nope")
 
     with pytest.raises(Boom):
@@ -467,8 +461,7 @@ def test_threads_compute_once(home, tmp_path):
 
     @pure
     def slow(x):
-        with open(log, "a") as fh:
-            fh.write("x\n")
+        note(log, "x")
         time.sleep(0.5)
         return x
 
@@ -538,8 +531,7 @@ def test_action_failure_is_recorded_and_returned(tmp_path, home):
 
     @action
     def send(message):
-        with open(log, "a") as fh:
-            fh.write(message + "\n")
+        note(log, message)
         if message == "bad":
             raise ValueError("refused")
 
@@ -610,8 +602,7 @@ def test_tiers_choose_where_hits_come_from(home, tmp_path):
 
     @pure
     def f(x):
-        with open(log, "a") as fh:
-            fh.write("x\n")
+        note(log, "x")
         return x
 
     f(1)
@@ -676,8 +667,7 @@ def test_methods_are_tasks_bound_to_their_instance(home, tmp_path):
 
         @pure
         def apply(self, values):
-            with open(log, "a") as fh:
-                fh.write("x\n")
+            note(log, "x")
             return [v for v in values if v >= self.low]
 
     assert Filter(2.0).apply([1, 2, 3]) == [2, 3]
@@ -700,8 +690,7 @@ def test_read_only_action_replays_or_refuses_and_writes_nothing(home, tmp_path):
 
     @action
     def send(message):
-        with open(log, "a") as fh:
-            fh.write(message + "\n")
+        note(log, message)
 
     with config.set(read_only=True), pytest.raises(ReadOnlyStoreError, match="no recorded outcome"):
         send("a")
