@@ -116,7 +116,7 @@ def run_node(job: Job, upstream: Mapping[str, Any], min_seconds: float) -> Any:
     value = compute(job, measure, upstream)
     s = job.settings
     if s.cache and not s.read_only and measure.wall_s >= min_seconds:
-        record_success(job, store_for(s.home_path), value, measure)
+        record_success(job, store_for(s.home), value, measure)
     return value
 
 

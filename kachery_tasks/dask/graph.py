@@ -209,7 +209,7 @@ def load_job(job: Job, pruned: int = 0) -> Any:
     from ..tasks.resolver import _MISS, lookup
 
     with entered(job):
-        store = store_for(job.settings.home_path)
+        store = store_for(job.settings.home)
         value = lookup(job, store)
         if value is _MISS:
             raise KacheryError(
@@ -231,7 +231,7 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
     with entered(job):
         spec = _node_spec(job)
         if _prunable(job):  # recorded since the graph was built (another graph, another cluster)
-            found = lookup(job, store_for(job.settings.home_path))
+            found = lookup(job, store_for(job.settings.home))
             if found is not _MISS:
                 emit({"event": "late-hit", "key": job_key(job)})
                 return found

@@ -54,7 +54,7 @@ class Explanation:
 def explain(job: Job) -> Explanation:
     task_id = job.id
     name = job.task.function_id.name
-    store = store_for(job.settings.home_path)
+    store = store_for(job.settings.home)
     if has_result(job):
         record = store.records.read(task_id)
         when = record.get("created") if record else None

@@ -8,7 +8,6 @@ They are read once, when a job is made, from the configuration and from per-call
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from .. import config
@@ -40,10 +39,6 @@ class CallSettings:
             _cached = (generation, base)
         base = _cached[1]
         return replace(base, **overrides) if overrides else base
-
-    @property
-    def home_path(self) -> Path:
-        return Path(self.home)
 
     def as_config(self) -> dict[str, Any]:
         """These settings as ``config.set`` keywords, to re-enter them in another process."""
