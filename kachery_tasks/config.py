@@ -54,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
     "shared_group": None,
     # Progress bars in the command line for files larger than this.
     "progress_min_bytes": 8 * 2**20,
+    # Task records of computations shorter than this many seconds are fsynced together, at most this
+    # long after they are written, instead of one by one; 0 fsyncs every record before the call
+    # returns. A machine crash in the window costs a recompute of those records, never a wrong result.
+    "record_sync_seconds": 1.0,
     # Dask: cached(collection) stores results of tasks that took at least this long.
     "dask_min_seconds": 0.0,
     # Checkpoint a subfeed every this many messages.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import grp
 import os
-import tempfile
 import time
 from contextlib import suppress
 from functools import lru_cache
@@ -65,32 +64,45 @@ def share_fd(fd: int, mode: int = 0o444) -> None:
         os.fchmod(fd, mode)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path | None = None) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644, tmp_dir: str | Path | None = None,
+                       *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never part.
 
-    The temp file lives on the same file system, is fsynced, then renamed over the target.
+    The temp file lives on the same file system, is fsynced, then renamed over the target. Without
+    ``fsync`` the caller makes it durable later (durability.py); the rename is atomic either way.
     """
-    directory = tmp_dir or path.parent
+    directory = tmp_dir or Path(path).parent
+    tmp = _new_temp_name(directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:  # directories exist but the first time: ask forgiveness, the check costs a stat per write
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        fd = os.open(tmp, flags, 0o600)
     except FileNotFoundError:
-        make_dirs(directory)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        make_dirs(Path(directory))
+        fd = os.open(tmp, flags, 0o600)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-            share_fd(fh.fileno(), mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+            share_fd(fd, mode)
+        finally:
+            os.close(fd)
         try:
             os.replace(tmp, path)
         except FileNotFoundError:  # the target's directory is new
-            make_dirs(path.parent)
+            make_dirs(Path(path).parent)
             os.replace(tmp, path)
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _new_temp_name(directory: str | os.PathLike) -> str:
+    """A fresh name for a temp file (random: a home may be shared by several users and hosts)."""
+    return f"{os.fspath(directory)}/.tmp-{os.urandom(8).hex()}"
 
 
 def remove_stale_files(directory: Path, older_than_s: float) -> int:

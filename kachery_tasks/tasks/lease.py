@@ -12,6 +12,7 @@ The holder writes its pid, host and start time into the file, for ``kachery task
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -45,7 +46,7 @@ class TaskLock:
             os.close(fd)
             raise
         self._fd = fd
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
+        info = json.dumps({"pid": os.getpid(), "host": _host(), "started": time.time()}).encode()
         # padded in place, never truncated: on ext4 a truncated-then-written file is flushed to disk
         # at close (auto_da_alloc), which would cost a disk write per computed task
         with suppress(OSError):
@@ -73,6 +74,11 @@ class TaskLock:
 
     def __exit__(self, *exc) -> None:
         self.release(done=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _host() -> str:
+    return socket.gethostname()
 
 
 def running(locks_dir: Path) -> list[dict]:

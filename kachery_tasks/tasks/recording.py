@@ -9,7 +9,7 @@ this node's own store).
 from __future__ import annotations
 
 import base64
-import json
+import functools
 import os
 import time
 import traceback
@@ -17,6 +17,7 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
+import orjson
 import xxhash
 
 from .. import config
@@ -46,7 +47,7 @@ def describe_args(job: Job) -> dict[str, Any]:
             entry["job"] = value.id
         elif isinstance(value, File):
             entry["file"] = value.uri
-        elif is_plain_json(value) and len(json.dumps(value)) <= limit:
+        elif is_plain_json(value) and len(orjson.dumps(value)) <= limit:
             entry["json"] = value
         elif _known_size(value) > limit:  # do not pickle a big array only to find it is too big
             entry["omitted"] = f"{_known_size(value)} bytes > record_args_max_bytes={limit}"
@@ -109,7 +110,7 @@ def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | N
     record["status"] = "succeeded"
     record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
     signed = _sign(store, record)
-    store.records.write(signed)
+    store.records.write(signed, sync_within=_sync_within(measure))
     _index_by_function(store, record["function"]["name"], job.id)
     STATS.count("recorded")
     return signed
@@ -132,9 +133,18 @@ def record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Mea
         record["error"]["pickle"] = base64.b64encode(cloudpickle.dumps(exc)).decode()
     except Exception:
         pass
-    store.records.write_failure(_sign(store, record))
+    store.records.write_failure(_sign(store, record), sync_within=_sync_within(measure))
     _index_by_function(store, record["function"]["name"], job.id)
     STATS.count("failed")
+
+
+def _sync_within(measure: Measure | None) -> float:
+    """How soon the record must be durable: a computation shorter than ``record_sync_seconds`` is
+    cheaper to redo than its own fsync, so its record joins a group commit (store/durability.py);
+    a longer one is fsynced before the call returns."""
+    window = float(config.get("record_sync_seconds"))
+    wall = measure.wall_s if measure is not None else 0.0
+    return window if wall < window else 0.0
 
 
 def rebuild_error(failure: dict[str, Any]) -> BaseException:
@@ -151,7 +161,12 @@ def rebuild_error(failure: dict[str, Any]) -> BaseException:
 
 
 def function_index_path(store: LocalStore, name: str) -> str:
-    return str(store.records.root / "by_function" / f"{xxhash.xxh64_hexdigest(name.encode())}.txt")
+    return _index_path(str(store.records.root), name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _index_path(records_root: str, name: str) -> str:
+    return f"{records_root}/by_function/{xxhash.xxh64_hexdigest(name.encode())}.txt"
 
 
 def _index_by_function(store: LocalStore, name: str, task_id: str) -> None:
