@@ -29,6 +29,7 @@ from dask.highlevelgraph import HighLevelGraph
 from .. import config
 from ..errors import KacheryError
 from ..store.local import store_for
+from ..tasks.settings import CallSettings
 from ..tasks.task import Job, substitute_jobs
 
 #: Topic of the events that load and run nodes log on ``distributed`` workers (see plugin.py).
@@ -179,10 +180,9 @@ def entered(job: Job) -> Iterator[None]:
     Entered only when the configuration differs, because ``config.set`` is process-wide: threads
     of one scheduler running jobs of the caller's own settings never touch it.
     """
-    wanted = job.settings.as_config()
-    same = str(config.home()) == wanted["home"] and all(
-        config.get(k) == v for k, v in wanted.items() if k != "home")
-    with nullcontext() if same else config.set(**wanted):
+    settings = job.settings
+    current = CallSettings.current()
+    with nullcontext() if settings is current or settings == current else config.set(**settings.as_config()):
         yield
 
 
@@ -230,17 +230,19 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
     start = time.perf_counter()
     with entered(job):
         spec = _node_spec(job)
+        missed = False
         if _prunable(job):  # recorded since the graph was built (another graph, another cluster)
             found = lookup(job, store_for(job.settings.home))
             if found is not _MISS:
                 emit({"event": "late-hit", "key": job_key(job)})
                 return found
+            missed = True
         if spec is not None and spec.min_seconds > 0:
             from .cached import run_node
 
             value = run_node(job, upstream, spec.min_seconds)
         else:
-            value = resolve(job, upstream=upstream)
+            value = resolve(job, upstream=upstream, missed=missed)
     emit({"event": "computed", "key": job_key(job), "seconds": time.perf_counter() - start})
     return value
 

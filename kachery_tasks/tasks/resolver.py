@@ -31,11 +31,12 @@ _MISS = object()
 
 
 def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
-            upstream: Mapping[str, Any] | None = None) -> Any:
+            upstream: Mapping[str, Any] | None = None, missed: bool = False) -> Any:
     """Resolve ``job``. ``upstream`` maps task ids of upstream jobs to values already computed
-    (Dask passes them), so those are not resolved again."""
+    (Dask passes them), so those are not resolved again; ``missed`` says the caller has just looked
+    the job up and found nothing (it is looked up again under the lock)."""
     if job.kind == "pure":
-        return _resolve_pure(job, upstream)
+        return _resolve_pure(job, upstream, missed)
     if job.kind == "query":
         return _resolve_query(job, allow_stale, upstream)
     from .actions import run_action
@@ -116,12 +117,12 @@ def has_result(job: Job) -> bool:
 
 
 # -- pure ------------------------------------------------------------------------------------------
-def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None) -> Any:
+def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: bool = False) -> Any:
     settings = job.settings
     task_id = job.id  # an unhashable argument fails here, before anything runs
     store = store_for(settings.home)
     if settings.cache and not settings.force:
-        found = lookup(job, store)
+        found = _MISS if missed else lookup(job, store)
         if found is not _MISS:
             return found
         if settings.cache_errors:
