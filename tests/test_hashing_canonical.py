@@ -343,3 +343,20 @@ def test_property_fast_dict_matches_general(d):
 def test_float_bits():
     assert canonical_bytes(math.inf) == b"f" + struct.pack(">d", math.inf)
     assert canonical_bytes(-1) == b"i" + (-1).to_bytes(8, "big", signed=True)
+
+
+def test_jobs_encode_as_their_ids_the_same_on_the_fast_path():
+    """Jobs take a dedicated encoder (they are hashed once per graph node); its bytes must be the
+    general object encoding's, or every Merkle id would change."""
+    from kachery_tasks.hashing.canonical import _Encoder, _object
+    from kachery_tasks.tasks import pure
+
+    @pure
+    def f(x):
+        return x
+
+    job = f.job(3)
+    general = _Encoder()
+    _object(general, job, job.id)
+    assert canonical_bytes(job) == bytes(general.out)
+    assert canonical_bytes([job, f.job(4)]) != canonical_bytes([f.job(4), job])

@@ -259,9 +259,16 @@ class JobDelayed(Delayed):
     REUSE_SECONDS = 0.5
 
     def __init__(self, job: Job):
-        super().__init__(job_key(job), None)
-        self._job = job
-        self._built: tuple[float, HighLevelGraph] | None = None
+        # the slots set directly: Delayed.__init__ and its __setattr__ are a third of the cost of
+        # declaring a node, and a JobDelayed has no graph to check until Dask asks for one
+        key = job_key(job)
+        _set = object.__setattr__
+        _set(self, "_key", key)
+        _set(self, "_dask", None)
+        _set(self, "_length", None)
+        _set(self, "_layer", key)
+        _set(self, "_job", job)
+        _set(self, "_built", None)
 
     @property
     def job(self) -> Job:
@@ -290,8 +297,17 @@ def job_delayed(job: Job) -> JobDelayed:
     Our own delayed objects turn back into their jobs (ids stay Merkle); other dask collections
     are identified by their graph's content (see cached.py), so their values feed in at run time.
     """
-    args = _absorb(job.args)
-    if args is not job.args:
+    args = None
+    for name, value in job.args.items():  # _absorb on each argument, unrolled: once per node
+        t = type(value)
+        if t in _PLAIN:
+            continue
+        absorbed = value._job if t is JobDelayed else _absorb(value)
+        if absorbed is not value:
+            if args is None:
+                args = dict(job.args)
+            args[name] = absorbed
+    if args is not None:
         job = Job(job.task, args, job.settings)
     job.id  # noqa: B018 - ids are computed now, when the graph is declared; bad arguments fail here
     return JobDelayed(job)

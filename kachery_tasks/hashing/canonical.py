@@ -106,6 +106,25 @@ def register_canon(cls: type, fn: Callable[[Any], Any]) -> None:
     _REGISTRY[cls] = fn
 
 
+def register_identity_type(cls: type) -> None:
+    """Encode instances of exactly ``cls`` from their ``__kachery_canon__()`` string without the
+    general object path (cycle tracking, precedence checks): the same bytes, for objects that
+    stand for an identity and are hashed by the hundred thousand (jobs in a Dask graph)."""
+    if "__kachery_canon__" not in dir(cls):
+        raise TypeError(f"{cls.__qualname__} has no __kachery_canon__")
+    prefix = b"O" + _type_name_encoded(cls)
+
+    def encode(e: _Encoder, v: Any) -> None:
+        canon = v.__kachery_canon__()
+        if type(canon) is not str:  # not an identity string after all: the general path
+            _object(e, v, canon)
+            return
+        e.out += prefix
+        _e_str(e, canon)
+
+    _EXACT[cls] = encode
+
+
 def _registered(t: type) -> Callable[[Any], Any] | None:
     if not _REGISTRY:
         return None

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..hashing import FunctionId, bind_arguments, function_id, task_id
+from ..hashing.canonical import register_identity_type
 from ..store.codecs import check_codec
 from .settings import CallSettings, check_call_options
 
@@ -124,9 +125,7 @@ class Task:
 
     def delayed(self, *args: Any, **kwargs: Any):
         """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask)."""
-        from ..dask.graph import job_delayed  # the Dask layer is optional and imported on use
-
-        return job_delayed(self.job(*args, **kwargs))
+        return _dask_graph().job_delayed(self.job(*args, **kwargs))
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """Decorating a method: ``obj.method`` is the task with ``obj`` bound as its first argument
@@ -285,7 +284,12 @@ class Job:
     def upstream(self) -> list[Job]:
         """The jobs among this job's arguments (at any depth of lists, tuples and dicts)."""
         found: list[Job] = []
-        _collect_jobs(self.args, found)
+        for value in self.args.values():  # the top level unrolled: graph walks ask once per node
+            t = type(value)
+            if t is Job:
+                found.append(value)
+            elif t not in _SCALARS:
+                _collect_jobs(value, found)
         return found
 
     def __repr__(self) -> str:
@@ -294,6 +298,18 @@ class Job:
 
     def __reduce__(self):
         return (_rebuild_job, (self.task, self.args, self.settings, self.action_key, self._id))
+
+
+register_identity_type(Job)
+
+
+@functools.cache
+def _dask_graph():
+    """The Dask layer, imported on first use (importing dask costs a second; most calls never
+    need it) and then held, since ``delayed`` runs once per node of a graph."""
+    from ..dask import graph
+
+    return graph  # a job is encoded as its task id: this makes ids Merkle hashes
 
 
 def _rebuild_job(task, args, settings, action_key, id_) -> Job:
@@ -306,6 +322,9 @@ def _rebuild_job(task, args, settings, action_key, id_) -> Job:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+_SCALARS = frozenset({int, float, str, bool, bytes, type(None)})
 
 
 def _collect_jobs(value: Any, found: list[Job]) -> None:
