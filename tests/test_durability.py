@@ -13,6 +13,7 @@ import pytest
 from execution_log import note, runs
 
 from kachery_tasks import config
+from kachery_tasks.errors import ConfigError
 from kachery_tasks.store import current_store
 from kachery_tasks.store.durability import GROUP_COMMIT, GroupCommit, sync_filesystem
 from kachery_tasks.tasks import MEMORY, pure
@@ -67,9 +68,8 @@ def test_window_zero_fsyncs_every_record(home):
 
 
 def test_the_window_is_checked_like_every_key(home):
-    with pytest.raises(Exception, match="record_sync_seconds.*non-negative"):
-        with config.set(record_sync_seconds=-1):
-            pass
+    with pytest.raises(ConfigError, match="record_sync_seconds.*non-negative"), config.set(record_sync_seconds=-1):
+        pass
 
 
 @pytest.mark.parametrize("left_by_crash", [b"", b"\0" * 700, b'{"task_id": "ab'])
