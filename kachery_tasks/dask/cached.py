@@ -26,11 +26,12 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import key_split
 
 from .. import config
-from ..errors import UnhashableArgument, UserError
+from ..errors import UnhashableArgument
 from ..hashing import FunctionId, hash_value
 from ..store.local import store_for
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job, Task
+from .frames import cached_frame
 from .graph import JobDelayed, JobTask, build_graph, job_key
 from .identify import graph_ids, toposort
 
@@ -182,12 +183,9 @@ def cached(collection: C, min_seconds: float | None = None) -> C:
     """
     if isinstance(collection, JobDelayed):
         return collection  # already keyed by task id and cached
-    if hasattr(type(collection), "expr"):  # on the type: Delayed answers any attribute
-        raise UserError(
-            f"cached() does not take {type(collection).__name__} collections yet: dask's expression "
-            "collections (DataFrame, Series) hand out graphs that do not show their tasks; cache the "
-            "per-partition work with a kachery task (map_partitions over f) or go through to_delayed()")
     min_s = float(config.get("dask_min_seconds") if min_seconds is None else min_seconds)
+    if hasattr(type(collection), "expr"):  # on the type: Delayed answers any attribute
+        return cached_frame(collection, min_s)  # DataFrame, Series: through their partitions
     opt, dsk, out_keys = _graph_of(collection)
     jobs = graph_jobs(dsk, min_s)
     if isinstance(collection, Delayed) and out_keys[0] in jobs:
