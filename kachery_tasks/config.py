@@ -223,6 +223,27 @@ def home() -> Path:
     return Path(home_str())
 
 
+@contextmanager
+def home_layers(home: str | os.PathLike) -> Iterator[None]:
+    """Use ``home`` together with its own ``config.yaml``, as if ``KACHERY_TASKS_HOME`` named it
+    (``kachery --home``): ``config.set(home=…)`` alone would keep the other home's file in force.
+    Process-wide, like every layer; the previous layers come back at the end."""
+    global _load_error
+    environ = {**os.environ, f"{ENV_PREFIX}HOME": os.fspath(home)}
+    try:
+        refresh(environ)
+        _sources["home"] = "--home"
+    except ConfigError as exc:
+        _load_error = exc  # raised by the first get(), as a bad file found at import is
+    try:
+        yield
+    finally:
+        try:
+            refresh()
+        except ConfigError as exc:
+            _load_error = exc
+
+
 def effective() -> list[tuple[str, Any, str]]:
     """Every key with its value in force and where that value came from."""
     return [(key, get(key), _sources.get(key, "default")) for key in sorted(DEFAULTS)]

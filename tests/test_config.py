@@ -97,4 +97,19 @@ def test_home_option_overrides(tmp_path_factory, kachery) -> None:
     other = tmp_path_factory.mktemp("other")
     proc = kachery("--home", str(other), "config", "show", "--json")
     rows = {row["key"]: row for row in json.loads(proc.stdout)}
-    assert rows["home"]["value"] == str(other) and rows["home"]["source"] == "config.set"
+    assert rows["home"]["value"] == str(other) and rows["home"]["source"] == "--home"
+
+
+def test_home_option_brings_that_homes_file(tmp_path_factory, kachery) -> None:
+    other = tmp_path_factory.mktemp("other")
+    (other / "config.yaml").write_text("namespace: other-lab\ninline_max_bytes: 100\n")
+    proc = kachery("--home", str(other), "config", "show", "--json",
+                   extra_env={"KACHERY_TASKS_INLINE_MAX_BYTES": "200"})
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["key"]: row for row in json.loads(proc.stdout)}
+    assert rows["namespace"] == {"key": "namespace", "value": "other-lab", "source": str(other / "config.yaml")}
+    assert rows["inline_max_bytes"]["value"] == 200  # the environment still outranks the file
+    (other / "config.yaml").write_text("forec: true\n")
+    bad = kachery("--home", str(other), "config", "show")
+    err = bad.stderr.decode()
+    assert bad.returncode == 1 and "Traceback" not in err and "did you mean 'force'" in err, err

@@ -52,8 +52,8 @@ class KacheryGroup(click.Group):
 def main(ctx: click.Context, home: str | None) -> None:
     """kachery: content-addressed files, mutables and task results of this node."""
     if home is not None:
-        # Held for the whole command: the subcommand runs inside this config.set block.
-        ctx.with_resource(config.set(home=home))
+        # Held for the whole command: that home with its own config.yaml, environment above it
+        ctx.with_resource(config.home_layers(home))
 
 
 def _add_groups() -> None:
