@@ -129,3 +129,36 @@ def test_flush_at_exit_and_sync_of_a_missing_directory(tmp_path):
     assert commit.pending() == 0 and commit.syncs == 2
     with pytest.raises(OSError):
         sync_filesystem(str(tmp_path / "gone"))
+
+
+def _child_computes_and_reports(home: str, report: str) -> None:
+    """Runs in a multiprocessing child, which ends with os._exit (no atexit)."""
+    import multiprocessing.util
+
+    from kachery_tasks import config, pure
+    from kachery_tasks.store.durability import GROUP_COMMIT
+
+    @pure
+    def f(x):
+        return x
+
+    def write_report():  # a lower exit priority than the flush: runs after it
+        with open(report, "w") as fh:
+            fh.write(f"{GROUP_COMMIT.pending()} {GROUP_COMMIT.syncs}")
+
+    with config.set(home=home, record_sync_seconds=600):
+        f(1)
+        multiprocessing.util.Finalize(None, write_report, exitpriority=1)
+
+
+def test_a_multiprocessing_child_flushes_before_it_exits(tmp_path, home):
+    import multiprocessing
+
+    report = tmp_path / "report.txt"
+    proc = multiprocessing.get_context("spawn").Process(target=_child_computes_and_reports,
+                                                        args=(str(home), str(report)))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    pending, syncs = report.read_text().split()
+    assert pending == "0" and int(syncs) >= 1

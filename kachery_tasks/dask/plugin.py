@@ -22,6 +22,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 
 from .. import config
 from ..errors import UserError
+from ..store.durability import GROUP_COMMIT
 from .graph import TOPIC
 
 log = logging.getLogger("kachery_tasks.dask")
@@ -43,6 +44,7 @@ class KacheryWorkerPlugin(WorkerPlugin):
         self._cm.__enter__()
 
     def teardown(self, worker: Any) -> None:
+        GROUP_COMMIT.flush()  # the worker's last records are durable before it goes
         if self._cm is not None:
             self._cm.__exit__(None, None, None)
             self._cm = None

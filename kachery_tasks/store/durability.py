@@ -64,7 +64,8 @@ class GroupCommit:
 
     ``window`` is read by the writer at each deferral (config ``record_sync_seconds``); the thread
     wakes at the deadline of the oldest pending write. ``flush()`` syncs at once; it also runs at
-    interpreter exit, and in a forked child the parent's pending writes stay the parent's.
+    interpreter exit and at the exit of a multiprocessing child, and in a forked child the
+    parent's pending writes stay the parent's.
     """
 
     def __init__(self) -> None:
@@ -90,6 +91,7 @@ class GroupCommit:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="kachery-group-commit", daemon=True)
                 self._thread.start()
+                _flush_at_process_exit(self)
             self._wake.notify()
 
     def pending(self) -> int:
@@ -124,6 +126,14 @@ class GroupCommit:
             except OSError as exc:  # e.g. the home was removed: nothing left there to make durable
                 log.debug("group commit of %s skipped: %s", directory, exc)
             self.syncs += 1
+
+
+def _flush_at_process_exit(commit: GroupCommit) -> None:
+    """Worker processes of multiprocessing (Dask's process pool, distributed's nannies) end with
+    ``os._exit``, which skips atexit but runs multiprocessing's own finalizers: flush there too."""
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(commit, commit.flush, exitpriority=100)
 
 
 #: The process's one group commit.
