@@ -43,8 +43,7 @@ def cached_frame(collection: Any, min_seconds: float) -> Any:
     opt = collection.optimize()
     dsk = convert_legacy_graph(dict(opt.__dask_graph__()))
     keys = list(flatten(opt.__dask_keys__()))
-    keep = _keyed_by_name(dsk)
-    jobs = graph_jobs({k: v for k, v in dsk.items() if k not in keep}, min_seconds)
+    jobs = graph_jobs(dsk, min_seconds)  # a P2P shuffle's nodes get none (identify.keyed_by_name)
     if all(k in jobs for k in keys):
         parts: list[Delayed] = [JobDelayed(jobs[k]) for k in keys]
         # dask keeps one expression per name: it must change with all that the jobs carry
@@ -60,20 +59,6 @@ def cached_frame(collection: Any, min_seconds: float) -> Any:
     # FromDelayed itself: from_delayed() would turn object columns into arrow strings
     expr = FromDelayed(DelayedsExpr(*parts, _determ_token=token), meta, divisions, False, None, "cached")
     return new_collection(expr)
-
-
-def _keyed_by_name(dsk: Mapping[Any, GraphNode]) -> set:
-    """Nodes that must keep their dask keys, and so stay uncached with everything downstream.
-
-    The P2P shuffle of ``distributed`` (``shuffle``, ``merge``, ``set_index`` on a cluster) finds its
-    barrier by key, and its transfer tasks hand partitions to the workers' shuffle state as a side
-    effect: renamed, the shuffle fails; loaded from the store, it would lose partitions."""
-    keep: set = set()
-    for key, node in dsk.items():
-        if type(node).__name__ == "P2PBarrierTask":
-            keep.add(key)
-            keep.update(node.dependencies)
-    return keep
 
 
 def _partly_cached(dsk: Mapping[Any, GraphNode], keys: list, jobs: Mapping[Any, Job]) -> list[Delayed]:

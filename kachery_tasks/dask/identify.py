@@ -4,17 +4,20 @@ Dask keys say nothing about content: ``name=``, ``dask_key_name=`` and ``pure=Tr
 the same while data or code change, and dask's own tokens hash callables by reference. So a node's
 id here is the hash of (what the node runs, its literal arguments, the ids of its dependencies), and
 the callable is identified by looking through dask's wrappers (``functools.partial`` and its bound
-arguments, ``dask.utils.methodcaller``/``apply``, fused ``_execute_subgraph`` tasks, the getattr and
-method wrappers behind delayed attributes) down to the user's functions, which the hashing layer
-identifies by code, and to library callables, identified by name and package version.
+arguments, ``dask.utils.methodcaller``/``apply``, fused ``_execute_subgraph`` tasks,
+the getattr and method wrappers behind delayed attributes) down to the user's functions, which the
+hashing layer identifies by code, and to library callables, identified by name and package version.
 
 A node that cannot be identified raises :class:`Unidentifiable` with the reason; the caller leaves
-it (and everything downstream, whose Merkle id would depend on it) uncached.
+it (and everything downstream, whose Merkle id would depend on it) uncached. Some nodes could be
+identified but must not be: those of distributed's P2P shuffles, which only work under their own
+keys (:func:`keyed_by_name`); :func:`graph_ids` gives them no id, whatever the collection.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -189,12 +192,50 @@ def node_id(node: GraphNode, ids: Mapping[Any, str]) -> str:
         raise Unidentifiable(str(exc)) from None
 
 
+def keyed_by_name(dsk: Mapping[Any, GraphNode]) -> dict[Any, str]:
+    """Nodes that must keep their dask keys, each with the reason; they get no id, and so stay
+    uncached with everything downstream.
+
+    distributed's P2P shuffles (a DataFrame's ``shuffle``, ``merge`` and ``set_index`` on a cluster,
+    an array's ``rechunk(method="p2p")``) find their barrier by key: renamed, the shuffle fails with
+    ``P2PConsistencyError``. The barrier's dependencies, the transfer tasks, hand partitions to the
+    workers' shuffle state as a side effect: loaded from the store instead of run, the shuffle would
+    lose them. After dask's optimization a transfer may be an alias of a fused task that runs it,
+    so aliases are followed to the node that does the work."""
+    core = sys.modules.get("distributed.shuffle._core")  # no barrier can exist before it is imported
+    barrier_type = getattr(core, "P2PBarrierTask", None)
+    if barrier_type is None:
+        return {}
+    keep: dict[Any, str] = {}
+    for key, node in dsk.items():
+        if not isinstance(node, barrier_type):
+            continue
+        keep[key] = "it is the barrier of a P2P shuffle, which distributed finds by its key"
+        why = f"it hands partitions to the P2P shuffle of {key!r} (a side effect on the workers)"
+        for dep in node.dependencies:
+            while dep in dsk and dep not in keep:
+                keep[dep] = why
+                target = dsk[dep]
+                if not isinstance(target, Alias):
+                    break
+                dep = target.target
+    return keep
+
+
 def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = None,
               reasons: dict[Any, str] | None = None) -> dict[Any, str]:
-    """Ids of every identifiable key of ``dsk`` (in dependency order); the others go to ``reasons``."""
+    """Ids of every identifiable key of ``dsk`` (in dependency order); the others go to ``reasons``.
+
+    The nodes of :func:`keyed_by_name` get none, so no caller turns them into content-keyed jobs."""
     ids: dict[Any, str] = dict(known or {})
+    pinned = keyed_by_name(dsk)
     for key in toposort(dsk):
         if key in ids:
+            continue
+        why = pinned.get(key)
+        if why is not None:
+            if reasons is not None:
+                reasons[key] = why
             continue
         try:
             ids[key] = node_id(dsk[key], ids)
