@@ -1,6 +1,8 @@
 """Regenerate vectors.json: ``python -m kachery_tasks.hashing._make_vectors``.
 
-Only run this when the encoding changes on purpose, together with a new SCHEME.
+Vectors pin hashes. Run this to append expressions for a type that had no encoding before (its
+values used to be refused, so no existing hash changes: check that the diff only adds entries),
+or when an existing encoding changes on purpose, and then only together with a new SCHEME.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ EXPRESSIONS = [
     "pd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})", "pd.Index([3, 1], name='i')",
     "pd.Series(['a', 'b', 'a'], dtype='category')", "pd.Series([1, None], dtype='Int64')",
     "P(1, 'b')", "D(1, 'y')", "E.A", "O()", "len", "np.add", "functools.partial(max, 1)",
+    "pd.StringDtype('python')", "pd.StringDtype('python', na_value=np.nan)",
+    "pd.CategoricalDtype(pd.Index([3, 1], dtype='int64'), ordered=True)", "pd.CategoricalDtype()",
+    "pd.DatetimeTZDtype('ns', 'UTC')", "pd.DatetimeTZDtype('us', 'Europe/Paris')", "pd.Int64Dtype()",
+    "pd.IntervalDtype('int64', 'left')", "pd.SparseDtype(np.float64, np.nan)",
 ]
 
 

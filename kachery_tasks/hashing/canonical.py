@@ -600,9 +600,66 @@ def _e_pandas(e: _Encoder, v: Any) -> bool:
         _object(e, v, (v.value, v.unit))
     elif v is pd.NaT or v is pd.NA:
         _object(e, v, None)
+    elif isinstance(v, pd.api.extensions.ExtensionDtype):
+        params = _pd_dtype_parameters(pd, v)
+        if params is None:
+            return False
+        e.out += b"J"
+        e.enc(f"pandas.{type(v).__name__}")
+        e.out += _TAG_LEN(b"t", len(params))  # the bytes of enc(tuple of values), named in errors
+        for name, x in params:
+            e.child(x, f".{name}")
     else:
         return False
     return True
+
+
+def _pd_dtype_parameters(pd: Any, v: Any) -> tuple[tuple[str, Any], ...] | None:
+    """The parameters that define a pandas extension dtype passed as a value (``astype``, dask's
+    ``set_index`` pass them as arguments), in a fixed order; None for a dtype with no rule.
+
+    Exact types only, all of them exported as ``pandas.<Name>``, which is the name encoded: it
+    does not change when pandas moves a class between its private modules."""
+    t = type(v)
+    if t is pd.StringDtype:  # str(dtype) is "str" for both storages when na_value is nan
+        return ("storage", v.storage), ("na_value", v.na_value)
+    if t is pd.CategoricalDtype:  # categories in their order: codes refer to it
+        return ("categories", v.categories), ("ordered", v.ordered)
+    if t is pd.DatetimeTZDtype:
+        try:
+            tz = _tz_identity(v.tz)
+        except _PathError as err:
+            err.segments.append(".tz")
+            raise
+        return ("unit", v.unit), ("tz", tz)
+    if t is pd.IntervalDtype:
+        return ("subtype", v.subtype), ("closed", v.closed)
+    if t is pd.SparseDtype:
+        return ("subtype", v.subtype), ("fill_value", v.fill_value)
+    if t in _masked_dtypes(pd):  # Int64Dtype(), boolean, ...: the type is the whole dtype
+        return ()
+    return None
+
+
+@functools.cache
+def _masked_dtypes(pd: Any) -> frozenset:
+    names = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float32",
+             "Float64", "Boolean")
+    return frozenset(getattr(pd, f"{n}Dtype") for n in names)
+
+
+def _tz_identity(tz: Any) -> tuple:
+    """A time zone on its own (no datetime to take an offset at): ``("zone", key)`` for a named
+    zone (zoneinfo's ``key``, pytz's ``zone``), ``("fixed", offset, name)`` for a
+    ``datetime.timezone``; any other tzinfo is refused rather than guessed."""
+    key = getattr(tz, "key", None) or getattr(tz, "zone", None)
+    if isinstance(key, str):
+        return ("zone", key)
+    if isinstance(tz, _dt.timezone):
+        return ("fixed", tz.utcoffset(None), tz.tzname(None))
+    t = type(tz)
+    raise _PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} has no "
+                     "canonical name; use zoneinfo.ZoneInfo(name) or datetime.timezone(offset)")
 
 
 def _tz_tuple(v: Any) -> tuple:
