@@ -291,3 +291,94 @@ def test_on_a_local_cluster_with_a_p2p_shuffle(tmp_path):
             got = client.compute(cached(stepped(log).shuffle("g"))).result()
             pd.testing.assert_frame_equal(got.sort_index(), shuffled)
             assert len(runs(log)) == n
+
+
+# -- dask's own callables and pandas dtypes inside the graph ----------------------------------------
+STRINGS = FRAME.assign(s=pd.array([f"k{(i * 7) % 11:02d}" for i in range(40)], dtype=pd.StringDtype("python")))
+
+
+def _after(part, log):
+    note(log, "after")
+    return part
+
+
+BEFORE_FINAL = {
+    # groupby().agg({...}) and agg([...]) pick their results out with dask.utils.itemgetter
+    "groupby_agg_dict": lambda log: stepped(log).groupby("g").agg({"c": "sum", "a": "max"}),
+    "groupby_agg_list": lambda log: stepped(log)[["g", "b", "c"]].groupby("g").agg(["sum", "min"]),
+    # a tasks shuffle on a string column passes the column's pandas.StringDtype as an argument
+    "set_index_tasks": lambda log: dd.from_pandas(STRINGS, npartitions=4)
+    .map_partitions(step, str(log), meta=STRINGS.iloc[:0].assign(c=0.0)).set_index("s", shuffle_method="tasks"),
+}
+
+
+@pytest.mark.parametrize("name", list(BEFORE_FINAL))
+def test_graphs_with_itemgetter_or_string_dtype_are_cached_to_the_end(tmp_path, name):
+    log = tmp_path / "log"
+
+    def make(where):  # a counted step after the node that used to have no id
+        x = BEFORE_FINAL[name](where)
+        return x.map_partitions(_after, str(where), meta=x._meta)
+
+    expected = make(tmp_path / "plain").compute(scheduler="sync")
+    first = cached(make(log))
+    assert_same(first.compute(scheduler="sync"), expected)
+    n_out = runs(log).count("after")
+    assert n_out == first.npartitions
+    assert sorted(set(runs(log)) - {"after"}) == ["step0", "step10", "step20", "step30"]
+    again = cached(make(log))  # rebuilt from scratch
+    before = len(runs(log))  # (set_index computes its divisions when optimized, outside any cache)
+    assert_same(again.compute(scheduler="sync"), expected)
+    assert len(runs(log)) == before  # the step after the shuffle or aggregation was loaded too
+    assert runs(log).count("after") == n_out
+
+
+def test_itemgetter_is_identified_by_its_index():
+    from dask._task_spec import DataNode, Task
+    from dask.utils import itemgetter
+
+    from kachery_tasks.dask.identify import node_id
+
+    def get(index):
+        return node_id(Task("k", itemgetter(index), DataNode(None, {"a": 1, "b": 2, ("a", "b"): 3})), {})
+
+    assert get("a") == get("a")  # new itemgetter objects, same index: same id
+    ids = [get("a"), get("b"), get(("a", "b")), get(["a", "b"])]
+    assert len(set(ids)) == 4  # a list and a tuple select different things in pandas
+
+
+@pytest.mark.parametrize("dtype, other", [
+    (pd.StringDtype("python"), pd.StringDtype("python", na_value=np.nan)),
+    (pd.CategoricalDtype(["x", "y"]), pd.CategoricalDtype(["y", "x"])),
+    (pd.CategoricalDtype(["x", "y"]), pd.CategoricalDtype(["x", "y"], ordered=True)),
+    (pd.DatetimeTZDtype("ns", "UTC"), pd.DatetimeTZDtype("ns", "Europe/Paris")),
+    (pd.DatetimeTZDtype("ns", "UTC"), pd.DatetimeTZDtype("us", "UTC")),
+])
+def test_pandas_dtype_arguments_are_identified_by_their_parameters(tmp_path, dtype, other):
+    """A dtype as a task argument (``astype``): cached, and other parameters give other ids."""
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        frame = pd.DataFrame({"t": pd.date_range("2024-01-01", periods=8, freq="h", tz="UTC")})
+        column = "t"
+    else:
+        frame = pd.DataFrame({"v": ["x", "y"] * 4})
+        column = "v"
+
+    def make(d):
+        return dd.from_pandas(frame, npartitions=2).astype({column: d})
+
+    first, same, different = cached(make(dtype)), cached(make(type(dtype)(**_params(dtype)))), cached(make(other))
+    assert job_keys(first) and job_keys(first) == job_keys(same)
+    assert not job_keys(first) & job_keys(different)
+    for d, c in ((dtype, first), (other, different)):
+        got = c.compute(scheduler="sync")
+        pd.testing.assert_frame_equal(got, make(d).compute(scheduler="sync"))
+        assert got.dtypes[column] == d
+
+
+def _params(dtype) -> dict:
+    """The constructor arguments of an equal, separately built dtype."""
+    if isinstance(dtype, pd.StringDtype):
+        return {"storage": dtype.storage, "na_value": dtype.na_value}
+    if isinstance(dtype, pd.CategoricalDtype):
+        return {"categories": list(dtype.categories), "ordered": dtype.ordered}
+    return {"unit": dtype.unit, "tz": str(dtype.tz)}

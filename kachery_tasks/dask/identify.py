@@ -4,7 +4,7 @@ Dask keys say nothing about content: ``name=``, ``dask_key_name=`` and ``pure=Tr
 the same while data or code change, and dask's own tokens hash callables by reference. So a node's
 id here is the hash of (what the node runs, its literal arguments, the ids of its dependencies), and
 the callable is identified by looking through dask's wrappers (``functools.partial`` and its bound
-arguments, ``dask.utils.methodcaller``/``apply``, fused ``_execute_subgraph`` tasks,
+arguments, ``dask.utils.methodcaller``/``itemgetter``/``apply``, fused ``_execute_subgraph`` tasks,
 the getattr and method wrappers behind delayed attributes) down to the user's functions, which the
 hashing layer identifies by code, and to library callables, identified by name and package version.
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from dask._task_spec import Alias, DataNode, GraphNode, NestedContainer, Task, TaskRef, _execute_subgraph
-from dask.utils import methodcaller
+from dask.utils import itemgetter, methodcaller
 
 from ..errors import UnhashableArgument
 from ..hashing import hash_value
@@ -73,7 +73,7 @@ _CALLABLE_CACHE: IdentityMemo[Any] = IdentityMemo()
 
 def callable_identity(func: Any) -> Any:
     """A canonical (hashable by ``hash_value``) stand-in for ``func``; raises Unidentifiable."""
-    if isinstance(func, functools.partial):  # partials are made per chunk: don't hoard them
+    if isinstance(func, functools.partial | itemgetter):  # made per chunk: don't hoard them
         return _callable_identity(func)
     return _CALLABLE_CACHE.get_or_compute(func, _callable_identity)
 
@@ -84,6 +84,8 @@ def _callable_identity(func: Any) -> Any:
                        canon_args(func.keywords, {})))
     if isinstance(func, methodcaller):
         return _Canon(("methodcaller", func.method))
+    if isinstance(func, itemgetter):  # dask's own, with __eq__ (groupby().agg({...}) ends with one)
+        return _Canon(("itemgetter", canon_value(func.index, {})))
     if getattr(func, "__kachery_function_id__", None) is not None:  # a kachery Task
         return _Canon(("fid", func.__kachery_function_id__().__kachery_canon__()))
     if isinstance(func, _BUILTIN_CALLABLES):  # includes numpy ufuncs
