@@ -138,9 +138,17 @@ def test_verify_removes_temp_files_of_killed_writers(kachery, home: Path) -> Non
     old.write_bytes(b"partial")
     fresh.write_bytes(b"being written")
     os.utime(old, (time.time() - 86400, time.time() - 86400))
+    records = current_store().records.records_dir / "ab"
+    records.mkdir(parents=True)
+    record_old, record_fresh, record = records / ".tmp-0123", records / ".tmp-4567", records / "ab01.json"
+    for path in (record_old, record_fresh, record):
+        path.write_bytes(b"{")
+    for path in (record_old, record):
+        os.utime(path, (time.time() - 86400, time.time() - 86400))
     report = json.loads(ok(kachery("verify", "--json")))
-    assert report["temp_files_removed"] == 1
+    assert report["temp_files_removed"] == 2
     assert not old.exists() and fresh.exists()  # a live writer's file is left alone
+    assert not record_old.exists() and record_fresh.exists() and record.exists()  # never a record
 
 
 def test_mutable_commands(kachery) -> None:

@@ -15,7 +15,6 @@ import click
 
 from ..errors import IntegrityError, NotFoundError, UserError
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
-from ..store.fs import remove_stale_files
 from .output import byte_progress, human_bytes, print_json, print_listing, print_mapping
 
 COPY_BLOCK = 8 * 2**20
@@ -140,7 +139,7 @@ def verify(as_json: bool) -> None:
             checked += 1
             if progress is not None:
                 progress(size)
-    leftovers = blobs.clean_tmp() + remove_stale_files(current_store().records.tmp_dir, 6 * 3600)
+    leftovers = blobs.clean_tmp() + current_store().records.clean_tmp()
     report = {"checked": checked, "bytes": checked_bytes + sum(d["size"] for d in damaged), "damaged": damaged,
               "temp_files_removed": leftovers}
     if as_json:

@@ -68,10 +68,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644, tmp_dir
                        *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never part.
 
-    The temp file lives on the same file system, is fsynced, then renamed over the target. Without
+    The temp file (``.tmp-…``, in ``tmp_dir`` or else beside the target) is fsynced, then renamed over
+    the target. Without
     ``fsync`` the caller makes it durable later (durability.py); the rename is atomic either way.
     """
-    directory = tmp_dir or Path(path).parent
+    directory = tmp_dir or os.path.dirname(os.fspath(path))
     tmp = _new_temp_name(directory)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:  # directories exist but the first time: ask forgiveness, the check costs a stat per write
@@ -102,12 +103,15 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644, tmp_dir
 
 def _new_temp_name(directory: str | os.PathLike) -> str:
     """A fresh name for a temp file (random: a home may be shared by several users and hosts)."""
-    return f"{os.fspath(directory)}/.tmp-{os.urandom(8).hex()}"
+    return f"{os.fspath(directory)}/{TEMP_PREFIX}{os.urandom(8).hex()}"
 
 
-def remove_stale_files(directory: Path, older_than_s: float) -> int:
-    """Remove the files in ``directory`` not modified for ``older_than_s`` seconds (temp files of
-    killed writers: never under a final name, so removing them loses nothing)."""
+TEMP_PREFIX = ".tmp-"
+
+
+def remove_stale_files(directory: Path, older_than_s: float, prefix: str = "") -> int:
+    """Remove the files in ``directory`` (named ``prefix…``) not modified for ``older_than_s``
+    seconds: temp files of killed writers, never under a final name, so removing them loses nothing."""
     removed = 0
     cutoff = time.time() - older_than_s
     try:
@@ -116,7 +120,8 @@ def remove_stale_files(directory: Path, older_than_s: float) -> int:
         return 0
     for entry in entries:
         try:
-            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            if (entry.name.startswith(prefix) and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
                 os.unlink(entry.path)
                 removed += 1
         except FileNotFoundError:
