@@ -291,13 +291,15 @@ class JobDelayed(Delayed):
         return f"JobDelayed({self._key!r})"
 
 
-def job_delayed(job: Job) -> JobDelayed:
+def job_delayed(job: Job, *, fresh: bool = False) -> JobDelayed:
     """A Delayed for ``job``; delayed objects among its arguments become upstream jobs.
 
     Our own delayed objects turn back into their jobs (ids stay Merkle); other dask collections
     are identified by their graph's content (see cached.py), so their values feed in at run time.
+    ``fresh``: the job was just made for this call (``f.delayed``), so its arguments are replaced in
+    place rather than in a copy.
     """
-    args = None
+    args = job.args if fresh and job._id is None else None
     for name, value in job.args.items():  # _absorb on each argument, unrolled: once per node
         t = type(value)
         if t in _PLAIN:
@@ -307,7 +309,7 @@ def job_delayed(job: Job) -> JobDelayed:
             if args is None:
                 args = dict(job.args)
             args[name] = absorbed
-    if args is not None:
+    if args is not None and args is not job.args:
         job = Job(job.task, args, job.settings)
     job.id  # noqa: B018 - ids are computed now, when the graph is declared; bad arguments fail here
     return JobDelayed(job)

@@ -554,6 +554,10 @@ def function_id(
     ignore_globals: Iterable[str] = (),
 ) -> FunctionId:
     """Identity of ``func``: ``module.qualname`` (or ``name``) and a code hash (or ``version``)."""
+    if version is None and type(ignore_globals) is tuple:  # a cached function: once per graph node
+        hit = _FID_CACHE.get((id(func), name, ignore_globals))
+        if hit is not None and hit[0] is func and _still_valid(hit[2]):
+            return hit[1]
     ignore = tuple(sorted(ignore_globals))
     own = getattr(func, "__kachery_function_id__", None)
     if own is not None and callable(own) and version is None and name is None and not ignore:

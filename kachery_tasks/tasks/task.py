@@ -70,7 +70,7 @@ class Task:
         self.version = version
         self.name_override = name
         self.codec = codec
-        self.ignore_globals = tuple(ignore_globals)
+        self.ignore_globals = tuple(sorted(ignore_globals))  # sorted: function_id's cache key
         self.rtol = rtol
         self.atol = atol
         self.call_options = dict(call_options or {})
@@ -125,7 +125,7 @@ class Task:
 
     def delayed(self, *args: Any, **kwargs: Any):
         """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask)."""
-        return _dask_graph().job_delayed(self.job(*args, **kwargs))
+        return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """Decorating a method: ``obj.method`` is the task with ``obj`` bound as its first argument
