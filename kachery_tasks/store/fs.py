@@ -68,9 +68,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644, tmp_dir
                        *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never part.
 
-    The temp file (``.tmp-…``, in ``tmp_dir`` or else beside the target) is fsynced, then renamed over
-    the target. Without
-    ``fsync`` the caller makes it durable later (durability.py); the rename is atomic either way.
+    The temp file (``.tmp-…``, in ``tmp_dir`` or else beside the target) is fsynced, then renamed
+    over the target. Without ``fsync`` the caller makes it durable later (durability.py); the rename
+    is atomic either way.
     """
     directory = tmp_dir or os.path.dirname(os.fspath(path))
     tmp = _new_temp_name(directory)
@@ -101,12 +101,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644, tmp_dir
         raise
 
 
+TEMP_PREFIX = ".tmp-"
+
+
 def _new_temp_name(directory: str | os.PathLike) -> str:
     """A fresh name for a temp file (random: a home may be shared by several users and hosts)."""
     return f"{os.fspath(directory)}/{TEMP_PREFIX}{os.urandom(8).hex()}"
-
-
-TEMP_PREFIX = ".tmp-"
 
 
 def remove_stale_files(directory: Path, older_than_s: float, prefix: str = "") -> int:

@@ -4,7 +4,8 @@ A record says how a task id resolved: its function identity, its arguments (smal
 form, jobs by task id, files by URI), the result (inline, or a codec and a blob URI) and the
 provenance of the computation, signed by the node that computed it. A failure is kept apart, in
 ``<task id>.failed.json``, so it never replaces a result (a query's last good value stays as its
-fallback) and is never served as one. Records are written atomically (temp file, fsync, rename).
+fallback) and is never served as one. Records are written atomically (a temp file beside the
+record, renamed over it).
 A record that cannot be parsed is moved to ``<home>/tasks/quarantine/`` and treated as absent.
 Records of short computations are fsynced in groups (durability.py): a machine crash can leave such
 a record empty or missing, which reads as absent, so the task is computed again.
@@ -104,9 +105,8 @@ class RecordStore:
         self._write(self.failure_path(record["task_id"]), record, sync_within)
 
     def _write(self, path: Path | str, record: dict[str, Any], sync_within: float) -> None:
-        # the temp file beside the record: a rename within one directory, and the creates of a big
-        # graph spread over the 256 record directories (one tmp directory of 40k creates and
-        # renames grew slow on ext4: 0.5 ms per create)
+        # the temp file beside the record: the rename changes one directory, not two, and the
+        # creates of a big graph spread over the 256 record directories
         atomic_write_bytes(path, _dump(record), fsync=sync_within <= 0)
         if sync_within > 0:
             GROUP_COMMIT.defer(str(self.root), sync_within)
