@@ -300,7 +300,7 @@ class Job:
         return (_rebuild_job, (self.task, self.args, self.settings, self.action_key, self._id))
 
 
-register_identity_type(Job)
+register_identity_type(Job)  # a job is encoded as its task id: this makes ids Merkle hashes
 
 
 @functools.cache
@@ -309,7 +309,7 @@ def _dask_graph():
     need it) and then held, since ``delayed`` runs once per node of a graph."""
     from ..dask import graph
 
-    return graph  # a job is encoded as its task id: this makes ids Merkle hashes
+    return graph
 
 
 def _rebuild_job(task, args, settings, action_key, id_) -> Job:
