@@ -155,9 +155,187 @@ def node_identity(node: GraphNode, ids: Mapping[Any, str]) -> Any:
     if isinstance(node, Task):
         if node.func is _execute_subgraph:
             return _Canon(("node", _subgraph_id(node, ids)))
+        reader = file_reader_identity(node, ids)
+        if reader is not None:
+            return reader
         return _Canon(("task", callable_identity(node.func), canon_value(list(node.args), ids),
                        canon_value(dict(node.kwargs), ids)))
     raise Unidentifiable(f"unknown graph node type {type(node).__qualname__}")
+
+
+# -- nodes that read local files: identified by the files' content --------------------------------
+REMOTE = "reads a remote file: no content identity without downloading it"
+_PARQUET_FIELDS = frozenset({"engine", "fs", "meta", "_columns", "index", "dtype_backend", "common_kwargs"})
+_CSV_KEYWORDS = frozenset({"full_columns", "colname", "head", "header", "reader", "dtypes", "enforce",
+                           "kwargs", "blocksize"})
+
+
+def file_reader_identity(node: Task, ids: Mapping[Any, str]) -> _Canon | None:
+    """The canonical form of a node that reads local files (a partition of ``read_parquet`` or a
+    block of ``read_csv``), with each file given by the SHA-256 of its bytes instead of its path, so
+    that a file changed in place changes the id and a copy elsewhere keeps it; None for other nodes.
+
+    Only structures known here are identified: dask's ``ParquetFunctionWrapper`` (the fsspec reader
+    of ``read_parquet``), ``read_block_from_file`` (the bytes of a ``read_csv`` block) and the
+    ``_read_csv`` that parses them. Anything else that reads files goes through the generic rules,
+    which find no canonical form for a file handle or a file system, and so stays uncached."""
+    func = node.func
+    if type(func).__name__ == "ParquetFunctionWrapper" and _is_dask(type(func), "dask.dataframe.io.parquet"):
+        return _parquet_identity(node, ids)
+    if getattr(func, "__name__", None) == "read_block_from_file" and _is_dask(func, "dask.bytes"):
+        return _read_block_identity(node, ids)
+    if getattr(func, "__qualname__", None) == "ReadParquetPyarrowFS._fragment_to_table" \
+            and _is_dask(func, "dask.dataframe"):
+        raise Unidentifiable("read_parquet(filesystem='arrow') reads pyarrow fragments, which are not "
+                             "identified by content yet; the default (fsspec) file system is")
+    if isinstance(func, functools.partial) and getattr(func.func, "__name__", None) == "_read_csv" \
+            and _is_dask(func.func, "dask.dataframe.io.csv"):
+        return _read_csv_identity(node, ids)
+    return None
+
+
+def _is_dask(obj: Any, module: str) -> bool:
+    found = getattr(obj, "__module__", None)
+    return isinstance(found, str) and (found == module or found.startswith(module + "."))
+
+
+def _library(obj: Any) -> tuple[str, str]:
+    module = obj.__module__
+    return f"{module}.{obj.__qualname__}", package_version(module)[1]
+
+
+def _local_file(fs: Any, path: Any) -> str:
+    """The content hash of ``path`` on ``fs`` if ``fs`` is the local file system; raises
+    Unidentifiable for any other (remote, in memory, wrapped) file system."""
+    from fsspec.implementations.local import LocalFileSystem  # dask's readers all go through fsspec
+
+    if type(fs) is not LocalFileSystem:
+        protocol = getattr(fs, "protocol", None)
+        protocol = protocol[0] if isinstance(protocol, tuple | list) and protocol else protocol
+        raise Unidentifiable(f"{REMOTE} ({protocol or type(fs).__qualname__}://{path})")
+    if not isinstance(path, str):
+        raise Unidentifiable(f"reads a file given as {type(path).__qualname__}, not a path")
+    from ..errors import UserError
+    from ..store.file_hashes import content_sha256
+
+    try:
+        return content_sha256(path)
+    except UserError as exc:
+        raise Unidentifiable(f"reads {path}: {exc}") from None
+
+
+def _reader_value(value: Any, depth: int = 0) -> Any:
+    """Options of a reader in canonical form: plain data as it is, pyarrow objects (a schema, a
+    file format and its read options) through their own pickling state, classes and functions by
+    name and package version, dask's partition descriptions by name and keys."""
+    if depth > 50:
+        raise Unidentifiable("reader options nested too deep")
+    t = type(value)
+    if value is None or t in (bool, int, float, str, bytes):
+        return value
+    if t is list or t is tuple:
+        return t(_reader_value(v, depth + 1) for v in value)
+    if t is dict:
+        return {k: _reader_value(v, depth + 1) for k, v in value.items()}
+    if t is set or t is frozenset:
+        return t(_reader_value(v, depth + 1) for v in value)
+    module = t.__module__ or ""
+    if module == "pyarrow" or module.startswith("pyarrow."):
+        return _pyarrow_value(value, depth)
+    if t.__name__ == "PartitionObj" and module.startswith("dask."):
+        return _Canon(("partition", value.name, _reader_value(list(value.keys), depth + 1)))
+    if isinstance(value, type):
+        return _Canon(("class", *_library(value)))
+    if callable(value) and not isinstance(value, np.ndarray):
+        return callable_identity(value)
+    return value  # numpy, pandas and the like: hash_value knows them, or the node is unidentifiable
+
+
+def _pyarrow_value(value: Any, depth: int) -> _Canon:
+    """A pyarrow object by what pickling it keeps (pyarrow's own reduction, meant to rebuild an
+    equal object) and pyarrow's version."""
+    try:
+        reduced = value.__reduce__()
+    except Exception as exc:  # noqa: BLE001 - an object pyarrow cannot pickle has no identity here
+        raise Unidentifiable(f"a {type(value).__qualname__} with no canonical form ({exc})") from None
+    if isinstance(reduced, str):
+        return _Canon(("pyarrow", *_library(type(value)), reduced))
+    rebuild, args, *rest = reduced
+    name = f"{getattr(rebuild, '__module__', '')}.{getattr(rebuild, '__qualname__', type(rebuild).__name__)}"
+    state = _reader_value(rest[0], depth + 1) if rest else None
+    return _Canon(("pyarrow", *_library(type(value)), name, _reader_value(args, depth + 1), state))
+
+
+def _parquet_identity(node: Task, ids: Mapping[Any, str]) -> _Canon:
+    """``ParquetFunctionWrapper(part)``: the wrapper's options, and each piece of a file
+    (path, row groups, hive partition keys) with the file's content in place of its path."""
+    wrapper = node.func
+    fields = set(vars(wrapper))
+    if fields != _PARQUET_FIELDS or node.kwargs or len(node.args) != 1:
+        raise Unidentifiable(f"a ParquetFunctionWrapper of a form not recognised here ({sorted(fields)})")
+    common = wrapper.common_kwargs
+    if not isinstance(common, dict):
+        raise Unidentifiable("a ParquetFunctionWrapper whose options are not a dict")
+    dataset = common.get("dataset") or {}
+    # Hive partition keys come from the path when dask has not listed them in the piece, and a
+    # partitioning given as an object may read anything from it: then the path is data too.
+    path_is_data = bool(common.get("partitions")) or not isinstance(
+        dataset.get("partitioning") if isinstance(dataset, dict) else None, str | list | type(None))
+    parts = node.args[0]
+    pieces = []
+    for part in parts if isinstance(parts, list) else [parts]:
+        if not isinstance(part, dict) or not set(part) <= {"piece", "kwargs"} or "piece" not in part:
+            raise Unidentifiable(f"a parquet part of a form not recognised here ({type(part).__qualname__})")
+        piece = part["piece"]
+        if isinstance(piece, str):
+            path, row_groups, keys = piece, None, None
+        elif isinstance(piece, tuple | list) and len(piece) == 3:
+            path, row_groups, keys = piece
+        else:
+            raise Unidentifiable(f"a parquet piece of a form not recognised here ({type(piece).__qualname__})")
+        content = _local_file(wrapper.fs, path)
+        pieces.append((content, path if path_is_data else None, _reader_value(row_groups),
+                       _reader_value(keys), _reader_value(part.get("kwargs", {}))))
+    return _Canon(("read_parquet", _library(type(wrapper)), _reader_value(wrapper.engine),
+                   wrapper.meta, _reader_value(wrapper._columns), _reader_value(wrapper.index),
+                   _reader_value(wrapper.dtype_backend), _reader_value(common), pieces))
+
+
+def _read_block_identity(node: Task, ids: Mapping[Any, str]) -> _Canon:
+    """``read_block_from_file(file, offset, length, delimiter)``: the bytes of a block of a local
+    file, by the file's content, how it is opened (mode, compression, encoding) and the block."""
+    from fsspec.core import OpenFile
+
+    if node.kwargs or len(node.args) != 4 or type(node.args[0]) is not OpenFile:
+        raise Unidentifiable("a read_block_from_file of a form not recognised here")
+    f, *block = node.args
+    content = _local_file(f.fs, f.path)
+    opened = (f.mode, f.compression, f.encoding, f.errors, f.newline)
+    return _Canon(("read_block", _library(node.func), content, _reader_value(opened),
+                   canon_value(block, ids)))
+
+
+def _read_csv_identity(node: Task, ids: Mapping[Any, str]) -> _Canon:
+    """``_read_csv(block, part, columns)``: as any partial, except that of the sample of the first
+    file (``head``) only what it is used for enters: the paths of the path column, if any. The
+    sample's rows do not reach the partition; what the partition takes from it (header, dtypes,
+    columns) are arguments of their own. So a change to the first file recomputes that file's
+    blocks only, not every block of every file."""
+    partial = node.func
+    keywords = dict(partial.keywords)
+    if set(keywords) != _CSV_KEYWORDS or partial.args:
+        return _Canon(("task", callable_identity(partial), canon_value(list(node.args), ids),
+                       canon_value(dict(node.kwargs), ids)))
+    head, colname = keywords.pop("head"), keywords["colname"]
+    if colname is None:
+        used = None
+    else:
+        try:
+            used = sorted(head[colname].cat.categories)
+        except (KeyError, AttributeError, TypeError):
+            raise Unidentifiable("a read_csv path column of a form not recognised here") from None
+    return _Canon(("read_csv", callable_identity(partial.func), canon_args(keywords, {}), used,
+                   canon_value(list(node.args), ids), canon_value(dict(node.kwargs), ids)))
 
 
 def _subgraph_id(node: Task, ids: Mapping[Any, str]) -> str:
