@@ -147,6 +147,9 @@ def _connection(db: Path, create: bool) -> sqlite3.Connection | None:
         if not db.exists():
             return None
         conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+    if len(conns) >= 8:  # homes come and go (tests, config.set blocks): keep the latest few open
+        oldest = next(iter(conns))
+        conns.pop(oldest).close()
     conns[(db, create)] = conn
     return conn
 
