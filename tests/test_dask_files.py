@@ -22,7 +22,7 @@ from execution_log import note, runs
 from kachery_tasks import config
 from kachery_tasks.dask import cached
 from kachery_tasks.dask.graph import LoadTask, RunTask
-from kachery_tasks.dask.identify import REMOTE, graph_ids
+from kachery_tasks.dask.identify import REMOTE, InputChanged, graph_ids
 from kachery_tasks.errors import UserError
 from kachery_tasks.store.file_hashes import RACY_NS, cache_path, content_sha256
 
@@ -117,6 +117,19 @@ def test_rewriting_one_parquet_file_recomputes_only_its_partition(tmp_path):
     pd.testing.assert_series_equal(got, expected)
     assert got.tolist() != stepped(write_parquet(tmp_path / "old"), tmp_path / "plain") \
         .groupby("g").c.sum().compute(scheduler="sync").tolist()
+
+
+def test_a_file_changed_after_cached_is_refused_never_recorded_under_its_old_content(tmp_path):
+    folder, log = write_parquet(tmp_path / "pq"), tmp_path / "log"
+    old_values = stepped(folder, tmp_path / "plain").compute(scheduler="sync")
+    pipeline = cached(stepped(folder, log))  # ids made from the files' content now
+    frame(1, scale=-3.0).to_parquet(folder / "part1.parquet")  # rewritten before the compute
+    with pytest.raises(InputChanged, match="part1.parquet changed since cached"):
+        pipeline.compute(scheduler="sync")
+    new = cached(stepped(folder, log)).compute(scheduler="sync")
+    pd.testing.assert_frame_equal(new, stepped(folder, tmp_path / "plain").compute(scheduler="sync"))
+    frame(1).to_parquet(folder / "part1.parquet")  # the old content back: its id must not serve new data
+    pd.testing.assert_frame_equal(cached(stepped(folder, log)).compute(scheduler="sync"), old_values)
 
 
 def test_identical_bytes_rewritten_still_hit_and_are_hashed_again(tmp_path):

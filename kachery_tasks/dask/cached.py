@@ -33,7 +33,7 @@ from ..tasks.settings import CallSettings
 from ..tasks.task import Job, Task
 from .frames import cached_frame
 from .graph import JobDelayed, JobTask, build_graph, job_key
-from .identify import graph_ids, toposort
+from .identify import check_inputs, graph_ids, toposort
 
 log = logging.getLogger("kachery_tasks.dask")
 
@@ -48,21 +48,26 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 class NodeSpec:
     """One node of a dask graph, as the argument of its job: hashed by its Merkle id only."""
 
-    __slots__ = ("id", "node", "dep_keys", "min_seconds", "is_data")
+    __slots__ = ("id", "node", "dep_keys", "min_seconds", "is_data", "inputs")
     __kachery_type__ = "kachery_tasks.dask.Node"
 
-    def __init__(self, id_: str, node: GraphNode, dep_keys: tuple, min_seconds: float, is_data: bool):
+    def __init__(self, id_: str, node: GraphNode, dep_keys: tuple, min_seconds: float, is_data: bool,
+                 inputs: tuple[tuple[str, str], ...] = ()):
         self.id = id_
         self.node = node
         self.dep_keys = dep_keys
         self.min_seconds = min_seconds
         self.is_data = is_data
+        self.inputs = inputs  # files the node reads, with the content hashes its id was made from
 
     def __kachery_canon__(self) -> str:
         return self.id
 
     def run(self, deps: tuple) -> Any:
-        return self.node(dict(zip(self.dep_keys, deps, strict=True)))
+        check_inputs(self.inputs)
+        value = self.node(dict(zip(self.dep_keys, deps, strict=True)))
+        check_inputs(self.inputs)  # a file rewritten while it was read
+        return value
 
     def __repr__(self) -> str:
         return f"<dask node {self.node.key!r} {self.id}>"
@@ -138,7 +143,8 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
     others have none goes to ``reasons``."""
     settings = settings or CallSettings.current()
     reasons = {} if reasons is None else reasons
-    ids = graph_ids(dsk, reasons=reasons)
+    inputs: dict[Any, tuple[tuple[str, str], ...]] = {}
+    ids = graph_ids(dsk, reasons=reasons, inputs=inputs)
     for key, why in list(reasons.items())[:20]:
         log.debug("cached(): %r is not cached: %s", key, why)
     if len(reasons) > 20:
@@ -163,7 +169,7 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
             continue
         jid = ids[key] if not ns else hash_value(("kt1-dask-ns", ns, ids[key]))
         is_data = isinstance(node, DataNode)
-        spec = NodeSpec(jid, node, deps, min_seconds, is_data)
+        spec = NodeSpec(jid, node, deps, min_seconds, is_data, inputs.get(key, ()))
         args: dict[str, Any] = {"node": spec}
         for i, dep in enumerate(deps):
             args[f"d{i}"] = jobs[dep]

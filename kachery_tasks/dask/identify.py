@@ -19,14 +19,15 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 from dask._task_spec import Alias, DataNode, GraphNode, NestedContainer, Task, TaskRef, _execute_subgraph
 from dask.utils import itemgetter, methodcaller
 
-from ..errors import UnhashableArgument
+from ..errors import UnhashableArgument, UserError
 from ..hashing import hash_value
 from ..hashing.canonical import _BUILTIN_CALLABLES, _builtin_name
 from ..hashing.functions import _module_kind, package_version
@@ -215,13 +216,41 @@ def _local_file(fs: Any, path: Any) -> str:
         raise Unidentifiable(f"{REMOTE} ({protocol or type(fs).__qualname__}://{path})")
     if not isinstance(path, str):
         raise Unidentifiable(f"reads a file given as {type(path).__qualname__}, not a path")
-    from ..errors import UserError
     from ..store.file_hashes import content_sha256
 
     try:
-        return content_sha256(path)
+        digest = content_sha256(path)
     except UserError as exc:
         raise Unidentifiable(f"reads {path}: {exc}") from None
+    collector = _INPUTS.get()
+    if collector is not None:
+        collector.append((path, digest))
+    return digest
+
+
+#: The files read by the node being identified, with the content hashes its id was made from.
+_INPUTS: ContextVar[list[tuple[str, str]] | None] = ContextVar("kachery_dask_inputs", default=None)
+
+
+class InputChanged(UserError):
+    """A file a node reads no longer has the content its id was made from."""
+
+
+def check_inputs(inputs: Iterable[tuple[str, str]]) -> None:
+    """Raise :class:`InputChanged` unless every file still has the content hashed when the graph
+    was identified. Run before and after a node computes: its result is recorded under an id made
+    from those contents, so a file changed in between would record the new data under the old id."""
+    from ..store.file_hashes import content_sha256
+
+    for path, digest in inputs:
+        try:
+            now = content_sha256(path)
+        except UserError as exc:
+            raise InputChanged(f"{path} can no longer be read as cached() identified it ({exc}); "
+                               "call cached() again") from None
+        if now != digest:
+            raise InputChanged(f"{path} changed since cached() identified the graph that reads it; call "
+                               "cached() again for a graph of its new content")
 
 
 def _reader_value(value: Any, depth: int = 0) -> Any:
@@ -403,12 +432,15 @@ def keyed_by_name(dsk: Mapping[Any, GraphNode]) -> dict[Any, str]:
 
 
 def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = None,
-              reasons: dict[Any, str] | None = None) -> dict[Any, str]:
-    """Ids of every identifiable key of ``dsk`` (in dependency order); the others go to ``reasons``.
+              reasons: dict[Any, str] | None = None,
+              inputs: dict[Any, tuple[tuple[str, str], ...]] | None = None) -> dict[Any, str]:
+    """Ids of every identifiable key of ``dsk`` (in dependency order); the others go to ``reasons``;
+    the files a node reads itself, with the content hashes in its id, go to ``inputs``.
 
     The nodes of :func:`keyed_by_name` get none, so no caller turns them into content-keyed jobs."""
     ids: dict[Any, str] = dict(known or {})
     pinned = keyed_by_name(dsk)
+    outer = _INPUTS.get()  # identifying a fused task: its inner reads are the task's own
     for key in toposort(dsk):
         if key in ids:
             continue
@@ -417,11 +449,21 @@ def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = No
             if reasons is not None:
                 reasons[key] = why
             continue
+        found: list[tuple[str, str]] = []
+        token = _INPUTS.set(found)
         try:
             ids[key] = node_id(dsk[key], ids)
         except Unidentifiable as exc:
             if reasons is not None:
                 reasons[key] = str(exc)
+            continue
+        finally:
+            _INPUTS.reset(token)
+        if found:
+            if inputs is not None:
+                inputs[key] = tuple(found)
+            if outer is not None:
+                outer.extend(found)
     return ids
 
 
