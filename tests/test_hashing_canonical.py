@@ -360,3 +360,19 @@ def test_jobs_encode_as_their_ids_the_same_on_the_fast_path():
     _object(general, job, job.id)
     assert canonical_bytes(job) == bytes(general.out)
     assert canonical_bytes([job, f.job(4)]) != canonical_bytes([f.job(4), job])
+
+
+def test_str_keys_encode_the_same_from_the_key_cache():
+    """Dict keys that are str take cached encodings and skip the duplicate check; the bytes must be
+    those of the general path, whatever the insertion order and the state of the cache."""
+    from kachery_tasks.hashing import canonical
+
+    d = {"zeta": 1, "alpha": [2], "é": None, "a" * 100: 3.5}
+    canonical._STR_KEYS.clear()
+    cold = canonical_bytes(d)
+    warm = canonical_bytes(dict(reversed(list(d.items()))))
+    assert cold == warm
+    assert canonical._STR_KEYS  # filled by the first encoding
+    mixed = {"b": 1, 2: "x", "a": 3}  # not all str: the general sort, with str keys from the cache
+    assert canonical_bytes(mixed) == canonical_bytes({2: "x", "a": 3, "b": 1})
+    assert canonical_bytes({"a": 1, "b": 2}) != canonical_bytes({"a": 2, "b": 1})

@@ -370,9 +370,22 @@ def _e_mapping(e: _Encoder, v: dict, tag: bytes, ordered: bool) -> None:
             return
     i = e.enter(v)
     try:
-        items = [(_key_bytes(e, k), k, x) for k, x in v.items()]
+        items = []
+        str_keys = True
+        for k, x in v.items():
+            if type(k) is str:
+                kb = _STR_KEYS.get(k)
+                if kb is None:
+                    kb = _str_key_bytes(k)
+            else:
+                str_keys = False
+                kb = _key_bytes(e, k)
+            items.append((kb, k, x))
         if not ordered:
-            items = _sort_entries(e, items)
+            if str_keys:  # distinct str keys have distinct encodings: the keys alone order them
+                items.sort(key=_first)
+            else:
+                items = _sort_entries(e, items)
         e.out += _TAG_LEN(tag, n)
         for kb, k, x in items:
             e.out += kb
@@ -383,6 +396,23 @@ def _e_mapping(e: _Encoder, v: dict, tag: bytes, ordered: bool) -> None:
                 raise
     finally:
         e.active.discard(i)
+
+
+#: Encodings of short str dict keys, which recur call after call (option names, column names).
+_STR_KEYS: dict[str, bytes] = {}
+
+
+def _str_key_bytes(k: str) -> bytes:
+    b = _utf8(k)
+    kb = _TAG_LEN(b"s", len(b)) + b
+    if len(k) <= 64:
+        if len(_STR_KEYS) >= 4096:
+            _STR_KEYS.clear()
+        _STR_KEYS[k] = kb
+    return kb
+
+
+_first = operator.itemgetter(0)
 
 
 def _sort_entries(e: _Encoder, items: list) -> list:
