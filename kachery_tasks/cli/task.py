@@ -41,7 +41,7 @@ def _summary(record: dict[str, Any], failed: bool = False) -> dict[str, Any]:
 @task.command("ls")
 @click.option("--function", "pattern", default=None, help="Only functions whose name matches (glob or substring).")
 @click.option("--failed", is_flag=True, help="Only tasks whose latest outcome is a failure.")
-@click.option("--running", is_flag=True, help="Only tasks being computed right now, with who computes them.")
+@click.option("--running", is_flag=True, help="Only tasks being computed right now (for 0.5 s or more), with who computes them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--limit", type=int, default=None, help="At most this many rows (most costly first).")
 def ls_cmd(pattern: str | None, failed: bool, running: bool, as_json: bool, limit: int | None) -> None:
