@@ -105,3 +105,23 @@ def test_a_forked_child_does_not_keep_the_lock_after_release(home, lock_kind):
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+def test_lock_files_are_group_writable_whatever_the_umask(home, lock_kind):
+    import grp
+    import stat
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    old = os.umask(0o077)
+    try:
+        from kachery_tasks import config
+
+        with config.set(shared_group=group):
+            lock = TaskLock(_locks_dir(), "12" * 16)
+            lock.acquire()
+            made = _locks_dir() / "flight.lock" if lock_kind == "ofd" else lock.path
+            mode = stat.S_IMODE(made.stat().st_mode)
+            lock.release(done=False)
+    finally:
+        os.umask(old)
+    assert mode & 0o060 == 0o060  # another member of the group can open it to lock

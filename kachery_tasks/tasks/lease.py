@@ -36,7 +36,8 @@ from pathlib import Path
 
 import xxhash
 
-from ..store.fs import make_dirs
+from ..errors import UserError
+from ..store.fs import make_dirs, share_fd
 
 _INFO_BYTES = 256
 #: A holder running longer than this writes its info file (shorter ones never touch the disk).
@@ -121,8 +122,8 @@ class TaskLock:
                 return
             try:
                 fd = _open_creating(self.path)
-            except OSError:
-                return  # a read-only or full disk: the computation goes on unlisted
+            except (OSError, UserError):
+                return  # a read-only or full disk, another user's file: the computation goes on unlisted
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 _write_info(fd, self._since)
@@ -158,11 +159,29 @@ class TaskLock:
 
 
 def _open_creating(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
-    except FileNotFoundError:  # the first lock in this directory
-        make_dirs(path.parent)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+    """``path`` opened for locking, created group-writable if missing (whatever the umask: in a
+    home shared by a group every member must be able to lock it)."""
+    flags = os.O_RDWR | os.O_CLOEXEC
+    for _ in range(4):  # other threads and processes create it, or its directory, at the same time
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            raise UserError(
+                f"cannot open {path} to take a task lock (permission denied); in a home shared by a "
+                "group, set shared_group (kachery node init --shared-group GROUP) and make the existing "
+                "lock files group-writable") from None
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o664)
+        except FileNotFoundError:  # the first lock in this directory
+            make_dirs(path.parent)
+            continue
+        except FileExistsError:
+            continue
+        share_fd(fd, 0o664)
+        return fd
+    return os.open(path, flags)
 
 
 def _write_info(fd: int, since: float) -> None:
