@@ -32,7 +32,7 @@ from ..store.local import store_for
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job, Task
 from .frames import cached_frame
-from .graph import JobDelayed, JobTask, build_graph, job_key
+from .graph import JobDelayed, JobTask, around_jobs, build_graph, job_key
 from .identify import check_inputs, graph_ids, toposort
 
 log = logging.getLogger("kachery_tasks.dask")
@@ -196,21 +196,12 @@ def cached(collection: C, min_seconds: float | None = None) -> C:
     jobs = graph_jobs(dsk, min_s)
     if isinstance(collection, Delayed) and out_keys[0] in jobs:
         return JobDelayed(jobs[out_keys[0]])  # type: ignore[return-value]
-    # roots: the outputs, and what the uncached nodes need
-    roots: dict[str, Job] = {}
-    new: dict[Any, GraphNode] = {}
-    subs = {k: job_key(j) for k, j in jobs.items()}
-    for key, node in dsk.items():
-        if key in jobs:
-            continue
-        for dep in node.dependencies:
-            if dep in jobs:
-                roots[jobs[dep].id] = jobs[dep]
-        new[key] = node.substitute(subs)
+    # roots: what the uncached nodes need, and the outputs
+    new, roots = around_jobs(dsk, jobs)
     for key in out_keys:
         if key in jobs:
             roots[jobs[key].id] = jobs[key]
-            new[key] = Alias(key, subs[key])
+            new[key] = Alias(key, job_key(jobs[key]))
     built, _ = build_graph(roots.values())
     new.update(built)
     rebuild, args = opt.__dask_postpersist__()

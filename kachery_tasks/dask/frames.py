@@ -25,7 +25,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ..errors import UserError
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job
-from .graph import JobDelayed, build_graph, job_key
+from .graph import JobDelayed, around_jobs, build_graph
 
 
 def cached_frame(collection: Any, min_seconds: float) -> Any:
@@ -65,16 +65,7 @@ def _partly_cached(dsk: Mapping[Any, GraphNode], keys: list, jobs: Mapping[Any, 
     """One delayed object per partition when some have no id: those are taken from one graph
     where the nodes with no id keep their keys and read the identified ones from their jobs'
     (pruned) nodes, as ``cached()`` does for arrays."""
-    subs = {k: job_key(j) for k, j in jobs.items()}
-    roots: dict[str, Job] = {}
-    rest: dict[Any, GraphNode] = {}
-    for key, node in dsk.items():
-        if key in jobs:
-            continue
-        for dep in node.dependencies:
-            if dep in jobs:
-                roots[jobs[dep].id] = jobs[dep]
-        rest[key] = node.substitute(subs)
+    rest, roots = around_jobs(dsk, jobs)
     built, _ = build_graph(roots.values())
     layer = f"kachery-partitions-{uuid.uuid4().hex}"
     graph = HighLevelGraph.from_collections(layer, {**rest, **built}, dependencies=())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -155,6 +155,23 @@ def build_graph(roots: Iterable[Job], *, has_result: Any = None) -> tuple[dict[s
         key = seen[job.id]
         dsk[key] = LoadTask(key, load_job, shallow(job, stubs), pruned, full=job)
     return dsk, counts
+
+
+def around_jobs(dsk: Mapping[Any, GraphNode], jobs: Mapping[Any, Job]) -> tuple[dict[Any, GraphNode], dict[str, Job]]:
+    """The nodes of ``dsk`` that have no job, reading the ones that do from their jobs' keys, and
+    those jobs (by id): the roots of the pruned graph that ``build_graph`` makes for them. What
+    ``cached()`` keeps of a graph it could identify only in part."""
+    subs = {k: job_key(j) for k, j in jobs.items()}
+    rest: dict[Any, GraphNode] = {}
+    roots: dict[str, Job] = {}
+    for key, node in dsk.items():
+        if key in jobs:
+            continue
+        for dep in node.dependencies:
+            if dep in jobs:
+                roots[jobs[dep].id] = jobs[dep]
+        rest[key] = node.substitute(subs)
+    return rest, roots
 
 
 def _count_pruned(job: Job, seen: dict[str, str]) -> int:

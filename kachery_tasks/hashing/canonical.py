@@ -350,8 +350,7 @@ def _e_tuple(e: _Encoder, v: tuple) -> None:
 def _key_bytes(e: _Encoder, k: Any) -> bytes:
     t = type(k)
     if t is str:
-        b = _utf8(k)
-        return _TAG_LEN(b"s", len(b)) + b
+        return _STR_KEYS.get(k) or _str_key_bytes(k)
     if t is int:
         return _int_bytes(k)
     try:
