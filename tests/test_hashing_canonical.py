@@ -117,6 +117,24 @@ def test_pandas_distinctions():
     assert H(pd.Timestamp("2020-01-01")) != H(pd.Timestamp("2020-01-02"))
 
 
+# Covers python-dateutil 2.9.x (its tzfile has no name) and 4.0 (tzfile.key added): a datetime
+# carrying a dateutil zone is encoded, under both, like one with any unnamed tzinfo, by the offset
+# and the abbreviation it has at that instant. Reading 4.0's key would have changed these ids from
+# 2.9's and made them those of the zoneinfo datetimes, whose offsets differ from 2.9's after 2037.
+@pytest.mark.parametrize("zone", ["Europe/Paris", "America/New_York", "UTC"])
+def test_a_dateutil_zone_in_a_datetime_is_its_offset_and_abbreviation(zone):
+    dateutil_tz = pytest.importorskip("dateutil.tz")
+    tz = dateutil_tz.gettz(zone)
+    for wall in (dt.datetime(2024, 1, 2, 3, 4), dt.datetime(2024, 7, 2, 3, 4)):
+        aware = wall.replace(tzinfo=tz)
+        unnamed = wall.replace(tzinfo=dt.timezone(aware.utcoffset(), aware.tzname()))
+        assert canonical_bytes(aware) == canonical_bytes(unnamed)
+        assert H(aware) != H(wall.replace(tzinfo=zoneinfo.ZoneInfo(zone)))
+        stamp = pd.Timestamp(aware)
+        assert H(stamp) == H(pd.Timestamp(unnamed))
+        assert H(stamp) != H(pd.Timestamp(wall.replace(tzinfo=zoneinfo.ZoneInfo(zone))))
+
+
 def test_numpy_scalar_is_not_python_scalar():
     # documented: np.float64(1.0) is a numpy scalar with a dtype, encoded differently from 1.0
     assert canonical_bytes(np.float64(1.0))[:1] == b"g"

@@ -101,12 +101,31 @@ def test_pandas_dtype_encoding_names_the_public_class():
         assert canonical_bytes(dtype).startswith(b"J" + canonical_bytes(f"pandas.{name}"))
 
 
+# A dateutil zone is refused under every python-dateutil version. Covers 2.9.x, where its tzfile has
+# no name, and 4.0, which added tzfile.key ("Europe/Paris"): read as a zone name, that key made the
+# dtype hashable, under the id of zoneinfo's Europe/Paris, which computes other offsets than
+# dateutil 2.9 does (no summer time after 2037).
+@pytest.mark.parametrize("zone", ["dateutil/Europe/Paris", "dateutil/UTC"])
+def test_dateutil_zones_are_refused_in_a_dtype_whatever_the_dateutil_version(zone):
+    import pandas as pd
+
+    from kachery_tasks.errors import UnhashableArgument
+
+    dtype = pd.DatetimeTZDtype("ns", zone)
+    assert type(dtype.tz).__module__.startswith("dateutil.")
+    with pytest.raises(UnhashableArgument,
+                       match=r"args\[0\]\.tz: the time zone dateutil\..* is dateutil's.*use zoneinfo\.ZoneInfo"):
+        hash_value([dtype], path="args")
+    # the same zone named without "dateutil/" is zoneinfo's (pytz's under pandas < 3), and hashes
+    assert hash_value(pd.DatetimeTZDtype("ns", zone.removeprefix("dateutil/")))
+
+
 def test_pandas_dtypes_with_no_rule_are_refused_where_they_sit():
     import pandas as pd
 
     from kachery_tasks.errors import UnhashableArgument
 
-    with pytest.raises(UnhashableArgument, match=r"args\[0\]\.tz: the time zone dateutil"):
-        hash_value([pd.DatetimeTZDtype("ns", "dateutil/Europe/Paris")], path="args")
+    with pytest.raises(UnhashableArgument, match=r"kwargs\['d'\]\[1\]\.tz: the time zone dateutil"):
+        hash_value({"d": [1, pd.DatetimeTZDtype("ns", "dateutil/Europe/Paris")]}, path="kwargs")
     with pytest.raises(UnhashableArgument, match=r"kwargs\['d'\]: no canonical encoding for a pandas.*PeriodDtype"):
         hash_value({"d": pd.PeriodDtype("D")}, path="kwargs")

@@ -286,8 +286,26 @@ def _tz(e: _Encoder, v: Any) -> None:
     if tz is None:
         e.out += b"N"
         return
+    e.enc((v.utcoffset(), v.tzname(), _zone_key(tz)))
+
+
+def _is_dateutil_zone(tz: Any) -> bool:
+    return any(c.__module__ == "dateutil" or c.__module__.startswith("dateutil.") for c in type(tz).__mro__)
+
+
+def _zone_key(tz: Any) -> str | None:
+    """The IANA name a tzinfo is identified by: zoneinfo's ``key`` or pytz's ``zone``; else None.
+
+    A dateutil zone never gets one, even where it carries a name (python-dateutil 4.0 added
+    ``tzfile.key``; 2.9 has none). Its name does not tell what it computes: dateutil 2.9 reads only
+    the version-1 data of a TZif file, so its ``Europe/Paris`` has no summer time after 2037, where
+    4.0 and zoneinfo have it, and its file is whatever the machine (or dateutil's own tarball)
+    holds. Reading the key would also change, between dateutil versions, the id of every datetime
+    carrying such a zone, and give it the id of the zoneinfo datetime with the same name."""
+    if _is_dateutil_zone(tz):
+        return None
     key = getattr(tz, "key", None) or getattr(tz, "zone", None)
-    e.enc((v.utcoffset(), v.tzname(), key if isinstance(key, str) else None))
+    return key if isinstance(key, str) else None
 
 
 def _e_date(e: _Encoder, v: _dt.date) -> None:
@@ -680,20 +698,30 @@ def _masked_dtypes(pd: Any) -> frozenset:
 def _tz_identity(tz: Any) -> tuple:
     """A time zone on its own (no datetime to take an offset at): ``("zone", key)`` for a named
     zone (zoneinfo's ``key``, pytz's ``zone``), ``("fixed", offset, name)`` for a
-    ``datetime.timezone``; any other tzinfo is refused rather than guessed."""
-    key = getattr(tz, "key", None) or getattr(tz, "zone", None)
-    if isinstance(key, str):
+    ``datetime.timezone``; any other tzinfo is refused rather than guessed.
+
+    dateutil's zones (``"dateutil/Europe/Paris"`` in pandas) are refused under every
+    python-dateutil version: a zone alone is all there is to hash here, and neither its name (see
+    ``_zone_key``) nor its private transition tables are a stable identity of what it computes."""
+    key = _zone_key(tz)
+    if key is not None:
         return ("zone", key)
+    t = type(tz)
+    if _is_dateutil_zone(tz):
+        name = getattr(tz, "key", None)
+        use = f"zoneinfo.ZoneInfo({name!r}) (in pandas {name!r}, without 'dateutil/')" if isinstance(
+            name, str) else "zoneinfo.ZoneInfo(name) (in pandas the name without 'dateutil/')"
+        raise _PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} is "
+                         "dateutil's, whose offsets for a zone name depend on the dateutil version "
+                         f"and the machine's tz files, so nothing identifies it; use {use}")
     if isinstance(tz, _dt.timezone):
         return ("fixed", tz.utcoffset(None), tz.tzname(None))
-    t = type(tz)
     raise _PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} has no "
                      "canonical name; use zoneinfo.ZoneInfo(name) or datetime.timezone(offset)")
 
 
 def _tz_tuple(v: Any) -> tuple:
-    key = getattr(v.tzinfo, "key", None) or getattr(v.tzinfo, "zone", None)
-    return (v.utcoffset(), v.tzname(), key if isinstance(key, str) else None)
+    return (v.utcoffset(), v.tzname(), _zone_key(v.tzinfo))
 
 
 # ---------------------------------------------------------------------------------------------
