@@ -33,8 +33,9 @@ from kachery_spikesort import (  # noqa: E402
     sort,
     summarize,
 )
-from kachery_spikesort.batch import parse_config, run_batch  # noqa: E402
+from kachery_spikesort.batch import ConfigError, parse_config, run_batch  # noqa: E402
 from kachery_spikesort.packing import pack_folder, unpacked_folder  # noqa: E402
+from kachery_spikesort.sorter_table import SORTER_PARAMS, check_sorter_params, spikeinterface_version  # noqa: E402
 from kachery_spikesort.stages import sorter_params  # noqa: E402
 from spikeinterface.comparison import compare_sorter_to_ground_truth  # noqa: E402
 
@@ -42,6 +43,8 @@ import kachery_tasks as kt  # noqa: E402
 from kachery_tasks.store import current_store  # noqa: E402
 
 GEN = dict(seed=7, duration_s=3.0, num_channels=4, num_units=3)
+#: What only a computation needs; a cached rerun and a config check must not import them.
+HEAVY_MODULES = ("spikeinterface.sorters", "matplotlib", "distributed", "sklearn", "numba")
 SIMPLE = {"detect_threshold": 5.0}
 
 
@@ -165,15 +168,34 @@ def test_recording_file_round_trip(home, tmp_path):
                                                                   "dtype": "int16"})
 
 
-def _batch_cfg(seeds, thresholds, output):
-    return parse_config({
+def _batch_data(seeds, thresholds, output):
+    return {
         "recordings": [{"generate": {"seed": seeds, "duration_s": 3.0, "num_channels": 4, "num_units": 3}}],
         "preprocess": {"freq_min": 300, "freq_max": 6000, "reference": "global"},
         "sorters": [{"sorter": "simple", "params": {"detect_threshold": 5.0},
                      "grid": {"detect_threshold": thresholds}}],
         "quality_metrics": True,
         "output": str(output),
-    })
+    }
+
+
+def _batch_cfg(seeds, thresholds, output):
+    return parse_config(_batch_data(seeds, thresholds, output))
+
+
+def run_cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``python -m kachery_spikesort ARGS`` in a new interpreter: the result, and the modules it
+    imported (from ``-X importtime``)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "kachery_spikesort", *args],
+                         capture_output=True, text=True, timeout=300, cwd=str(cwd))
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    out.stderr = "\n".join(line for line in out.stderr.splitlines() if not line.startswith("import time:"))
+    return out, imported
+
+
+def heavy(imported: set[str]) -> list[str]:
+    return sorted(m for m in imported if m.partition(".")[0] in HEAVY_MODULES or m in HEAVY_MODULES)
 
 
 def test_batch_rerun_param_change_and_new_recording(home, tmp_path):
@@ -188,7 +210,7 @@ def test_batch_rerun_param_change_and_new_recording(home, tmp_path):
         assert first.cluster_stats["misses"] == first.computed
         made = computed_by_stage(before, records())
         assert made == {"generate_recording": 2, "preprocess": 2, "sort": 4, "compare": 4,
-                        "quality_metrics": 4, "summarize": 4}
+                        "quality_metrics": 4, "summarize": 4, "accuracy_figure": 1}
         for name in ("results.csv", "results.json", "accuracy.png"):
             assert (tmp_path / "a" / name).stat().st_size > 0
 
@@ -200,17 +222,35 @@ def test_batch_rerun_param_change_and_new_recording(home, tmp_path):
         assert [r["accuracy"] for r in again.rows] == [r["accuracy"] for r in first.rows]
         assert all(r["status"] == "cached" for r in again.rows)
 
+        # the same rerun as a whole command: the same files, and nothing that only a computation needs
+        config = tmp_path / "batch.yaml"
+        config.write_text(json.dumps(_batch_data([1, 2], [4.5, 5.5], tmp_path / "cli")))  # JSON is YAML
+        out, imported = run_cli("batch", str(config), "--home", str(home), "--no-progress", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert "0 task(s) computed" in out.stdout and computed_by_stage(snap, records()) == {}
+        for name in ("results.csv", "accuracy.png"):
+            assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert json.loads((tmp_path / "cli" / "results.json").read_text())["rows"] == again.rows
+        assert heavy(imported) == []
+        # again into the same folder: unchanged files are not rewritten
+        written = {name: (tmp_path / "cli" / name).stat().st_mtime_ns for name in ("results.csv", "accuracy.png")}
+        out, _ = run_cli("batch", str(config), "--home", str(home), "--no-progress", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert {name: (tmp_path / "cli" / name).stat().st_mtime_ns for name in written} == written
+
         # one parameter value changed: only those sorts and their downstream
         snap = records()
         changed = run_batch(_batch_cfg([1, 2], [4.5, 6.0], tmp_path / "c"), scheduler=address, show_progress=False)
-        assert computed_by_stage(snap, records()) == {"sort": 2, "compare": 2, "quality_metrics": 2, "summarize": 2}
+        assert computed_by_stage(snap, records()) == {"sort": 2, "compare": 2, "quality_metrics": 2, "summarize": 2,
+                                                      "accuracy_figure": 1}
         assert [r["status"] for r in changed.rows] == ["cached", "computed", "cached", "computed"]
 
         # a recording added: only its branch
         snap = records()
         added = run_batch(_batch_cfg([1, 2, 3], [4.5, 6.0], tmp_path / "d"), scheduler=address, show_progress=False)
         assert computed_by_stage(snap, records()) == {"generate_recording": 1, "preprocess": 1, "sort": 2,
-                                                      "compare": 2, "quality_metrics": 2, "summarize": 2}
+                                                      "compare": 2, "quality_metrics": 2, "summarize": 2,
+                                                      "accuracy_figure": 1}
         assert [r["recording"] for r in added.rows if r["status"] == "computed"] == ["gen-seed3"] * 2
 
 
@@ -253,3 +293,36 @@ def test_concurrent_unpack_of_one_uri(chain, tmp_path):
             folders = set(pool.map(load, range(8)))
         assert len(folders) == 1
         assert si.load(folders.pop()).get_num_channels() == 4
+
+
+def test_sorter_table_matches_the_registry():
+    """The table that checks parameters without importing the registry says what the registry says,
+    for the spikeinterface installed (a new version needs its row: pyproject pins 0.105)."""
+    table = SORTER_PARAMS.get(spikeinterface_version())
+    assert table is not None, f"add spikeinterface {spikeinterface_version()} to sorter_table.SORTER_PARAMS"
+    assert set(table) <= set(ss.installed_sorters())
+    for sorter, names in table.items():
+        assert names == set(ss.get_default_sorter_params(sorter)), sorter
+    check_sorter_params("simple", {"detect_threshold": 4.0, "job_kwargs": {}})
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['detect_treshold'\] for sorter 'simple'"):
+        check_sorter_params("simple", {"detect_treshold": 4.0})
+    with pytest.raises(ConfigError, match="sorter 'kilosort4' is not installed; installed: .*spykingcircus2"):
+        check_sorter_params("kilosort4", {})  # not in the table: the registry answers
+
+
+@pytest.mark.parametrize(("sorters", "message"), [
+    ([{"sorter": "simple", "params": {"detect_treshold": 5}}],
+     "unknown parameter(s) ['detect_treshold'] for sorter 'simple'"),
+    ([{"sorter": "spykingcircus2", "grid": {"apply_motion_corection": [True, False]}}],
+     "unknown parameter(s) ['apply_motion_corection'] for sorter 'spykingcircus2'"),
+    ([{"sorter": "nosuchsorter"}], "sorter 'nosuchsorter' is not installed; installed: "),
+])
+def test_bad_config_is_a_one_line_error_before_anything_runs(tmp_path, sorters, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(json.dumps({**_batch_data([1], [5.0], tmp_path / "out"), "sorters": sorters}))
+    out, imported = run_cli("batch", str(config), "--home", str(tmp_path / "home"), "--no-progress", cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr, out.stderr
+    assert not (tmp_path / "home").exists() and not (tmp_path / "out").exists()
+    if "not installed" not in message:  # a known sorter is checked from the table
+        assert heavy(imported) == []

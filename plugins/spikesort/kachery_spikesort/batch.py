@@ -4,8 +4,10 @@ A batch config (YAML) names recordings, one preprocessing, and sorters each with
 and an optional ``grid`` of values to sweep. :func:`plan_batch` turns it into jobs (task ids
 known before anything runs); :func:`run_batch` computes only the jobs whose results are not in
 the store, on a ``distributed`` cluster (a ``LocalCluster`` it starts, or ``scheduler=ADDRESS``),
-then writes ``results.csv``, ``results.json`` and ``accuracy.png`` to the output folder. When
-every result is already recorded no cluster is started at all.
+then writes ``results.csv``, ``results.json`` and ``accuracy.png`` to the output folder (see
+:mod:`kachery_spikesort.outputs`). When every result is already recorded no cluster is started at
+all, and nothing that only a computation needs (distributed, the sorter registry, matplotlib) is
+imported: a rerun is a check of the config, one record read per branch and the files compared.
 
 Config keys (see examples/small.yaml)::
 
@@ -31,7 +33,6 @@ Config keys (see examples/small.yaml)::
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
 import json
 import time
@@ -46,19 +47,18 @@ import kachery_tasks as kt
 from kachery_tasks import File
 from kachery_tasks.tasks import Job, has_result
 
+from .errors import ConfigError
+from .outputs import TABLE_COLUMNS, plot_accuracy, print_table, write_results
+from .sorter_table import check_sorter_params
 from .stages import compare, generate_recording, preprocess, quality_metrics, recording_file, sort, summarize
 
+__all__ = ["BatchConfig", "BatchResult", "Branch", "ConfigError", "TABLE_COLUMNS", "load_config", "parse_config",
+           "pending_jobs", "plan_batch", "plot_accuracy", "print_table", "run_batch", "write_results"]
+
 STAGES = ("generate_recording", "recording_file", "preprocess", "sort", "compare", "quality_metrics", "summarize")
-TABLE_COLUMNS = ("recording", "sorter", "params", "num_units", "accuracy", "precision", "recall",
-                 "num_gt_units", "num_well_detected", "num_false_positive", "median_snr", "sort_s",
-                 "status", "computed_stages", "sort_task_id")
 GENERATE_KEYS = ("seed", "duration_s", "num_channels", "num_units", "sampling_frequency", "noise_level",
                  "firing_rate")
 PREPROCESS_KEYS = ("freq_min", "freq_max", "reference", "operator", "whiten")
-
-
-class ConfigError(ValueError):
-    """A batch config that cannot be run; the message names the key."""
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -127,17 +127,6 @@ def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]] | None) -> list
     return out
 
 
-def _check_sorter_params(sorter: str, params: dict[str, Any]) -> None:
-    import spikeinterface.sorters as ss
-
-    if sorter not in ss.installed_sorters():
-        raise ConfigError(f"sorter {sorter!r} is not installed; installed: {', '.join(ss.installed_sorters())}")
-    known = ss.get_default_sorter_params(sorter)
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown parameter(s) {unknown} for sorter {sorter!r}")
-
-
 def _recordings(items: Any, base: Path) -> list[RecordingSpec]:
     if not isinstance(items, list) or not items:
         raise ConfigError("'recordings' needs a non-empty list")
@@ -201,7 +190,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> BatchConfig:
         if not isinstance(item, dict) or "sorter" not in item:
             raise ConfigError(f"sorters[{i}] needs 'sorter'")
         for label, params in expand_grid(dict(item.get("params") or {}), item.get("grid")):
-            _check_sorter_params(item["sorter"], params)
+            check_sorter_params(item["sorter"], params)
             sorts.append(SortSpec(item["sorter"], label, params))
     output = Path(data.get("output", "spikesort-results"))
     return BatchConfig(
@@ -360,11 +349,11 @@ def run_batch(cfg: BatchConfig, *, scheduler: str | None = None, workers: int = 
         if pending:
             cluster_stats = _compute_pending(pending, scheduler, workers, home, show_progress)
         rows = [_row(branch, pending_ids) for branch in branches]
-    wall = time.perf_counter() - start
-    outputs: dict[str, Path] = {}
-    if write_outputs:
-        outputs = write_results(rows, cfg.output, meta={"wall_s": round(wall, 3), "computed": len(pending),
-                                                        "cached": len(unique) - len(pending), "home": home})
+        wall = time.perf_counter() - start
+        outputs: dict[str, Path] = {}
+        if write_outputs:  # in the batch's home, where the figure is stored
+            outputs = write_results(rows, cfg.output, meta={"wall_s": round(wall, 3), "computed": len(pending),
+                                                            "cached": len(unique) - len(pending), "home": home})
     return BatchResult(rows, len(pending), len(unique) - len(pending), wall, outputs, cluster_stats)
 
 
@@ -382,70 +371,3 @@ def _row(branch: Branch, pending_ids: set[str]) -> dict[str, Any]:
         "computed_stages": ",".join(computed),
         "sort_task_id": sort_job.id,
     }
-
-
-# -- outputs ----------------------------------------------------------------------------------------
-def write_results(rows: list[dict[str, Any]], output: Path, meta: dict[str, Any] | None = None) -> dict[str, Path]:
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path, png_path = output / "results.csv", output / "results.json", output / "accuracy.png"
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(TABLE_COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in TABLE_COLUMNS})
-    json_path.write_text(json.dumps({"rows": rows, **(meta or {})}, indent=2))
-    plot_accuracy(rows, png_path)
-    return {"csv": csv_path, "json": json_path, "png": png_path}
-
-
-def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy against ground truth per sorter and parameter set: mean bar, one dot per recording."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        groups.setdefault((row["sorter"], row["params"]), [])
-        if row.get("accuracy") is not None:
-            groups[(row["sorter"], row["params"])].append(float(row["accuracy"]))
-    labels = [f"{sorter}\n{params}" for sorter, params in groups]
-    sorters = sorted({sorter for sorter, _ in groups})
-    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sorters)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.5))
-    for i, ((sorter, _), values) in enumerate(groups.items()):
-        mean = sum(values) / len(values) if values else 0.0
-        ax.bar(i, mean, color=colors[sorter], alpha=0.6, label=sorter)
-        ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
-    handles, names = ax.get_legend_handles_labels()
-    unique = dict(zip(names, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), loc="lower right")
-    ax.set_xticks(range(len(groups)), labels, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy vs ground truth")
-    ax.set_title("Accuracy per sorter and parameter set\n(bars: mean, dots: recordings)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title="spike sorting batch")
-    shown = ("recording", "sorter", "params", "num_units", "accuracy", "precision", "recall", "sort_s", "status")
-    for col in shown:
-        table.add_column(col, overflow="fold",
-                         justify="right" if col not in ("recording", "sorter", "params", "status") else "left")
-    for row in rows:
-        cells = []
-        for col in shown:
-            value = row.get(col)
-            cells.append("-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
-        table.add_row(*cells)
-    console.print(table)
