@@ -1,7 +1,10 @@
 """``kachery task …``: list, show, explain, remove, rerun and recheck task records; settle actions.
 
 Functions are imported by module name with the current directory on ``sys.path``, as ``python -m``
-does, so run these commands from the directory your pipeline runs from.
+does, so run these commands from the directory your pipeline runs from. Functions of a script run as
+``python pipeline.py`` (recorded as ``__main__.…``) are loaded from the script's recorded path, from
+any directory (tasks/scripts.py). Tables show task ids by their first 12 hex characters
+(``SHORT_ID``), which every command accepts; ``--json`` gives the full ids.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ import click
 from ..errors import UserError
 from ..store.local import current_store
 from .output import print_json, print_listing, print_mapping
+
+#: Hex characters of a task id shown in tables: 32 would wrap a row over three lines in 80 columns.
+SHORT_ID = 12
+
+
+def _short_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, "task_id": r["task_id"][:SHORT_ID]} for r in rows]
 
 
 @click.group("task", help="Task records: list, show, explain, stale, rerun, recheck; actions.")
@@ -53,7 +63,8 @@ def ls_cmd(pattern: str | None, failed: bool, running: bool, as_json: bool, limi
         rows = running_tasks(store.records.root / "locks")
         for r in rows:
             r["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("started", 0)))
-        print_listing(rows, ["task_id", "host", "pid", "started"], as_json, title="running tasks")
+        print_listing(rows if as_json else _short_ids(rows), ["task_id", "host", "pid", "started"], as_json,
+                      title="running tasks")
         return
     rows = [_summary(r, failed) for r in store.records.iter_records(failures=failed)]
     if pattern:
@@ -62,7 +73,8 @@ def ls_cmd(pattern: str | None, failed: bool, running: bool, as_json: bool, limi
     if limit is not None:
         rows = rows[:limit]
     columns = ["task_id", "function", "kind", "status", "wall_s", "created"] + (["error"] if failed else [])
-    print_listing(rows, columns, as_json, title="failed tasks" if failed else "task records")
+    print_listing(rows if as_json else _short_ids(rows), columns, as_json,
+                  title="failed tasks" if failed else "task records")
 
 
 def _record(task_id: str) -> dict[str, Any]:
@@ -215,7 +227,8 @@ def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | No
     results = recheck(ids, store)
     rows = [{"task_id": r.task_id, "function": r.function,
              "reproducible": {True: "yes", False: "NO", None: "?"}[r.reproducible], "detail": r.detail} for r in results]
-    print_listing(rows, ["task_id", "function", "reproducible", "detail"], as_json, title="recheck")
+    print_listing(rows if as_json else _short_ids(rows), ["task_id", "function", "reproducible", "detail"], as_json,
+                  title="recheck")
     if any(r.reproducible is False for r in results):
         raise SystemExit(2)
 
