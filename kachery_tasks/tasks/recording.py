@@ -30,6 +30,7 @@ from ..store.fs import make_dirs
 from ..store.local import LocalStore
 from .provenance import Measure, packages_of
 from .results import encode_result
+from .scripts import origin_field
 from .stats import STATS
 from .task import Job
 
@@ -91,6 +92,7 @@ def _base_record(job: Job, measure: Measure | None) -> dict[str, Any]:
             "module": module,
             "qualname": getattr(func, "__qualname__", None),
             "version": job.task.version,
+            **origin_field(func),  # a function of __main__: the script it came from (tasks/scripts.py)
         },
         "args": describe_args(job),
         "upstream": [u.id for u in job.upstream()],

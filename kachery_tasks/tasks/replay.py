@@ -2,9 +2,11 @@
 
 Used by ``stale --rerun``, ``task rerun``, ``task recheck`` and ``task explain ID``. A function is
 imported by its module name, with the current directory on ``sys.path`` as ``python -m`` has it;
-a record whose function cannot be imported is reported as such, never guessed at. Arguments come
-back from their recorded forms: plain JSON, a file URI, an upstream job (rebuilt from its own
-record, recursively, so upstream runs first), or a pickle (only from this node's own store).
+a function of ``__main__`` (a script) is found through the script's recorded path (scripts.py).
+A record whose function cannot be imported is reported as such, with one line of why, never
+guessed at. Arguments come back from their recorded forms: plain JSON, a file URI, an upstream job
+(rebuilt from its own record, recursively, so upstream runs first), or a pickle (only from this
+node's own store).
 """
 
 from __future__ import annotations
@@ -20,34 +22,62 @@ import cloudpickle
 from ..errors import NotFoundError, UserError
 from ..store.file import File
 from ..store.local import LocalStore
+from .scripts import NO_ORIGIN, ScriptUnreachable, main_namespace
 from .settings import CallSettings
 from .task import Job, Task
 
 
 class NotReplayable(UserError):
-    """A record whose call cannot be rebuilt; the message says why."""
+    """A record whose call cannot be rebuilt; the message says why.
+
+    ``reason`` is that message without the function's name, for reports that name it already.
+    """
+
+    def __init__(self, reason: str, function: str | None = None) -> None:
+        super().__init__(f"{function}: {reason}" if function else reason)
+        self.reason = reason
+        self.function = function
 
 
 def import_task(record: dict[str, Any]) -> Task:
     """The task a record was made by, as its code is now."""
     function = record.get("function", {})
+    name = function.get("name")
     module_name, qualname = function.get("module"), function.get("qualname")
     if not module_name or not qualname or "<locals>" in qualname:
-        raise NotReplayable(f"{function.get('name')}: defined where it cannot be imported ({module_name}.{qualname})")
+        raise NotReplayable(f"defined where it cannot be imported ({module_name}.{qualname})", name)
+    if module_name == "__main__":
+        origin = function.get("origin")
+        try:
+            obj: Any = main_namespace(origin)
+        except ScriptUnreachable as exc:
+            raise NotReplayable(str(exc), name) from None
+        where = (origin or {}).get("path") or "__main__"
+    else:
+        obj = _import_module(module_name, name)
+        where = module_name
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            break
+    if module_name == "__main__" and function.get("origin") is None and not isinstance(obj, Task):
+        raise NotReplayable(NO_ORIGIN, name)  # looked for in this process's __main__, not there
+    if obj is None:
+        raise NotReplayable(f"{where} has no {qualname} now", name)
+    if not isinstance(obj, Task):
+        raise NotReplayable(f"{qualname} in {where} is no longer a task", name)
+    return obj
+
+
+def _import_module(module_name: str, name: str | None) -> Any:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
-        obj: Any = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except Exception as exc:
-        raise NotReplayable(f"{function.get('name')}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise NotReplayable(f"{function.get('name')}: {module_name} has no {qualname} now")
-    if not isinstance(obj, Task):
-        raise NotReplayable(f"{function.get('name')}: {module_name}.{qualname} is no longer a task")
-    return obj
+        message = " ".join(str(exc).split())
+        raise NotReplayable(f"cannot import module {module_name!r} ({type(exc).__name__}: {message})", name) from None
 
 
 def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSettings | None = None,
@@ -62,7 +92,7 @@ def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSet
         args[name] = _argument(store, name, entry, settings, seen)
     missing = set(task.signature.parameters) - set(args)
     if missing:
-        raise NotReplayable(f"{task.name}: the function now takes {sorted(missing)}, which the record lacks")
+        raise NotReplayable(f"the function now takes {sorted(missing)}, which the record lacks", task.name)
     base = settings or CallSettings.current()
     job = Job(task, args, CallSettings(**{**base.as_config(), "namespace": record.get("namespace", "")}))
     seen[record["task_id"]] = job

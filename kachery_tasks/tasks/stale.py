@@ -67,7 +67,7 @@ def stale(function: str | None = None, store: LocalStore | None = None) -> Stale
     records = {r["task_id"]: r for r in store.records.iter_records() if r.get("namespace", "") == namespace}
     report = StaleReport()
     verdicts: dict[str, str | None] = {}
-    tasks_now: dict[tuple[str, str], Any] = {}
+    tasks_now: dict[tuple[str | None, ...], Any] = {}
 
     def verdict(task_id: str) -> str | None:
         if task_id in verdicts:
@@ -77,7 +77,8 @@ def stale(function: str | None = None, store: LocalStore | None = None) -> Stale
         if record is None:
             return None
         function = record["function"]
-        key = (function.get("module"), function.get("qualname"))
+        origin = function.get("origin") or {}
+        key = (function.get("module"), function.get("qualname"), origin.get("path"))  # two scripts' __main__
         if key not in tasks_now:
             try:
                 tasks_now[key] = import_task(record)
@@ -85,7 +86,7 @@ def stale(function: str | None = None, store: LocalStore | None = None) -> Stale
                 tasks_now[key] = exc
         task = tasks_now[key]
         if isinstance(task, NotReplayable):
-            report.unimportable[function["name"]] = str(task)
+            report.unimportable[function["name"]] = task.reason
             return None
         fid = task.function_id
         reason = None
