@@ -22,7 +22,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IntegrityError, NotFoundError
+from ..errors import IntegrityError, NotFoundError, as_store_full
 from .fs import atomic_write_bytes, make_dirs, remove_stale_files, share_fd
 from .manifest import CHUNK_SIZE, ChunkHasher, Manifest
 from .uris import check_sha256_hex
@@ -66,7 +66,7 @@ class BlobStore:
     # -- writing ---------------------------------------------------------------------------------
     def put_bytes(self, data: bytes | memoryview) -> str:
         """Store ``data``; returns its SHA-256 hex."""
-        return self._put_blocks([memoryview(data)] if len(data) else [], progress=None)
+        return self._put_blocks([memoryview(data)] if len(data) else [], progress=None, total=len(data))
 
     def put_file(self, src: Path, *, link: bool = False, progress: Progress | None = None) -> str:
         """Store the file at ``src`` by streaming it (never all in memory); returns its SHA-256 hex.
@@ -80,17 +80,28 @@ class BlobStore:
             if linked is not None:
                 return linked
         with open(src, "rb") as fh:
-            return self._put_blocks(_read_blocks(fh), progress=progress)
+            return self._put_blocks(_read_blocks(fh), progress=progress, total=os.fstat(fh.fileno()).st_size)
 
     def put_stream(self, blocks: Iterable[bytes], progress: Progress | None = None) -> str:
+        """Store the concatenated ``blocks``. If the disk fills, the rest of ``blocks`` is counted
+        (not written) so that the error can say how many bytes were needed: meant for streams of
+        data already in memory (arrays), where counting costs nothing."""
         return self._put_blocks(blocks, progress=progress)
 
     def _new_tmp(self) -> tuple[int, str]:
         make_dirs(self.tmp_dir)
         return tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
 
-    def _put_blocks(self, blocks: Iterable[bytes | memoryview], progress: Progress | None) -> str:
-        fd, tmp = self._new_tmp()
+    def _put_blocks(self, blocks: Iterable[bytes | memoryview], progress: Progress | None,
+                    total: int | None = None) -> str:
+        """Stream ``blocks`` into a temp file, then install it. On any failure the temp file is
+        removed; a full, over-quota or read-only disk is a :class:`StoreFullError` (one line)."""
+        stream = iter(blocks)
+        offered = 0
+        try:
+            fd, tmp = self._new_tmp()
+        except OSError as exc:
+            raise self._full(exc, total, stream, offered) from exc
         sha = hashlib.sha256()
         chunks = ChunkHasher()
         try:
@@ -98,7 +109,8 @@ class BlobStore:
             # os.write both release the GIL, so the copy costs little more than the hash.
             with ThreadPoolExecutor(max_workers=1) as writer:
                 pending: Future | None = None
-                for block in blocks:
+                for block in stream:
+                    offered += len(block)
                     if pending is not None:
                         pending.result()
                     pending = writer.submit(_write_all, fd, block)
@@ -114,17 +126,36 @@ class BlobStore:
             if not duplicate:
                 os.fsync(fd)
                 share_fd(fd, 0o444)
-        except BaseException:
-            os.close(fd)
+        except BaseException as exc:
+            with suppress(OSError):
+                os.close(fd)
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise self._full(exc, total, stream, offered) from exc
             raise
-        os.close(fd)
+        try:
+            os.close(fd)  # a network file system may report a full disk only here
+        except OSError as exc:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise self._full(exc, total, stream, offered) from exc
         if duplicate:
             os.unlink(tmp)
             return digest
         self._install(Path(tmp), digest, chunks.manifest(digest))
         return digest
+
+    def _full(self, exc: OSError, total: int | None, rest: Iterator[bytes | memoryview] | None = None,
+              offered: int = 0) -> OSError:
+        """``exc`` as a StoreFullError saying how many bytes the blob needs, or ``exc`` itself if it
+        is another error. Without a known total, what was not yet written is counted."""
+        if total is None and rest is not None:
+            try:
+                total = offered + sum(len(block) for block in rest)
+            except Exception:  # counting is a courtesy; the error stands without it
+                total = offered or None
+        return as_store_full(exc, self.root.parent, total) or exc
 
     def _put_link(self, src: Path, progress: Progress | None) -> str | None:
         sha = hashlib.sha256()
@@ -151,15 +182,30 @@ class BlobStore:
         return digest
 
     def _install(self, tmp: Path, digest: str, manifest: Manifest | None) -> None:
-        """Rename a complete temp file into place, unless a sound copy is already there."""
+        """Rename a complete temp file into place, unless a sound copy is already there.
+
+        On failure (a full disk can refuse the new directory, the manifest or even the rename) the
+        temp file goes, and so does a manifest written for a blob that did not arrive."""
         final = self.path(digest)
         if self._valid_existing(digest):
             tmp.unlink()
             return
-        make_dirs(final.parent)
-        if manifest is not None:
-            atomic_write_bytes(self.manifest_path(digest), manifest.to_json().encode(), tmp_dir=self.tmp_dir)
-        os.replace(tmp, final)  # replaces a damaged blob of that name, if any
+        try:
+            make_dirs(final.parent)
+            if manifest is not None:
+                atomic_write_bytes(self.manifest_path(digest), manifest.to_json().encode(), tmp_dir=self.tmp_dir)
+            os.replace(tmp, final)  # replaces a damaged blob of that name, if any
+        except BaseException as exc:
+            size = None
+            with suppress(OSError):
+                size = os.stat(tmp).st_size
+                os.unlink(tmp)
+            if manifest is not None and not final.exists():
+                with suppress(OSError):
+                    os.unlink(self.manifest_path(digest))
+            if isinstance(exc, OSError):
+                raise self._full(exc, size) from exc
+            raise
         self._write_stamp(digest, Stamp.of(os.stat(final)))
 
     def _valid_existing(self, digest: str) -> bool:

@@ -12,6 +12,12 @@ unparsable one aside), so the task is computed again; a wrong result is never se
 of computations shorter than the window are deferred, so such a crash costs at most about one
 window of compute per worker. Longer computations, blobs, feeds and action logs are fsynced before
 the call returns, as before.
+
+A full disk is nearly always reported by the ``write`` itself (local file systems reserve space when
+a page is dirtied), so a record that does not fit is never renamed into place (the task engine then
+returns the value with a ``StoreFullWarning``). Where the disk reports it only at writeback (network
+file systems, thin provisioning), ``syncfs`` fails: that is logged as a warning naming the home,
+because those records would not survive a machine crash; they read correctly until then.
 """
 
 from __future__ import annotations
@@ -19,13 +25,19 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import sys
 import threading
 import time
 
+from ..errors import FULL_ERRNOS, as_store_full
+
 log = logging.getLogger(__name__)
+
+#: What ``syncfs`` reports when the disk could not take pages already written (Linux >= 5.8).
+_WRITEBACK_ERRNOS = FULL_ERRNOS | {errno.EIO}
 
 
 def _load_syncfs():
@@ -123,8 +135,15 @@ class GroupCommit:
         for directory in directories:
             try:
                 sync_filesystem(directory)
-            except OSError as exc:  # e.g. the home was removed: nothing left there to make durable
-                log.debug("group commit of %s skipped: %s", directory, exc)
+            except OSError as exc:
+                if exc.errno in _WRITEBACK_ERRNOS:
+                    # The records are visible and correct now; the disk refused to keep some of
+                    # them. After a machine crash such a record reads as absent: a recompute.
+                    log.warning("task records written under %s since the last sync may not survive a machine "
+                                "crash (they would then read as absent and be recomputed): %s",
+                                directory, as_store_full(exc, os.path.dirname(directory)) or exc)
+                else:  # e.g. the home was removed: nothing left there to make durable
+                    log.debug("group commit of %s skipped: %s", directory, exc)
             self.syncs += 1
 
 

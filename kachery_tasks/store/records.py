@@ -5,7 +5,8 @@ form, jobs by task id, files by URI), the result (inline, or a codec and a blob 
 provenance of the computation, signed by the node that computed it. A failure is kept apart, in
 ``<task id>.failed.json``, so it never replaces a result (a query's last good value stays as its
 fallback) and is never served as one. Records are written atomically (a temp file beside the
-record, renamed over it).
+record, renamed over it); a disk that is full, over quota or read-only raises
+:class:`~kachery_tasks.errors.StoreFullError` and leaves the old record, if any, as it was.
 A record that cannot be parsed is moved to ``<home>/tasks/quarantine/`` and treated as absent.
 Records of short computations are fsynced in groups (durability.py): a machine crash can leave such
 a record empty or missing, which reads as absent, so the task is computed again.
@@ -23,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from ..errors import as_store_full
 from .durability import GROUP_COMMIT
 from .fs import TEMP_PREFIX, atomic_write_bytes, make_dirs, remove_stale_files
 
@@ -107,7 +109,14 @@ class RecordStore:
     def _write(self, path: Path | str, record: dict[str, Any], sync_within: float) -> None:
         # the temp file beside the record: the rename changes one directory, not two, and the
         # creates of a big graph spread over the 256 record directories
-        atomic_write_bytes(path, _dump(record), fsync=sync_within <= 0)
+        data = _dump(record)
+        try:
+            atomic_write_bytes(path, data, fsync=sync_within <= 0)  # leaves no temp file on failure
+        except OSError as exc:
+            full = as_store_full(exc, self.root.parent, len(data))
+            if full is None:
+                raise
+            raise full from exc
         if sync_within > 0:
             GROUP_COMMIT.defer(str(self.root), sync_within)
 
