@@ -23,9 +23,10 @@ from typing import Any
 
 import xxhash
 
-from ..errors import ReadOnlyStoreError, UserError
+from ..errors import ReadOnlyStoreError, UserError, as_store_full
 from ..store.local import store_for
 from .lease import TaskLock
+from .recording import warn_store_full
 from .resolver import compute
 from .settings import in_home
 from .task import ActionResult, Job
@@ -186,16 +187,42 @@ def run_action(job: Job, *, retry: bool = False, upstream: Mapping[str, Any] | N
 
 
 def _run(job: Job, upstream: Mapping[str, Any] | None, log: ActionLog | None, key: str) -> ActionResult:
+    """Run the action between its ``started`` and its outcome in the log.
+
+    A home that cannot take ``started`` (full, over quota, read-only) refuses the action before it
+    runs: without that line, at most once could not be kept. One that cannot take the outcome
+    returns it all the same, with a StoreFullWarning: the log still ends in ``started``, so the key
+    reads ``unknown`` (never a success that was not logged) and is not run again until settled.
+    """
     common = {"key": key, "task_id": job.id, "function": job.task.name}
     if log is not None:
-        log.append({**common, "state": "started"})
+        try:
+            log.append({**common, "state": "started"})
+        except OSError as exc:
+            full = as_store_full(exc, job.settings.home)
+            if full is None:
+                raise
+            raise full from exc
     try:
         compute(job, upstream=upstream)
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        if log is not None:
-            log.append({**common, "state": "failed", "error": error})
+        _log_outcome(job, log, {**common, "state": "failed", "error": error})
         return ActionResult(False, error, "failed")
-    if log is not None:
-        log.append({**common, "state": "succeeded"})
+    _log_outcome(job, log, {**common, "state": "succeeded"})
     return ActionResult(True, None, "succeeded")
+
+
+def _log_outcome(job: Job, log: ActionLog | None, body: dict[str, Any]) -> None:
+    if log is None:
+        return
+    try:
+        log.append(body)
+    except OSError as exc:
+        full = as_store_full(exc, job.settings.home)
+        if full is None:
+            raise
+        warn_store_full(
+            f"action {job.task.name} {body['state']}, but the action log could not record it: {full}. Its key "
+            f"{body['key']!r} reads 'unknown' until settled with `kachery task resolve {body['key']} "
+            f"--{body['state']}` once there is space", full)

@@ -9,10 +9,14 @@ this node's own store).
 from __future__ import annotations
 
 import base64
+import errno
 import functools
+import logging
 import os
+import sys
 import time
 import traceback
+import warnings
 from typing import Any
 
 import cloudpickle
@@ -21,7 +25,7 @@ import orjson
 import xxhash
 
 from .. import config
-from ..errors import KacheryError, UnhashableArgument
+from ..errors import KacheryError, StoreFullError, StoreFullWarning, UnhashableArgument, as_store_full
 from ..hashing import SCHEME, hash_value
 from ..identity import node_identity, sign_document
 from ..store.codecs import is_plain_json
@@ -33,6 +37,8 @@ from .results import encode_result
 from .scripts import origin_field
 from .stats import STATS
 from .task import Job
+
+log = logging.getLogger("kachery_tasks")
 
 
 class TaskFailed(KacheryError):
@@ -107,19 +113,55 @@ def _sign(store: LocalStore, record: dict[str, Any]) -> dict[str, Any]:
     return sign_document(identity.keys, record)
 
 
-def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | None) -> dict[str, Any]:
-    record = _base_record(job, measure)
-    record["status"] = "succeeded"
-    record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
-    signed = _sign(store, record)
-    store.records.write(signed, sync_within=_sync_within(measure))
+def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | None) -> dict[str, Any] | None:
+    """Record a computed value; returns the signed record, or None if the home could not take it.
+
+    Every path that records a success goes through here (the resolver, queries, Dask's ``cached()``
+    nodes and ``f.delayed`` jobs), so this is the one place of the full-disk rule: a value that was
+    computed, possibly for hours, is never lost because its record did not fit. When the home is
+    full, over quota or read-only, the store has left nothing partial (no temp file, no record), one
+    :class:`StoreFullWarning` names the home, the bytes needed and the way out, and the caller
+    returns the value as usual; the single-flight lock is released as after any call, so a waiter
+    computes for itself, and a later call, once there is space, records normally. A blob written
+    before the record failed stays: it is sound content, and may be another record's.
+    """
+    try:
+        record = _base_record(job, measure)
+        record["status"] = "succeeded"
+        record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
+        signed = _sign(store, record)
+        store.records.write(signed, sync_within=_sync_within(measure))
+    except OSError as exc:
+        full = as_store_full(exc, store.home)
+        if full is None:
+            raise
+        STATS.count("not_recorded")
+        warn_store_full(f"{job.task.name} (task {job.id[:12]}) was computed, but its result was not recorded: "
+                        f"{full}. The value is returned; the next call computes it again", full)
+        return None
     _index_by_function(store, record["function"]["name"], job.id)
     STATS.count("recorded")
     return signed
 
 
 def record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Measure | None) -> None:
-    """Keep a failure beside the task id; it is listed and explained, never served as a result."""
+    """Keep a failure beside the task id; it is listed and explained, never served as a result.
+
+    Called while the user's exception is on its way up: nothing here may replace it. A home that
+    cannot take the write gets a :class:`StoreFullWarning`, any other trouble a logged line.
+    """
+    try:
+        _record_failure(job, store, exc, measure)
+    except Exception as trouble:
+        full = as_store_full(trouble, store.home)
+        if full is not None:
+            warn_store_full(f"the failure of {job.task.name} (task {job.id[:12]}) was not recorded: {full}", full)
+        else:
+            log.warning("the failure of %s (task %s) was not recorded: %s: %s",
+                        job.task.name, job.id[:12], type(trouble).__name__, trouble)
+
+
+def _record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Measure | None) -> None:
     try:
         record = _base_record(job, measure)
     except UnhashableArgument:
@@ -138,6 +180,24 @@ def record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Mea
     store.records.write_failure(_sign(store, record), sync_within=_sync_within(measure))
     _index_by_function(store, record["function"]["name"], job.id)
     STATS.count("failed")
+
+
+def warn_store_full(message: str, full: StoreFullError) -> None:
+    """Issue the one :class:`StoreFullWarning` of a call, attributed to the first frame outside
+    kachery-tasks (the user's call, or the Dask machinery that ran it) rather than to this file."""
+    warnings.warn(StoreFullWarning(message), stacklevel=_outside_stacklevel())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _outside_stacklevel() -> int:
+    frame = sys._getframe(2)  # the caller of warn_store_full: stacklevel 2 for warnings.warn there
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 1
 
 
 def _sync_within(measure: Measure | None) -> float:
@@ -172,24 +232,38 @@ def _index_path(records_root: str, name: str) -> str:
 
 
 def _index_by_function(store: LocalStore, name: str, task_id: str) -> None:
-    """Append the id to the function's index (one O_APPEND write: atomic across processes)."""
+    """Append the id to the function's index (one O_APPEND write: atomic across processes).
+
+    The index only helps ``explain`` find a function's records, so a disk too full for it leaves
+    the record (already written) as it is and logs a line. A short write leaves a torn line, which
+    readers cut back to the complete id that the next append puts after it."""
     path = function_index_path(store, name)
+    line = f"{task_id}\n".encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
-    except FileNotFoundError:  # the first record of this store
-        make_dirs(store.records.root / "by_function")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
-    try:
-        os.write(fd, f"{task_id}\n".encode())
-    finally:
-        os.close(fd)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+        except FileNotFoundError:  # the first record of this store
+            make_dirs(store.records.root / "by_function")
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        full = as_store_full(exc, store.home)
+        if full is None:
+            raise
+        log.warning("task %s is recorded, but `kachery task explain` will not compare other calls of %s with "
+                    "it: %s", task_id[:12], name, full)
 
 
 def function_index(store: LocalStore, name: str) -> list[str]:
     """Task ids recorded for a function, newest last, without duplicates."""
     try:
         with open(function_index_path(store, name)) as fh:
-            ids = [line.strip() for line in fh if len(line.strip()) == 32]
+            # a line longer than an id follows a torn append: its complete id is at the end
+            ids = [line.strip()[-32:] for line in fh if len(line.strip()) >= 32]
     except FileNotFoundError:
         return []
     return list(dict.fromkeys(reversed(ids)))[::-1]

@@ -138,8 +138,7 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
             if found is not _MISS:
                 STATS.count("waited")
                 return found
-        value = _compute_and_record(job, store, upstream)
-        done = True
+        value, done = _compute_and_record(job, store, upstream)
         return value
     finally:
         lock.release(done=done)
@@ -151,15 +150,16 @@ def _raise_recorded_failure(store: LocalStore, task_id: str) -> None:
         raise rebuild_error(failure)
 
 
-def _compute_and_record(job: Job, store: LocalStore, upstream: Mapping[str, Any] | None) -> Any:
+def _compute_and_record(job: Job, store: LocalStore, upstream: Mapping[str, Any] | None) -> tuple[Any, bool]:
+    """The value, and whether it was recorded (a full disk returns it unrecorded, with a warning:
+    recording.py)."""
     measure = Measure()
     try:
         value = compute(job, measure, upstream)
     except Exception as exc:
-        record_failure(job, store, exc, measure)
+        record_failure(job, store, exc, measure)  # never raises: the user's exception goes up
         raise
-    record_success(job, store, value, measure)
-    return value
+    return value, record_success(job, store, value, measure) is not None
 
 
 def compute(job: Job, measure: Measure | None = None, upstream: Mapping[str, Any] | None = None) -> Any:
