@@ -2,7 +2,8 @@
 
 ``main`` is a click group whose ``invoke`` turns every :class:`~kachery_tasks.errors.KacheryError`
 into one line on stderr (``kachery: error: ...``) and exit status 1: a user who gave a bad URI
-needs the message, not a traceback. Other exceptions are bugs and keep their traceback.
+needs the message, not a traceback. So does a disk that is full, over quota or read-only, whichever
+command was writing (``errors.as_store_full``). Other exceptions are bugs and keep their traceback.
 
 One module per command group. ``feed``, ``task`` and ``demo`` are written separately and joined
 here when their module exists, so each can land on its own.
@@ -14,12 +15,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import sqlite3
 from typing import Any
 
 import click
 
 from .. import __version__, config
-from ..errors import KacheryError
+from ..errors import KacheryError, as_store_full
 
 #: Command groups that live in their own modules and are added when present.
 OPTIONAL_GROUPS = ("feed", "task", "demo")
@@ -41,6 +43,14 @@ class KacheryGroup(click.Group):
             return super().invoke(ctx)
         except KacheryError as exc:
             click.echo(error_line(exc), err=True)
+            ctx.exit(1)
+        except (OSError, sqlite3.Error) as exc:
+            # A full, over-quota or read-only disk is the user's to fix, whichever command wrote:
+            # the store, a feed, the mutables database, the node key. Other OS errors are bugs.
+            full = as_store_full(exc, config.home_str())
+            if full is None:
+                raise
+            click.echo(error_line(full), err=True)
             ctx.exit(1)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import IntegrityError, NotFoundError, UserError
+from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
 from .output import byte_progress, human_bytes, print_json, print_listing, print_mapping
 
@@ -76,8 +76,11 @@ def _copy(source: Path, target: Path) -> None:
                     progress(len(block))
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:  # outside the home: name the target
+            raise UserError(f"cannot write {str(target)!r}: {os.strerror(exc.errno).lower()}; "
+                            f"free space there or copy it elsewhere with -o") from None
         raise
 
 
@@ -96,11 +99,24 @@ def cat(uri: str) -> None:
     try:
         with open(source, "rb") as fh:
             while block := fh.read(COPY_BLOCK):
-                out.write(block)
+                _write_all(out, block)
         out.flush()
     except BrokenPipeError:  # `kachery cat URI | head`: the reader left, which is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+    except OSError as exc:  # `kachery cat URI > file` on a full disk: not the home's fault
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush fails no more
+        raise UserError(f"cannot write to standard output: {os.strerror(exc.errno).lower()}") from None
+
+
+def _write_all(out, block: bytes) -> None:
+    """Write all of ``block``: stdout is unbuffered under ``python -u`` or PYTHONUNBUFFERED, and a
+    raw file's ``write`` may write part of it (on a full disk, the next call then raises ENOSPC)."""
+    view = memoryview(block)
+    while view:
+        view = view[out.write(view):]
 
 
 @click.command()
