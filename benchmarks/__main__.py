@@ -3,6 +3,13 @@
 A benchmark is any module here with a ``run() -> list[dict]`` function. Results go to a rich table
 and to ``benchmarks/results/<name>.json`` with the machine they ran on, so figures in docs and
 issues can be traced to a run.
+
+Peers run out of the box. Those installed with this project (``pip install -e '.[bench]'``: joblib,
+pandas) run in this interpreter; a peer that pins releases this project cannot share an
+environment with (graphchain: ``cloudpickle<3``) gets its own venv under ``benchmarks/.peers/``
+(ignored by git), made with pip on its first run (network access to PyPI needed once), and runs
+there as a subprocess (see ``_common.peer_python``). Delete that folder to rebuild them. A peer
+that cannot run is said in its row's note; the benchmark still reports our own figures.
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
 """Dask layer: a wide fan-in graph of small pure tasks (N leaves summed pairwise), first run and
-all-cached rerun, against graphchain (if importable) and plain dask on the sync scheduler.
+all-cached rerun, against graphchain and plain dask on the sync scheduler.
 
 Target (issue 6): an all-cached rerun costs ≤ 10 µs per pruned node. The rerun is measured from
 declaring the pipeline again (jobs and Merkle ids for every node: that is what a user pays) to the
 value, and separately the graph build + compute alone (one lookup, whatever the size). Both cached
 reruns, ours and graphchain's, run in a new interpreter, as a rerun of a pipeline script does.
+
+graphchain runs in its own venv, ``benchmarks/.peers/graphchain/`` (ignored by git), made on the
+first run with pip (network access to PyPI, about 20 s): graphchain 1.3 pins ``cloudpickle<3``, which
+this project cannot install beside itself, and pip picks the newest dask that allows it there. Its
+first run and its rerun are each a new interpreter of that venv, timed around ``graphchain.get``
+alone, on the same tuple graph as plain dask's (``_dict_graph``, its source sent along). Delete the
+folder to rebuild the venv; ``GRAPHCHAIN`` says what is installed in it.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import operator
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,10 +31,13 @@ import kachery_tasks as kt
 from kachery_tasks import config
 from kachery_tasks.dask.graph import build_graph
 
-from ._common import row
+from ._common import json_from, peer_python, row
 
 #: 100k leaves take minutes for the first run on 2 cores (a signed record per node); scaled down.
 LEAVES = int(os.environ.get("KT_BENCH_DASK_LEAVES", "20000"))
+
+#: What graphchain's own venv holds: the last release; pip resolves its pinned dependencies.
+GRAPHCHAIN = ("graphchain==1.3.0",)
 
 
 @kt.pure
@@ -87,9 +96,7 @@ def _fresh(function: str, *args) -> dict:
     life: its heap holds none of the first run's objects, which Python's cyclic collector would
     otherwise scan again and again while the pipeline is declared (5.7 against 12.3 µs per node)."""
     code = f"import json, benchmarks.dask as b; print(json.dumps(b.{function}(*{args!r})))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from(sys.executable, code, cwd=Path(__file__).resolve().parents[1])
 
 
 def _rerun(home: str, n: int) -> dict:
@@ -107,13 +114,23 @@ def _rerun(home: str, n: int) -> dict:
     return {"declare_s": declare_s, "build_s": build_s, "compute_s": compute_s, "value": value, **counts}
 
 
-def _graphchain_rerun(location: str, n: int) -> dict:
-    import graphchain
-
-    graph, out = _dict_graph(n)
-    t = time.perf_counter()
-    value = graphchain.get(dict(graph), out, location=location)
-    return {"seconds": time.perf_counter() - t, "value": value}
+def _graphchain(python: Path, location: str, n: int) -> dict:
+    """One ``graphchain.get`` of the fan-in graph with its cache in ``location``, in a new
+    interpreter of graphchain's venv (which has neither kachery_tasks nor this package: the graph
+    builder goes along as source). The first call computes and stores, the next one loads."""
+    code = "\n".join([
+        "import json, operator, time",
+        "from importlib.metadata import version",
+        "import graphchain",
+        inspect.getsource(_dict_graph),
+        f"graph, out = _dict_graph({n!r})",
+        "t = time.perf_counter()",
+        f"value = graphchain.get(graph, out, location={location!r})",
+        "seconds = time.perf_counter() - t",
+        'print(json.dumps({"seconds": seconds, "value": value, "graphchain": version("graphchain"), '
+        '"dask": version("dask")}))',
+    ])
+    return json_from(python, code)
 
 
 def _settle() -> None:
@@ -152,24 +169,21 @@ def run() -> list[dict]:
         assert dask.get(graph, out) == expected
         plain_s = time.perf_counter() - t
         gc_first = gc_rerun = None
-        gc_note = "graphchain not importable"
         try:
-            import graphchain
-
+            python = peer_python("graphchain", GRAPHCHAIN)
             gdir = tempfile.mkdtemp(prefix="kt-bench-graphchain-")
             try:
                 _settle()
-                t = time.perf_counter()
-                assert graphchain.get(dict(graph), out, location=gdir) == expected
-                gc_first = time.perf_counter() - t
-                cached_run = _fresh("_graphchain_rerun", gdir, n)
-                assert cached_run["value"] == expected
-                gc_rerun = cached_run["seconds"]
-                gc_note = "graphchain 1.3 (pip --no-deps), tuple graph"
+                first_run = _graphchain(python, gdir, n)
+                cached_run = _graphchain(python, gdir, n)
+                assert first_run["value"] == expected and cached_run["value"] == expected
+                gc_first, gc_rerun = first_run["seconds"], cached_run["seconds"]
+                gc_note = (f"graphchain {first_run['graphchain']} with dask {first_run['dask']} "
+                           "(its own venv, benchmarks/.peers), tuple graph")
             finally:
                 shutil.rmtree(gdir, ignore_errors=True)
-        except Exception as exc:  # graphchain pins python<3.11 and predates TaskSpec
-            gc_note = f"graphchain failed: {type(exc).__name__}: {exc}"[:120]
+        except Exception as exc:  # no network for its venv, or graphchain's own failure: said in the row
+            gc_note = f"graphchain failed: {type(exc).__name__}: {exc}"[:200]
         scale = f"{n} leaves, {nodes} nodes" + ("" if n >= 100_000 else " (scaled down from 100k leaves: 2 cores)")
         rows.append(row("dask fan-in: first run (declare + compute + record)", first_s, "graphchain.get",
                          gc_first, f"{scale}; {gc_note}"))
