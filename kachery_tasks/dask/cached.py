@@ -33,7 +33,7 @@ from ..tasks.settings import CallSettings
 from ..tasks.task import Job, Task
 from .frames import cached_frame
 from .graph import JobDelayed, JobTask, around_jobs, build_graph, job_key
-from .identify import check_inputs, graph_ids, toposort
+from .identify import check_inputs, graph_ids, stateful_regions, toposort
 
 log = logging.getLogger("kachery_tasks.dask")
 
@@ -132,8 +132,12 @@ def _graph_of(collection: Any) -> tuple[Any, dict[Any, GraphNode], list]:
     if not isinstance(collection, Delayed) and not hasattr(collection, "__dask_postpersist__"):
         raise TypeError(f"cached() takes a dask collection, not {type(collection).__name__}")
     (opt,) = dask.optimize(collection)
-    graph = dict(opt.__dask_graph__())
-    dsk = convert_legacy_graph(graph)
+    dsk = convert_legacy_graph(dict(opt.__dask_graph__()))
+    if stateful_regions(dsk):
+        # Fusion puts what follows a disk shuffle inside the node that reads the shuffle's store,
+        # which runs every time: the graph as built keeps them apart, so what follows is cached.
+        opt = collection
+        dsk = convert_legacy_graph(dict(collection.__dask_graph__()))
     return opt, dsk, list(flatten(opt.__dask_keys__()))
 
 
@@ -145,6 +149,7 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
     reasons = {} if reasons is None else reasons
     inputs: dict[Any, tuple[tuple[str, str], ...]] = {}
     ids = graph_ids(dsk, reasons=reasons, inputs=inputs)
+    stateful = stateful_regions(dsk)  # run every time, never recorded (see identify.py)
     for key, why in list(reasons.items())[:20]:
         log.debug("cached(): %r is not cached: %s", key, why)
     if len(reasons) > 20:
@@ -168,13 +173,14 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
         if not all(d in jobs for d in deps):
             continue
         jid = ids[key] if not ns else hash_value(("kt1-dask-ns", ns, ids[key]))
-        is_data = isinstance(node, DataNode)
+        is_data = isinstance(node, DataNode) and key not in stateful
         spec = NodeSpec(jid, node, deps, min_seconds, is_data, inputs.get(key, ()))
         args: dict[str, Any] = {"node": spec}
         for i, dep in enumerate(deps):
             args[f"d{i}"] = jobs[dep]
         name = key_split(key) or "node"
-        job = Job(node_task(name, len(deps)), args, data_settings if is_data else settings)
+        uncached = is_data or key in stateful
+        job = Job(node_task(name, len(deps)), args, data_settings if uncached else settings)
         job._id = jid
         jobs[key] = job
     return jobs

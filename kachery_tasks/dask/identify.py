@@ -73,10 +73,28 @@ _CALLABLE_CACHE: IdentityMemo[Any] = IdentityMemo()
 
 
 def callable_identity(func: Any) -> Any:
-    """A canonical (hashable by ``hash_value``) stand-in for ``func``; raises Unidentifiable."""
-    if isinstance(func, functools.partial | itemgetter):  # made per chunk: don't hoard them
-        return _callable_identity(func)
-    return _CALLABLE_CACHE.get_or_compute(func, _callable_identity)
+    """A canonical (hashable by ``hash_value``) stand-in for ``func``; raises Unidentifiable.
+
+    Only identities that cannot change while the object lives are memoized here: builtins and
+    ufuncs, ``methodcaller`` and library callables, which count by name and package version. A
+    function's identity covers the values of the globals, closures and defaults it reads, which can
+    be rebound at any time; ``function_id`` keeps its own memo, checked against those values on every
+    call, so a function is identified through it each time, exactly as a ``@pure`` task's is."""
+    if _fixed_identity(func):
+        return _CALLABLE_CACHE.get_or_compute(func, _callable_identity)
+    return _callable_identity(func)
+
+
+def _fixed_identity(func: Any) -> bool:
+    """True for callables whose identity cannot change while they live: ``methodcaller`` and
+    builtins not bound to an object (a bound builtin, ``state.rand``, is identified with its
+    ``__self__``, which may change)."""
+    if isinstance(func, methodcaller):
+        return True
+    if not isinstance(func, _BUILTIN_CALLABLES):
+        return False
+    self_ = getattr(func, "__self__", None)
+    return self_ is None or isinstance(self_, types.ModuleType | type)
 
 
 def _callable_identity(func: Any) -> Any:
@@ -431,6 +449,96 @@ def keyed_by_name(dsk: Mapping[Any, GraphNode]) -> dict[Any, str]:
     return keep
 
 
+# -- nodes that share state outside the graph: the disk shuffle ------------------------------------
+def _creates_state(node: GraphNode) -> bool:
+    """True for a node that makes a store its dependents write to and read from (a partd store:
+    the disk shuffle of bags and DataFrames on the local schedulers)."""
+    if not isinstance(node, Task):
+        return False
+    stack: list[Any] = [node]
+    while stack:
+        task = stack.pop()
+        func = task.func
+        module = getattr(func, "__module__", None) or type(func).__module__ or ""
+        if module == "partd" or module.startswith("partd.") or type(func).__name__ == "maybe_buffered_partd":
+            return True
+        stack.extend(a for a in (*task.args, *task.kwargs.values()) if isinstance(a, Task))
+    return False
+
+
+def stateful_regions(dsk: Mapping[Any, GraphNode]) -> dict[Any, frozenset]:
+    """Each node that takes part in a side effect outside the graph, with the whole region it
+    belongs to: a store-making node (:func:`_creates_state`), the nodes that are handed the store
+    (they append to it or read from it), and the nodes between them that depend on region nodes
+    only (the barrier that orders writes before reads).
+
+    Such nodes must run every time, in their graph, together: a store loaded from an earlier run,
+    or a read skipped because its output was cached while the writes still run, hands other data to
+    the readers (dask's disk ``groupby`` returned groups of another test's data that way). What
+    feeds the region and what follows it are ordinary nodes and stay cached: the readers' outputs
+    are a function of what was written, so :func:`graph_ids` gives them ids from that."""
+    if "partd" not in sys.modules:  # no store of this kind can exist before partd is imported
+        return {}
+    stores = [k for k, node in dsk.items() if _creates_state(node)]
+    if not stores:
+        return {}
+    dependents: dict[Any, list] = {}
+    for key, node in dsk.items():
+        for dep in node.dependencies:
+            dependents.setdefault(dep, []).append(key)
+    found: dict[Any, frozenset] = {}
+    for store in stores:
+        if store in found:
+            continue
+        region = {store, *dependents.get(store, ())}
+        grew = True
+        while grew:  # nodes fed by the region only that feed it in turn (barriers) join it
+            grew = False
+            for member in list(region):
+                for dep in dependents.get(member, ()):
+                    if dep not in region and dsk[dep].dependencies <= region and any(
+                            d in region for d in dependents.get(dep, ())):
+                        region.add(dep)
+                        grew = True
+        frozen = frozenset(region)
+        for member in frozen:
+            found[member] = frozen
+    return found
+
+
+_REGION = _Ref("region")
+
+
+def _region_ids(dsk: Mapping[Any, GraphNode], region: frozenset, ids: Mapping[Any, str]) -> dict[Any, str]:
+    """Ids of a stateful region's nodes, from the ids of what feeds it.
+
+    Each node's form is its canonical form with references inside the region replaced by one
+    marker; the region's id is the hash of the sorted hashes of all its forms, so it covers every
+    write into the store (what the readers' outputs are made of). A node's id is (region id, its
+    form, the rank among equal forms): two regions fed different data never share an id, and two
+    writers that look alike stay two nodes, as they are two appends."""
+    local = {k: (_REGION.id if k in region else v) for k, v in ids.items()}
+    for key in region:
+        local[key] = _REGION.id
+    forms: dict[Any, str] = {}
+    for key in region:
+        node = dsk[key]
+        missing = [d for d in node.dependencies if d not in local]
+        if missing:
+            raise Unidentifiable(f"it shares a store with nodes fed by {missing[0]!r}, which has no id")
+        if _creates_state(node):
+            forms[key] = hash_value((SCHEME, "store", str(type(node.func).__qualname__)))
+            continue
+        forms[key] = hash_value((SCHEME, node_identity(node, local)))
+    region_id = hash_value((SCHEME, "region", sorted(forms.values())))
+    rank: dict[str, int] = {}
+    out: dict[Any, str] = {}
+    for key in sorted(region, key=lambda k: (forms[k], str(k))):
+        n = rank[forms[key]] = rank.get(forms[key], -1) + 1
+        out[key] = hash_value((SCHEME, "in-region", region_id, forms[key], n))
+    return out
+
+
 def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = None,
               reasons: dict[Any, str] | None = None,
               inputs: dict[Any, tuple[tuple[str, str], ...]] | None = None) -> dict[Any, str]:
@@ -440,14 +548,23 @@ def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = No
     The nodes of :func:`keyed_by_name` get none, so no caller turns them into content-keyed jobs."""
     ids: dict[Any, str] = dict(known or {})
     pinned = keyed_by_name(dsk)
+    regions = stateful_regions(dsk)
     outer = _INPUTS.get()  # identifying a fused task: its inner reads are the task's own
-    for key in toposort(dsk):
+    for key in toposort(dsk, regions):
         if key in ids:
             continue
         why = pinned.get(key)
         if why is not None:
             if reasons is not None:
                 reasons[key] = why
+            continue
+        region = regions.get(key)
+        if region is not None:  # the whole region at once, when its first node comes
+            try:
+                ids.update(_region_ids(dsk, region, ids))
+            except (Unidentifiable, UnhashableArgument) as exc:
+                if reasons is not None:
+                    reasons.update(dict.fromkeys(region, str(exc)))
             continue
         found: list[tuple[str, str]] = []
         token = _INPUTS.set(found)
@@ -467,21 +584,33 @@ def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = No
     return ids
 
 
-def toposort(dsk: Mapping[Any, GraphNode]) -> list[Any]:
-    """Keys of ``dsk`` with every dependency before its dependents (iterative: no recursion limit)."""
+def toposort(dsk: Mapping[Any, GraphNode], regions: Mapping[Any, frozenset] | None = None) -> list[Any]:
+    """Keys of ``dsk`` with every dependency before its dependents (iterative: no recursion limit).
+
+    With ``regions`` (:func:`stateful_regions`), every node of a region comes after everything
+    that feeds any node of it, so the region can be identified as a whole when its first node comes.
+    """
+    feeds: dict[frozenset, frozenset] = {}
+    for region in set((regions or {}).values()):
+        feeds[region] = frozenset(d for k in region for d in dsk[k].dependencies if d not in region)
+
+    def deps_of(key: Any) -> Iterable[Any]:
+        region = regions.get(key) if regions else None
+        return dsk[key].dependencies if region is None else (*feeds[region], *dsk[key].dependencies)
+
     order: list[Any] = []
     state: dict[Any, int] = {}
     for root in dsk:
         if root in state:
             continue
-        stack = [(root, iter(dsk[root].dependencies))]
+        stack = [(root, iter(deps_of(root)))]
         state[root] = 1
         while stack:
             key, deps = stack[-1]
             for dep in deps:
                 if dep in dsk and dep not in state:
                     state[dep] = 1
-                    stack.append((dep, iter(dsk[dep].dependencies)))
+                    stack.append((dep, iter(deps_of(dep))))
                     break
             else:
                 stack.pop()

@@ -582,8 +582,11 @@ def function_id(
         return hit[1]
     if not _is_user(func.__module__):
         top, ver = package_version(func.__module__)
-        fid = FunctionId(fname, ver, {top: ver})
-        watch: list[tuple] = []
+        if _named_uniquely(func):
+            fid = FunctionId(fname, ver, {top: ver})
+            watch: list[tuple] = []
+        else:
+            fid, watch = _local_library_function(func, fname, top, ver)
     else:
         walk = _Walk(ignore)
         walk.function(func)
@@ -591,6 +594,37 @@ def function_id(
         watch = walk.watch
     _FID_CACHE[ckey] = (func, fid, watch)
     return fid
+
+
+def _named_uniquely(func: types.FunctionType) -> bool:
+    """True if ``module.qualname`` names one function: not a lambda, not a function defined inside
+    another (two lambdas in one function, or one nested function made with different closures,
+    share a qualname)."""
+    qualname = func.__qualname__
+    return "<lambda>" not in qualname and "<locals>" not in qualname
+
+
+def _local_library_function(func: types.FunctionType, fname: str, top: str,
+                            ver: str) -> tuple[FunctionId, list[tuple]]:
+    """A lambda or nested function of a library: the package version, plus its own code and the
+    values it closes over and defaults to, which its name does not determine. What it reaches
+    through its module's globals is library code, counted by the version."""
+    watch: list[tuple] = [("k", func, func.__code__, func.__defaults__, func.__kwdefaults__)]
+    cells = []
+    for var, cell in zip(func.__code__.co_freevars, func.__closure__ or (), strict=False):
+        try:
+            obj = cell.cell_contents
+        except ValueError:
+            obj = _MISSING
+        watch.append(("c", cell, obj))
+        cells.append((var, None if obj is _MISSING else obj))
+    try:
+        h = hash_value(("kt1-library-local", ver, _static(func).own_hash, tuple(cells),
+                        func.__defaults__ or (), func.__kwdefaults__ or {}))
+    except UnhashableArgument as err:
+        raise UnhashableArgument(f"{fname} is a lambda or nested function of {top} whose closure or "
+                                 f"defaults have no canonical encoding ({err})") from None
+    return FunctionId(fname, h, {top: ver}), watch
 
 
 def class_id(cls: type) -> FunctionId:

@@ -1,0 +1,181 @@
+"""cached() never gives a false hit: functions identified as tasks identify them, library lambdas
+told apart, side effects outside the graph (the disk shuffle) run every time, results handed out
+writable, and every output key a function of content.
+
+Each test here failed before its fix (issue 19)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import dask
+import dask.array as da
+import dask.bag as db
+import pytest
+from execution_log import note, runs
+
+import kachery_tasks as kt
+from kachery_tasks import config
+from kachery_tasks.dask import cached
+from kachery_tasks.hashing import function_id
+
+
+@pytest.fixture
+def module_dir(tmp_path: Path):
+    """A directory on sys.path for modules written by the test; they are forgotten afterwards."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(tmp_path))
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in set(sys.modules) - before:
+        sys.modules.pop(name, None)
+
+
+def _write(directory: Path, name: str, source: str) -> None:
+    (directory / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+# -- 1. a rebound global is seen by cached() as by @pure -------------------------------------------
+SCALED = """
+    SCALE = 3
+    def scaled(xs):
+        return [x * SCALE for x in xs]
+"""
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_cached_sees_a_module_constant_rebound_in_the_running_process(module_dir, scheduler):
+    _write(module_dir, "modx_c", SCALED)
+    import modx_c
+
+    assert cached(dask.delayed(modx_c.scaled, pure=True)([1.0, 2.0])).compute(scheduler=scheduler) == [3.0, 6.0]
+    modx_c.SCALE = 4
+    assert cached(dask.delayed(modx_c.scaled, pure=True)([1.0, 2.0])).compute(scheduler=scheduler) == [4.0, 8.0]
+    modx_c.SCALE = 3  # and back: the first record is found again
+    assert cached(dask.delayed(modx_c.scaled, pure=True)([1.0, 2.0])).compute(scheduler=scheduler) == [3.0, 6.0]
+
+
+def test_cached_array_sees_a_rebound_constant(module_dir):
+    _write(module_dir, "modx_a", """
+        SCALE = 3
+        def scaled(block):
+            return block * SCALE
+    """)
+    import modx_a
+
+    x = da.ones(4, chunks=2)
+    assert cached(x.map_blocks(modx_a.scaled)).compute().tolist() == [3.0] * 4
+    modx_a.SCALE = 4
+    assert cached(x.map_blocks(modx_a.scaled)).compute().tolist() == [4.0] * 4
+
+
+def test_task_delayed_sees_a_rebound_constant(module_dir):
+    _write(module_dir, "modx_t", SCALED)
+    import modx_t
+
+    scaled = kt.pure(modx_t.scaled)
+    assert scaled.delayed([1.0, 2.0]).compute() == [3.0, 6.0]
+    assert cached(dask.delayed(scaled)([1.0, 2.0])).compute() == [3.0, 6.0]
+    modx_t.SCALE = 4
+    assert scaled.delayed([1.0, 2.0]).compute() == [4.0, 8.0]
+    assert cached(dask.delayed(scaled)([1.0, 2.0])).compute() == [4.0, 8.0]
+
+
+def test_cached_sees_a_rebound_closure_and_default(module_dir):
+    _write(module_dir, "modx_k", """
+        def make(k):
+            def times(x, bias=0):
+                return x * k + bias
+            return times
+    """)
+    import modx_k
+
+    f = modx_k.make(2)
+    assert cached(dask.delayed(f, pure=True)(5)).compute() == 10
+    f.__closure__[0].cell_contents = 3
+    assert cached(dask.delayed(f, pure=True)(5)).compute() == 15
+    f.__defaults__ = (1,)
+    assert cached(dask.delayed(f, pure=True)(5)).compute() == 16
+
+
+# -- 2a. library lambdas that share a qualname -----------------------------------------------------
+LIBRARY = """
+    def pair():
+        return (lambda x: tuple(), lambda x: (1, -1))
+
+    def adder(k):
+        def add(x):
+            return x + k
+        return add
+"""
+
+
+@pytest.fixture
+def library(tmp_path: Path):
+    """A module installed under a site-packages directory: library code, counted by version."""
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    _write(site, "libx_trust", LIBRARY)
+    sys.path.insert(0, str(site))
+    import libx_trust
+
+    yield libx_trust
+    sys.path.remove(str(site))
+    sys.modules.pop("libx_trust", None)
+
+
+def test_library_lambdas_of_one_function_have_different_ids(library):
+    first, second = library.pair()
+    assert first.__qualname__ == second.__qualname__  # what made them collide
+    assert function_id(first) != function_id(second)
+    assert function_id(library.adder(1)) != function_id(library.adder(2))  # closures differ
+    assert function_id(library.adder(1)) == function_id(library.adder(1))
+    assert function_id(library.pair) == function_id(library.pair)  # named functions: by version
+
+
+def test_library_lambdas_in_cached_and_in_task_arguments(library):
+    first, second = library.pair()
+    assert cached(dask.delayed(second, pure=True)(1)).compute() == (1, -1)
+    assert cached(dask.delayed(first, pure=True)(1)).compute() == ()  # was (1, -1): a false hit
+
+    @kt.pure
+    def apply(f, x):
+        return f(x)
+
+    assert apply(second, 1) == (1, -1)
+    assert apply(first, 1) == ()
+    assert apply(library.adder(1), 1) == 2
+    assert apply(library.adder(5), 1) == 6
+
+
+# -- 2b. the disk shuffle: partd state outside the graph ---------------------------------------------
+def _grouped(n: int, log: str):
+    def key(x):
+        return x % 3
+
+    def total(kv):
+        note(log, "total")
+        return (kv[0], sum(kv[1]))
+
+    return db.from_sequence(range(n), npartitions=3).groupby(key, shuffle="disk").map(total)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_disk_groupby_runs_its_shuffle_every_time_and_caches_what_follows(tmp_path, scheduler):
+    log = str(tmp_path / "log")
+    with config.set(dask_min_seconds=0.0):
+        for _ in range(2):
+            b = db.from_sequence(range(10), npartitions=3)
+            got = dict(cached(b.groupby(lambda x: x % 3, shuffle="disk")).compute(scheduler=scheduler))
+            assert {k: sorted(v) for k, v in got.items()} == {0: [0, 3, 6, 9], 1: [1, 4, 7], 2: [2, 5, 8]}
+        assert sorted(cached(_grouped(10, log)).compute(scheduler=scheduler)) == [(0, 18), (1, 12), (2, 15)]
+        assert runs(log) == ["total"] * 3
+        # other data through the same shuffle: other results, never the first run's
+        assert sorted(cached(_grouped(20, log)).compute(scheduler=scheduler)) == [(0, 63), (1, 70), (2, 57)]
+        assert runs(log) == ["total"] * 6
+        # the same data again: what follows the shuffle comes from the store, nothing recomputed
+        assert sorted(cached(_grouped(20, log)).compute(scheduler=scheduler)) == [(0, 63), (1, 70), (2, 57)]
+        assert runs(log) == ["total"] * 6
+
