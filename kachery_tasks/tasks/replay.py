@@ -15,6 +15,7 @@ import base64
 import importlib
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 import cloudpickle
@@ -80,26 +81,58 @@ def _import_module(module_name: str, name: str | None) -> Any:
         raise NotReplayable(f"cannot import module {module_name!r} ({type(exc).__name__}: {message})", name) from None
 
 
+def task_key(record: dict[str, Any]) -> tuple[str | None, ...]:
+    """What names a record's function for importing it: module, qualname, and a script's path
+    (two scripts' functions are both ``__main__.<name>``)."""
+    function = record.get("function", {})
+    origin = function.get("origin") or {}
+    return (function.get("module"), function.get("qualname"), origin.get("path"))
+
+
+def import_task_memo(record: dict[str, Any], tasks: dict[tuple, Task | NotReplayable]) -> Task:
+    """``import_task``, once per function for a batch of records (``stale()`` rebuilds every
+    record in a store; importing again per record cost more than reading it). A failure is kept
+    too, and raised again for the function's other records."""
+    key = task_key(record)
+    task = tasks.get(key)
+    if task is None:
+        try:
+            task = tasks[key] = import_task(record)
+        except NotReplayable as exc:
+            tasks[key] = exc
+            raise
+    if isinstance(task, NotReplayable):
+        raise task
+    return task
+
+
 def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSettings | None = None,
-                    _seen: dict[str, Job] | None = None) -> Job:
-    """The call a record describes, rebuilt under the code of now (upstream jobs included)."""
+                    _seen: dict[str, Job] | None = None,
+                    _tasks: dict[tuple, Task | NotReplayable] | None = None) -> Job:
+    """The call a record describes, rebuilt under the code of now (upstream jobs included).
+
+    ``_seen`` (jobs by recorded id) and ``_tasks`` (``import_task_memo``) are shared by callers that
+    rebuild many records at once."""
     seen = {} if _seen is None else _seen
     if record["task_id"] in seen:
         return seen[record["task_id"]]
-    task = import_task(record)
+    task = import_task(record) if _tasks is None else import_task_memo(record, _tasks)
     args = {}
     for name, entry in record.get("args", {}).items():
-        args[name] = _argument(store, name, entry, settings, seen)
-    missing = set(task.signature.parameters) - set(args)
-    if missing:
+        args[name] = _argument(store, name, entry, settings, seen, _tasks)
+    if not task.signature.parameters.keys() <= args.keys():
+        missing = set(task.signature.parameters) - set(args)
         raise NotReplayable(f"the function now takes {sorted(missing)}, which the record lacks", task.name)
     base = settings or CallSettings.current()
-    job = Job(task, args, CallSettings(**{**base.as_config(), "namespace": record.get("namespace", "")}))
+    namespace = record.get("namespace", "")
+    if base.namespace != namespace:
+        base = replace(base, namespace=namespace)
+    job = Job(task, args, base)
     seen[record["task_id"]] = job
     return job
 
 
-def _argument(store: LocalStore, name: str, entry: dict[str, Any], settings, seen) -> Any:
+def _argument(store: LocalStore, name: str, entry: dict[str, Any], settings, seen, tasks) -> Any:
     if "json" in entry:
         return entry["json"]
     if "file" in entry:
@@ -108,7 +141,7 @@ def _argument(store: LocalStore, name: str, entry: dict[str, Any], settings, see
         upstream = store.records.read(entry["job"]) or store.records.read_failure(entry["job"])
         if upstream is None:
             raise NotReplayable(f"argument {name!r}: upstream task {entry['job']} has no record")
-        return job_from_record(store, upstream, settings, seen)
+        return job_from_record(store, upstream, settings, seen, tasks)
     if "pickle" in entry:
         return cloudpickle.loads(base64.b64decode(entry["pickle"]))
     raise NotReplayable(f"argument {name!r} was not kept ({entry.get('omitted', 'too large')})")

@@ -9,18 +9,23 @@ from is stale), and the same call under the code of now has no record yet. Recor
 from __future__ import annotations
 
 import fnmatch
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .. import config
-from ..store.local import LocalStore, current_store
+from ..hashing import FunctionId
+from ..store.local import LocalStore, current_store, store_for
 from .explain import code_changes
-from .replay import NotReplayable, import_task, job_from_record
+from .replay import NotReplayable, import_task_memo, job_from_record, task_key
 from .resolver import compute, has_result
 from .results import load_result
-from .task import Job
+from .settings import CallSettings
+from .task import Job, Task
 
 
 @dataclass
@@ -61,62 +66,124 @@ class StaleReport:
 
 
 def stale(function: str | None = None, store: LocalStore | None = None) -> StaleReport:
-    """Stale records in the namespace in force, optionally only functions matching ``function``."""
+    """Stale records in the namespace in force, optionally only functions matching ``function``.
+
+    Python's cyclic collector is paused while the report is made (``_collector_paused``).
+
+    Every record is read, so what is the same for all records of one function is worked out once
+    per call: its import, its function id now (the code and globals do not change while the report
+    runs), and the reason for each recorded code hash. The call under the code of now is looked up
+    on disk only if the scan saw a record with its id: the scan is the report's snapshot of the store.
+    """
+    with _collector_paused():
+        return _stale(function, store)
+
+
+def _stale(function: str | None, store: LocalStore | None) -> StaleReport:
     store = store or current_store()
     namespace = config.get("namespace")
     records = {r["task_id"]: r for r in store.records.iter_records() if r.get("namespace", "") == namespace}
-    report = StaleReport()
-    verdicts: dict[str, str | None] = {}
-    tasks_now: dict[tuple[str | None, ...], Any] = {}
-
-    def verdict(task_id: str) -> str | None:
-        if task_id in verdicts:
-            return verdicts[task_id]
-        verdicts[task_id] = None  # cycles cannot occur in ids, but never recurse twice
-        record = records.get(task_id)
-        if record is None:
-            return None
-        function = record["function"]
-        origin = function.get("origin") or {}
-        key = (function.get("module"), function.get("qualname"), origin.get("path"))  # two scripts' __main__
-        if key not in tasks_now:
-            try:
-                tasks_now[key] = import_task(record)
-            except NotReplayable as exc:
-                tasks_now[key] = exc
-        task = tasks_now[key]
-        if isinstance(task, NotReplayable):
-            report.unimportable[function["name"]] = task.reason
-            return None
-        fid = task.function_id
-        reason = None
-        if fid.code_hash != function.get("code_hash"):
-            changes = code_changes(function.get("deps", {}), dict(fid.deps))
-            reason = "code: " + (", ".join(changes) if changes else "the function's own body")
-        else:
-            for up in record.get("upstream", []):
-                if verdict(up):
-                    reason = f"upstream {records[up]['function']['name']} {up[:12]} is stale"
-                    break
-        verdicts[task_id] = reason
-        return reason
-
+    scan = _Scan(records)
+    code_hashes = {r["function"].get("code_hash") for r in records.values()}
+    scanned_here = store_for(scan.settings.home) is store  # has_result looks in the home in force
+    report = scan.report
+    seen: dict[str, Job] = {}
     for task_id, record in records.items():
         name = record["function"]["name"]
         if function and not fnmatch.fnmatchcase(name, function) and function not in name:
             continue
-        reason = verdict(task_id)
+        reason = scan.verdict(task_id)
         if reason is None:
             continue
         try:
-            job = job_from_record(store, record)
+            job = job_from_record(store, record, scan.settings, seen, scan.tasks)
         except NotReplayable as exc:
             report.records.append(StaleRecord(task_id, name, reason, _wall(record), False, str(exc)))
             continue
-        if has_result(job):
+        fid = scan.ids_now[task_key(record)]
+        if _has_result_now(job, fid, records, code_hashes, scanned_here):
             continue  # the call under the code of now already has its record
         report.records.append(StaleRecord(task_id, name, reason, _wall(record), True))
     return report
+
+
+class _Scan:
+    """The verdicts of one report over a store's records, with what they share per function.
+
+    A class rather than closures: a closure that calls itself (``verdict`` recurses upstream)
+    is a reference cycle, which would keep every record alive until the cyclic collector ran.
+    """
+
+    def __init__(self, records: dict[str, dict[str, Any]]) -> None:
+        self.records = records
+        self.settings = CallSettings.current()
+        self.report = StaleReport()
+        self.verdicts: dict[str, str | None] = {}
+        self.tasks: dict[tuple, Task | NotReplayable] = {}  # import_task_memo's
+        self.ids_now: dict[tuple, FunctionId] = {}
+        self.reasons: dict[tuple, str] = {}
+
+    def function_now(self, key: tuple, record: dict[str, Any]) -> FunctionId | None:
+        """The function id now of a record's function, or None (said in ``unimportable``)."""
+        found = self.ids_now.get(key)
+        if found is None:
+            try:
+                task = import_task_memo(record, self.tasks)
+            except NotReplayable as exc:
+                self.report.unimportable[record["function"]["name"]] = exc.reason
+                return None
+            found = self.ids_now[key] = task.function_id
+        return found
+
+    def verdict(self, task_id: str) -> str | None:
+        """Why the record of ``task_id`` is stale, or None."""
+        verdicts = self.verdicts
+        if task_id in verdicts:
+            return verdicts[task_id]
+        verdicts[task_id] = None  # cycles cannot occur in ids, but never recurse twice
+        record = self.records.get(task_id)
+        if record is None:
+            return None
+        key = task_key(record)
+        fid = self.function_now(key, record)
+        if fid is None:
+            return None
+        function = record["function"]
+        recorded = function.get("code_hash")
+        reason = None
+        if fid.code_hash != recorded:
+            deps = function.get("deps", {})
+            memo = (key, recorded, tuple(deps.items()))
+            reason = self.reasons.get(memo)
+            if reason is None:
+                changes = code_changes(deps, dict(fid.deps))
+                reason = "code: " + (", ".join(changes) if changes else "the function's own body")
+                self.reasons[memo] = reason
+        else:
+            for up in record.get("upstream", []):
+                if self.verdict(up):
+                    reason = f"upstream {self.records[up]['function']['name']} {up[:12]} is stale"
+                    break
+        verdicts[task_id] = reason
+        return reason
+
+
+def _has_result_now(job: Job, fid: FunctionId, records: dict[str, Any], code_hashes: set,
+                    scanned_here: bool) -> bool:
+    """Whether the call under the code of now has its record, looked up only where one can be.
+
+    ``records`` is the report's scan of the store, ``code_hashes`` the code hashes its records
+    carry. A record of the call under the code of now carries that code's hash (``fid``'s): where
+    no scanned record does, there is none, and the new id need not even be computed; where one
+    does, only an id the scan saw is looked up on disk (and checked complete). A record written
+    after the scan is not seen, as it would not be had it come a moment later. A store other than
+    the home in force (``scanned_here`` False) is not what ``has_result`` looks in: asked as before.
+    """
+    if not scanned_here:
+        return has_result(job)
+    if fid.code_hash not in code_hashes:
+        return False
+    return job.id_under(fid) in records and has_result(job)
 
 
 def rerun(task_ids: list[str], store: LocalStore | None = None, *, use_dask: bool | None = None) -> list[str]:
@@ -205,6 +272,29 @@ def _compare(task_id: str, name: str, recorded: Any, fresh: Any, rtol: float | N
     if declared and np.allclose(a, b, rtol=rtol or 0.0, atol=atol or 0.0, equal_nan=True):
         return RecheckResult(task_id, name, True, f"within tolerance (max difference {diff:.3g})")
     return RecheckResult(task_id, name, False, f"max difference {diff:.3g}")
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration, if it was on.
+
+    Why: a report holds every record of the store at once (100k records are ~1.5M dicts and lists)
+    and the collector, triggered by allocations, scans that growing heap again and again while it
+    is read: half of the time of reading them. Nothing the report allocates is cyclic garbage
+    (parsed JSON trees, jobs, report rows), so the pause frees nothing later than it would be.
+    Safe because it is scoped and bounded: reference counting still frees everything that is not
+    in a cycle at once, any cycle made meanwhile (say, by importing a user's module) is collected
+    at the next collection after the pause, and a collector the caller had turned off stays off.
+    Other threads share the switch: for the length of the report they, too, only defer cycles.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _wall(record: dict[str, Any]) -> float:

@@ -265,6 +265,14 @@ class Job:
             self._id = task_id(self.task.kind, self.task.function_id, self.args, self.settings.namespace)
         return self._id
 
+    def id_under(self, function_id: FunctionId) -> str:
+        """The id, given the task's function id as it is now. A report over many records of one
+        function (``stale()``) identifies the function once, not once per record; the id is the
+        one ``id`` gives while the code and the globals it reads stay the same."""
+        if self._id is None:
+            self._id = task_id(self.task.kind, function_id, self.args, self.settings.namespace)
+        return self._id
+
     @property
     def kind(self) -> str:
         return self.task.kind
