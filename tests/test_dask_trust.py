@@ -13,6 +13,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import dask.bag as db
+import numpy as np
 import pytest
 from execution_log import note, runs
 
@@ -179,3 +180,31 @@ def test_disk_groupby_runs_its_shuffle_every_time_and_caches_what_follows(tmp_pa
         assert sorted(cached(_grouped(20, log)).compute(scheduler=scheduler)) == [(0, 63), (1, 70), (2, 57)]
         assert runs(log) == ["total"] * 6
 
+
+
+# -- 2c. arrays come back as writable ndarrays ---------------------------------------------------------
+def test_a_pure_array_result_is_a_writable_ndarray_on_every_hit():
+    @kt.pure
+    def ramp(n):
+        return np.arange(n, dtype=np.float64)
+
+    first = ramp(1000)
+    first += 1  # the computing call's own array
+    for _ in range(2):  # a store hit, then a memory hit
+        again = ramp(1000)
+        assert type(again) is np.ndarray
+        again += 1  # raised "output array is read-only" on a hit
+        assert again[0] == 1.0 and again[-1] == 1000.0  # private: no earlier write shows
+    from kachery_tasks.tasks import MEMORY
+
+    MEMORY.clear()
+    assert ramp(1000)[0] == 0.0  # the blob itself never changed
+
+
+def test_cached_dask_array_chunks_are_ndarrays():
+    with config.set(dask_min_seconds=0.0):
+        x = da.arange(8, chunks=4, dtype=np.float64) * 2
+        assert type(cached(x).compute()) is np.ndarray
+        assert type(cached(x).compute()) is np.ndarray  # from the store
+        blocks = cached(x).blocks[0].compute()
+        blocks += 1

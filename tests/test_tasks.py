@@ -86,7 +86,7 @@ def test_jobs_are_merkle_and_nothing_runs(home, tmp_path):
     assert total.job(source.job(10)).id == job.id
 
 
-def test_npy_results_come_back_memory_mapped(home):
+def test_npy_results_come_back_mapped_copy_on_write(home):
     @pure
     def ramp(n):
         return np.arange(n, dtype=np.float64)
@@ -95,9 +95,12 @@ def test_npy_results_come_back_memory_mapped(home):
     assert isinstance(first, np.ndarray)
     MEMORY.clear()
     again = ramp(100_000)
-    assert isinstance(again, np.memmap)
-    assert not again.flags.writeable
+    assert type(again) is np.ndarray and again.flags.writeable  # as on the computing call
+    assert isinstance(again.base, np.memmap) and again.base.mode == "c"  # loaded by a private map
     np.testing.assert_array_equal(again, np.arange(100_000, dtype=np.float64))
+    again[:] = -1
+    MEMORY.clear()
+    np.testing.assert_array_equal(ramp(100_000), np.arange(100_000, dtype=np.float64))  # blob untouched
 
 
 def test_results_of_every_codec_round_trip(home):

@@ -48,17 +48,18 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 class NodeSpec:
     """One node of a dask graph, as the argument of its job: hashed by its Merkle id only."""
 
-    __slots__ = ("id", "node", "dep_keys", "min_seconds", "is_data", "inputs")
+    __slots__ = ("id", "node", "dep_keys", "min_seconds", "is_data", "inputs", "always_run")
     __kachery_type__ = "kachery_tasks.dask.Node"
 
     def __init__(self, id_: str, node: GraphNode, dep_keys: tuple, min_seconds: float, is_data: bool,
-                 inputs: tuple[tuple[str, str], ...] = ()):
+                 inputs: tuple[tuple[str, str], ...] = (), always_run: bool = False):
         self.id = id_
         self.node = node
         self.dep_keys = dep_keys
         self.min_seconds = min_seconds
         self.is_data = is_data
         self.inputs = inputs  # files the node reads, with the content hashes its id was made from
+        self.always_run = always_run  # shares state outside the graph: run every time, never recorded
 
     def __kachery_canon__(self) -> str:
         return self.id
@@ -155,6 +156,7 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
     if len(reasons) > 20:
         log.debug("cached(): %d more nodes are not cached", len(reasons) - 20)
     jobs: dict[Any, Job] = {}
+    by_id: dict[str, Job] = {}
     ns = settings.namespace
     data_settings = replace(settings, cache=False)
     for key in toposort(dsk):
@@ -173,16 +175,19 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
         if not all(d in jobs for d in deps):
             continue
         jid = ids[key] if not ns else hash_value(("kt1-dask-ns", ns, ids[key]))
+        same = by_id.get(jid)
+        if same is not None:  # the same content under another dask key: one job, one graph key
+            jobs[key] = same
+            continue
         is_data = isinstance(node, DataNode) and key not in stateful
-        spec = NodeSpec(jid, node, deps, min_seconds, is_data, inputs.get(key, ()))
+        spec = NodeSpec(jid, node, deps, min_seconds, is_data, inputs.get(key, ()), key in stateful)
         args: dict[str, Any] = {"node": spec}
         for i, dep in enumerate(deps):
             args[f"d{i}"] = jobs[dep]
         name = key_split(key) or "node"
-        uncached = is_data or key in stateful
-        job = Job(node_task(name, len(deps)), args, data_settings if uncached else settings)
+        job = Job(node_task(name, len(deps)), args, data_settings if is_data else settings)
         job._id = jid
-        jobs[key] = job
+        jobs[key] = by_id[jid] = job
     return jobs
 
 

@@ -88,7 +88,10 @@ def _node_spec(job: Job) -> Any:
 
 def _prunable(job: Job) -> bool:
     s = job.settings
-    return job.kind == "pure" and s.cache and not s.force
+    if not (job.kind == "pure" and s.cache and not s.force):
+        return False
+    spec = _node_spec(job)
+    return spec is None or not spec.always_run
 
 
 def _stub(job: Job, stubs: dict[str, Job]) -> Job:
@@ -245,8 +248,12 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
 
     upstream = dict(zip(ids, values, strict=True))
     start = time.perf_counter()
+    spec = _node_spec(job)
+    if spec is not None and spec.always_run:  # state outside the graph: run here, never recorded
+        from ..tasks.resolver import compute
+
+        return compute(job, upstream=upstream)
     with entered(job):
-        spec = _node_spec(job)
         missed = False
         if _prunable(job):  # recorded since the graph was built (another graph, another cluster)
             found = lookup(job, store_for(job.settings.home))

@@ -1,7 +1,8 @@
 """The memory tier: a per-process LRU of results, bounded in bytes, in front of the store.
 
-It holds what is safe to hand out twice: encoded bytes (decoded afresh at each hit, so a caller
-that mutates its result cannot damage the cache) and read-only memory maps.
+It holds what can make a fresh value per hit, so a caller that mutates its result cannot damage
+the cache: encoded bytes (decoded afresh) and the paths of verified ``.npy`` blobs (mapped afresh,
+copy-on-write).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ class Loaded:
     """A decoded result plus what the memory tier should keep to serve it again."""
 
     value: Any
-    memo: tuple[str, Any]  # ("json"|"pickle", bytes) decoded afresh per hit, or ("value", read-only value)
+    memo: tuple[str, Any]  # ("json"|"pickle", bytes) decoded afresh per hit, ("npy", blob path) mapped
+    # afresh per hit: every hit gets a value of its own
     nbytes: int
 
 
@@ -90,8 +91,8 @@ def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
     digest = parse_file_uri(result["uri"]).sha256
     try:
         if codec == "npy":
-            array = np.load(blobs.verified_path(digest), mmap_mode="r", allow_pickle=False)
-            return Loaded(array, ("value", array), 4096)
+            path = str(blobs.verified_path(digest))
+            return Loaded(private_array(path), ("npy", path), 4096)
         data = blobs.read_bytes(digest)
     except (NotFoundError, IntegrityError) as exc:
         raise IncompleteRecord(str(exc)) from None
@@ -100,10 +101,20 @@ def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
     return Loaded(decode_pickle(data), ("pickle", data), len(data))
 
 
+def private_array(path: str) -> np.ndarray:
+    """The array of a verified ``.npy`` blob as a plain, writable ``ndarray`` of the caller's own.
+
+    Mapped copy-on-write: loading takes milliseconds whatever the size, pages are read from the
+    blob only when touched, and a write goes to a private copy of its page, never to the blob (which
+    is read-only on disk anyway) nor to any other caller's array. A result is then the same type,
+    and as writable, on a hit as on the call that computed it (``result += 1`` works on both)."""
+    return np.load(path, mmap_mode="c", allow_pickle=False).view(np.ndarray)
+
+
 def from_memo(memo: tuple[str, Any]) -> Any:
     kind, payload = memo
     if kind == "json":
         return decode_json(payload)
     if kind == "pickle":
         return decode_pickle(payload)
-    return payload
+    return private_array(payload)  # "npy": a private map per hit, callers may write to it
