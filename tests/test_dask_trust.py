@@ -208,3 +208,73 @@ def test_cached_dask_array_chunks_are_ndarrays():
         assert type(cached(x).compute()) is np.ndarray  # from the store
         blocks = cached(x).blocks[0].compute()
         blocks += 1
+
+
+def test_disk_groupby_output_keys_follow_the_data():
+    with config.set(dask_min_seconds=0.0):
+        one = cached(db.from_sequence(range(10), npartitions=2).groupby(lambda x: x % 2, shuffle="disk"))
+        two = cached(db.from_sequence(range(12), npartitions=2).groupby(lambda x: x % 2, shuffle="disk"))
+        again = cached(db.from_sequence(range(10), npartitions=2).groupby(lambda x: x % 2, shuffle="disk"))
+    assert set(one.__dask_keys__()).isdisjoint(two.__dask_keys__())
+    assert one.__dask_keys__() == again.__dask_keys__()
+
+
+# -- 3. every output key of cached(collection) is a function of content -----------------------------
+def _negate(block):
+    return -block
+
+
+def _load(seed):
+    return np.random.default_rng(seed).random(6)
+
+
+def _keys(collection) -> list:
+    from dask.core import flatten
+
+    return list(flatten(collection.__dask_keys__()))
+
+
+def _array_named(x):
+    return da.from_array(x, chunks=4, name="input").map_blocks(_negate, name="negated").cumsum(axis=0)
+
+
+def _bag_named(xs):
+    import dask.bag.core as dbc
+    from dask.highlevelgraph import HighLevelGraph
+
+    graph = HighLevelGraph.from_collections("fixed-name", {("fixed-name", 0): xs}, dependencies=())
+    return dbc.Bag(graph, "fixed-name", 1).accumulate(lambda a, b: a + b)
+
+
+def _from_delayed(seed):
+    return da.from_delayed(dask.delayed(_load)(seed), shape=(6,), dtype=float)
+
+
+@pytest.mark.parametrize("make,one,two", [
+    (_array_named, np.arange(8.0), np.arange(8.0) + 1),
+    (_bag_named, [1, 2, 3], [1, 2, 4]),
+    (_from_delayed, 1, 2),
+    (lambda v: dask.delayed(_negate, pure=True)(v, dask_key_name="fixed"), 1, 2),
+])
+def test_output_keys_differ_with_content_and_agree_without(make, one, two):
+    with config.set(dask_min_seconds=0.0):
+        a, b, a_again = cached(make(one)), cached(make(two)), cached(make(one))
+        assert set(_keys(a)).isdisjoint(_keys(b))  # different data: never one key
+        assert _keys(a) == _keys(a_again)  # same data: the same keys, build after build
+        expected = dask.compute(make(two), scheduler="sync")[0]
+        got = b.compute(scheduler="sync")
+        assert (np.asarray(got) == np.asarray(expected)).all()
+
+
+def test_dataframe_output_keys_follow_content():
+    pd = pytest.importorskip("pandas")
+    import dask.dataframe as dd
+
+    def frame(v):
+        return dd.from_pandas(pd.DataFrame({"x": [v, 2.0, 3.0, 4.0]}), npartitions=2).x.cumsum()
+
+    with config.set(dask_min_seconds=0.0):
+        a, b, again = cached(frame(1.0)), cached(frame(5.0)), cached(frame(1.0))
+        assert set(_keys(a)).isdisjoint(_keys(b))
+        assert _keys(a) == _keys(again)
+        assert b.compute().tolist() == [5.0, 7.0, 10.0, 14.0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
+import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -209,14 +210,47 @@ def cached(collection: C, min_seconds: float | None = None) -> C:
         return JobDelayed(jobs[out_keys[0]])  # type: ignore[return-value]
     # roots: what the uncached nodes need, and the outputs
     new, roots = around_jobs(dsk, jobs)
+    rename = _content_names(out_keys, jobs)
     for key in out_keys:
+        renamed = _renamed(key, rename)
         if key in jobs:
             roots[jobs[key].id] = jobs[key]
-            new[key] = Alias(key, job_key(jobs[key]))
+            new[renamed] = Alias(renamed, job_key(jobs[key]))
+        else:
+            new[renamed] = Alias(renamed, key)
     built, _ = build_graph(roots.values())
     new.update(built)
     rebuild, args = opt.__dask_postpersist__()
-    return rebuild(_hlg(new, opt.__dask_layers__()), *args)
+    layers = [rename.get(name, name) for name in opt.__dask_layers__()]
+    return rebuild(_hlg(new, layers), *args, rename=rename)
+
+
+def _name_of(key: Any) -> str:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def _content_names(out_keys: list, jobs: Mapping[Any, Job]) -> dict[str, str]:
+    """A new name for each name of the collection's output keys: ``<prefix>-<hash of the ids of
+    every output under it>``, so that the returned collection's keys are a function of content in
+    both directions (dask names can stay the same while data change, and change while data stay
+    the same: ``name=``, random ``delayed`` keys). Outputs not all identified get a fresh random
+    name: a key for unknown content must never meet another computation's under one name."""
+    by_name: dict[str, list] = {}
+    for key in out_keys:
+        by_name.setdefault(_name_of(key), []).append(key)
+    rename = {}
+    for name, keys in by_name.items():
+        if all(k in jobs for k in keys):
+            token = hash_value(("kt1-dask-names", [(k[1:] if isinstance(k, tuple) else (), jobs[k].id)
+                                                   for k in keys]))
+        else:
+            token = uuid.uuid4().hex
+        rename[name] = f"{key_split(name) or 'cached'}-{token}"
+    return rename
+
+
+def _renamed(key: Any, rename: Mapping[str, str]) -> Any:
+    return (rename[key[0]], *key[1:]) if isinstance(key, tuple) else rename[key]
 
 
 def _hlg(dsk: dict, names: Any) -> HighLevelGraph:
