@@ -343,13 +343,45 @@ def _e_seq(e: _Encoder, v: list | tuple, tag: bytes) -> None:
         if fast is not None:
             e.big(fast)
             return
+    if len(e.active) >= MAX_DEPTH:
+        e.enter(v)  # raises the error the general path would (cycle, else depth)
+    out = e.out
+    out += _TAG_LEN(tag, n)
+    # Atoms are written here, as their own functions write them (same bytes), without a dispatch
+    # per element; a sequence of atoms alone cannot contain itself, so it is entered for cycle
+    # detection only at its first element that is not an atom (_seq_rest).
+    for k, x in enumerate(v):
+        t = type(x)
+        if t is int:
+            out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
+        elif t is float:
+            out += _TAG_F64(b"f", x)
+        elif t is str and len(x) < _ATOM_STR_MAX:
+            b = x.encode("utf-8", "surrogatepass")
+            out += _TAG_LEN(b"s", len(b))
+            out += b
+        elif x is None:
+            out += b"N"
+        elif t is bool:
+            out += b"T" if x else b"F"
+        else:
+            _seq_rest(e, v, k)
+            return
+
+
+#: Strings shorter than this (in characters) are written inline by the container encoders: their
+#: UTF-8 is under ``_STREAM_MIN`` bytes, so they are never streamed (``_e_str``).
+_ATOM_STR_MAX = _STREAM_MIN // 4
+
+
+def _seq_rest(e: _Encoder, v: list | tuple, start: int) -> None:
+    """Elements ``start`` on of a sequence whose tag and length are written: the general path."""
     i = e.enter(v)
     try:
-        e.out += _TAG_LEN(tag, n)
         enc = e.enc
-        for k, x in enumerate(v):
+        for k in range(start, len(v)):
             try:
-                enc(x)
+                enc(v[k])
             except _PathError as err:
                 err.segments.append(f"[{k}]")
                 raise
@@ -413,6 +445,61 @@ def _e_mapping(e: _Encoder, v: dict, tag: bytes, ordered: bool) -> None:
                 raise
     finally:
         e.active.discard(i)
+
+
+def _e_str_dict(e: _Encoder, v: dict) -> None:
+    """A plain dict: exactly ``_e_mapping(e, v, b"d", False)``, faster for the small str-keyed
+    dicts that option arguments are. Atom values are written here (as in ``_e_seq``), and the dict
+    is entered for cycle detection only before its first value that is not an atom: keys that are
+    all str cannot lead back to it, nor can atoms. Any other key: the general path."""
+    n = len(v)
+    if n >= FAST_MIN and _FAST_PATHS:
+        _e_mapping(e, v, b"d", False)
+        return
+    items = []
+    keys = _STR_KEYS
+    for k, x in v.items():
+        if type(k) is not str:
+            _e_mapping(e, v, b"d", False)
+            return
+        kb = keys.get(k)
+        if kb is None:
+            kb = _str_key_bytes(k)
+        items.append((kb, k, x))
+    if n > 1:
+        items.sort(key=_first)  # distinct str keys have distinct encodings: the keys alone order them
+    if len(e.active) >= MAX_DEPTH:
+        e.enter(v)  # raises the error the general path would (cycle, else depth)
+    out = e.out
+    out += _TAG_LEN(b"d", n)
+    entered = None
+    try:
+        for kb, k, x in items:
+            out += kb
+            t = type(x)
+            if t is str and len(x) < _ATOM_STR_MAX:
+                b = x.encode("utf-8", "surrogatepass")
+                out += _TAG_LEN(b"s", len(b))
+                out += b
+            elif t is int:
+                out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
+            elif t is float:
+                out += _TAG_F64(b"f", x)
+            elif x is None:
+                out += b"N"
+            elif t is bool:
+                out += b"T" if x else b"F"
+            else:
+                if entered is None:
+                    entered = e.enter(v)
+                try:
+                    e.enc(x)
+                except _PathError as err:
+                    err.segments.append(f"[{k!r}]")
+                    raise
+    finally:
+        if entered is not None:
+            e.active.discard(entered)
 
 
 #: Encodings of short str dict keys, which recur call after call (option names, column names).
@@ -915,7 +1002,7 @@ _EXACT: dict[type, Callable[[_Encoder, Any], None]] = {
     bytearray: _e_bytearray,
     list: _e_list,
     tuple: _e_tuple,
-    dict: _e_dict,
+    dict: _e_str_dict,
     OrderedDict: _e_ordereddict,
     set: _e_pyset,
     frozenset: _e_frozenset,

@@ -12,7 +12,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kachery_tasks.errors import UnhashableArgument
-from kachery_tasks.hashing.canonical import _TAG_LEN, FAST_MIN, SCHEME, _Encoder, _PathError
+from kachery_tasks.hashing.canonical import (
+    _ATOM_STR_MAX,
+    _INT64_MAX,
+    _INT64_MIN,
+    _TAG_I64,
+    _TAG_LEN,
+    FAST_MIN,
+    SCHEME,
+    _Encoder,
+    _int_bytes,
+    _PathError,
+)
 from kachery_tasks.hashing.functions import FunctionId
 from kachery_tasks.hashing.memo import IdentityMemo
 
@@ -74,14 +85,24 @@ def _encode_bound(e: _Encoder, bound: Mapping[str, Any]) -> None:
     if len(order) >= FAST_MIN:  # the general path has its own fast path for big dicts
         e.enc(dict(bound))
         return
-    e.out += _TAG_LEN(b"d", len(order))
+    out = e.out
+    out += _TAG_LEN(b"d", len(order))
     for key_bytes, name in order:
-        e.out += key_bytes
-        try:
-            e.enc(bound[name])
-        except _PathError as err:
-            err.segments.append(f"[{name!r}]")
-            raise
+        out += key_bytes
+        x = bound[name]
+        t = type(x)
+        if t is int:  # the commonest atoms written here, as _e_int and _e_str write them
+            out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
+        elif t is str and len(x) < _ATOM_STR_MAX:
+            b = x.encode("utf-8", "surrogatepass")
+            out += _TAG_LEN(b"s", len(b))
+            out += b
+        else:
+            try:
+                e.enc(x)
+            except _PathError as err:
+                err.segments.append(f"[{name!r}]")
+                raise
 
 
 def task_id(kind: str, fid: FunctionId, bound: Mapping[str, Any], namespace: str = "") -> str:
