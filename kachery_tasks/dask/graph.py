@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -303,9 +305,12 @@ class JobDelayed(Delayed):
         now = time.monotonic()
         if self._built is not None and now - self._built[0] < self.REUSE_SECONDS:
             return self._built[1]
+        if _keeping:
+            release_built_graphs()
         dsk, _ = build_graph([self._job])
         graph = HighLevelGraph.from_collections(self._key, dsk, dependencies=())
-        self._built = (time.monotonic(), graph)
+        self._built = (built_at := time.monotonic(), graph)
+        _keep_for_reuse(self, built_at)
         return graph
 
     def __dask_tokenize__(self) -> str:
@@ -313,6 +318,37 @@ class JobDelayed(Delayed):
 
     def __repr__(self) -> str:
         return f"JobDelayed({self._key!r})"
+
+
+#: (time after which it may be dropped, delayed object) for each graph a delayed object keeps.
+_keeping: deque[tuple[float, weakref.ref]] = deque()
+
+
+def _keep_for_reuse(delayed: JobDelayed, built_at: float) -> None:
+    _keeping.append((built_at + JobDelayed.REUSE_SECONDS, weakref.ref(delayed)))
+
+
+def release_built_graphs() -> None:
+    """Drop the graphs that delayed objects keep for reuse, once too old to be reused.
+
+    Why: a delayed object the user still holds after its compute (a notebook's ``result``) would
+    otherwise keep its whole built graph alive, a node, a job and stubs per task: about 250k
+    objects for a 40k-node pipeline. Python's cyclic collector scans them again and again while the
+    next run is declared in the same process, and that made a cached rerun in the same kernel twice
+    as slow as in a new interpreter. Called as nodes are declared (``job_delayed``) and before a
+    graph is built, so a rerun sheds the old graph before it makes its own. Safe: a dropped graph
+    is built again if asked for (as it is after ``REUSE_SECONDS`` anyway).
+    """
+    now = time.monotonic()
+    while _keeping and _keeping[0][0] <= now:
+        try:
+            _, ref = _keeping.popleft()
+        except IndexError:  # another thread took the last one
+            return
+        delayed = ref()
+        built = None if delayed is None else delayed._built
+        if built is not None and built[0] + JobDelayed.REUSE_SECONDS <= now:  # not rebuilt since
+            object.__setattr__(delayed, "_built", None)
 
 
 def job_delayed(job: Job, *, fresh: bool = False) -> JobDelayed:
@@ -323,6 +359,8 @@ def job_delayed(job: Job, *, fresh: bool = False) -> JobDelayed:
     ``fresh``: the job was just made for this call (``f.delayed``), so its arguments are replaced in
     place rather than in a copy.
     """
+    if _keeping:
+        release_built_graphs()
     args = job.args if fresh and job._id is None else None
     for name, value in job.args.items():  # _absorb on each argument, unrolled: once per node
         t = type(value)
