@@ -112,7 +112,7 @@ def register_identity_type(cls: type) -> None:
     stand for an identity and are hashed by the hundred thousand (jobs in a Dask graph)."""
     if "__kachery_canon__" not in dir(cls):
         raise TypeError(f"{cls.__qualname__} has no __kachery_canon__")
-    prefix = b"O" + _type_name_encoded(cls)
+    prefix = IDENTITY_PREFIXES[cls] = b"O" + _type_name_encoded(cls)
 
     def encode(e: _Encoder, v: Any) -> None:
         canon = v.__kachery_canon__()
@@ -123,6 +123,11 @@ def register_identity_type(cls: type) -> None:
         _e_str(e, canon)
 
     _EXACT[cls] = encode
+
+
+#: The encoding of ``register_identity_type`` classes before their identity string: the task id
+#: encoder writes upstream jobs with it directly (a node of a Dask pipeline has one or two).
+IDENTITY_PREFIXES: dict[type, bytes] = {}
 
 
 def _registered(t: type) -> Callable[[Any], Any] | None:

@@ -19,6 +19,7 @@ from kachery_tasks.hashing.canonical import (
     _TAG_I64,
     _TAG_LEN,
     FAST_MIN,
+    IDENTITY_PREFIXES,
     SCHEME,
     _Encoder,
     _int_bytes,
@@ -95,6 +96,11 @@ def _encode_bound(e: _Encoder, bound: Mapping[str, Any]) -> None:
             out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
         elif t is str and len(x) < _ATOM_STR_MAX:
             b = x.encode("utf-8", "surrogatepass")
+            out += _TAG_LEN(b"s", len(b))
+            out += b
+        elif t in IDENTITY_PREFIXES and type(canon := x.__kachery_canon__()) is str and len(canon) < _ATOM_STR_MAX:
+            b = canon.encode("utf-8", "surrogatepass")  # an upstream job: as register_identity_type's
+            out += IDENTITY_PREFIXES[t]
             out += _TAG_LEN(b"s", len(b))
             out += b
         else:

@@ -13,6 +13,9 @@ import inspect
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from gc import disable as _gc_disable
+from gc import enable as _gc_enable
+from gc import isenabled as _gc_isenabled
 from typing import Any
 
 from ..errors import UserError
@@ -124,8 +127,28 @@ class Task:
         return job.result(retry=retry)
 
     def delayed(self, *args: Any, **kwargs: Any):
-        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask)."""
-        return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask).
+
+        Python's cyclic collector is paused while the node is declared. Why: declaring a pipeline
+        allocates a few tracked objects per node (job, arguments, delayed object) that all live
+        until the graph runs, so the collections their allocations trigger free nothing, and one
+        young collection in a hundred becomes a full one that walks the whole heap: in a kernel
+        that still holds a first run's jobs, that doubled the cost of declaring a cached rerun.
+        Paused, the allocations are still counted, and the collection they call for runs at the
+        next allocation outside (in the caller's loop), once, and far fewer ever become full ones.
+        Safe: the pause covers this call alone (a ``finally`` ends it, and a collector that was
+        off stays off); what it allocates lives on, and a cycle made meanwhile (identifying a
+        function for the first time) is collected by that next collection. Other threads only see
+        a collection deferred by microseconds; a ``gc.disable()`` another thread makes inside
+        that window is undone by it, which is why the pause is this narrow.
+        """
+        if not _gc_isenabled():
+            return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+        _gc_disable()
+        try:
+            return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+        finally:
+            _gc_enable()
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         """Decorating a method: ``obj.method`` is the task with ``obj`` bound as its first argument
