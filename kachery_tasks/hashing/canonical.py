@@ -471,8 +471,12 @@ def _e_str_dict(e: _Encoder, v: dict) -> None:
         if kb is None:
             kb = _str_key_bytes(k)
         items.append((kb, k, x))
-    if n > 1:
-        items.sort(key=_first)  # distinct str keys have distinct encodings: the keys alone order them
+    # distinct str keys have distinct encodings: the keys alone order them
+    if n == 2:
+        if items[1][0] < items[0][0]:
+            items.reverse()
+    elif n > 2:
+        items.sort(key=_first)
     if len(e.active) >= MAX_DEPTH:
         e.enter(v)  # raises the error the general path would (cycle, else depth)
     out = e.out
@@ -498,7 +502,10 @@ def _e_str_dict(e: _Encoder, v: dict) -> None:
                 if entered is None:
                     entered = e.enter(v)
                 try:
-                    e.enc(x)
+                    if t is list:
+                        _e_seq(e, x, b"l")  # what e.enc does for a list, two calls less
+                    else:
+                        e.enc(x)
                 except _PathError as err:
                     err.segments.append(f"[{k!r}]")
                     raise

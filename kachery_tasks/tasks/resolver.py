@@ -45,8 +45,9 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
 
 
 # -- lookups ---------------------------------------------------------------------------------------
-def lookup(job: Job, store: LocalStore) -> Any:
-    """The job's result from the memory tier or the local store, or ``_MISS``."""
+def lookup(job: Job, store: LocalStore | None = None) -> Any:
+    """The job's result from the memory tier or the local store (the home's, unless given), or
+    ``_MISS``."""
     settings = job.settings
     task_id = job.id
     tiers = _tiers()
@@ -57,6 +58,8 @@ def lookup(job: Job, store: LocalStore) -> Any:
             return from_memo(memo)
     if "local" not in tiers:
         return _MISS
+    if store is None:  # looked up only now: a memory hit needs no store
+        store = store_for(settings.home)
     loaded = _load_record(store, task_id)
     if loaded is None:
         return _MISS
@@ -120,13 +123,13 @@ def has_result(job: Job) -> bool:
 def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: bool = False) -> Any:
     settings = job.settings
     task_id = job.id  # an unhashable argument fails here, before anything runs
-    store = store_for(settings.home)
-    if settings.cache and not settings.force:
-        found = _MISS if missed else lookup(job, store)
+    if settings.cache and not settings.force and not missed:
+        found = lookup(job)
         if found is not _MISS:
             return found
-        if settings.cache_errors:
-            _raise_recorded_failure(store, task_id)
+    store = store_for(settings.home)
+    if settings.cache and not settings.force and settings.cache_errors:
+        _raise_recorded_failure(store, task_id)
     if settings.read_only or not settings.cache:
         return compute(job, upstream=upstream)
     lock = TaskLock(store.records.root / "locks", task_id)

@@ -114,7 +114,7 @@ class Task:
         return self.job(*args, **kwargs).id
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.job(*args, **kwargs).result()
+        return _resolver().resolve(self.job(*args, **kwargs))  # Job.result's own call, one call less
 
     def call(self, *args: Any, key: str | None = None, retry: bool = False, **kwargs: Any) -> ActionResult:
         """Run an action with an explicit idempotency ``key``, or settle an unknown one with ``retry``."""
