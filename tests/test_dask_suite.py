@@ -48,45 +48,45 @@ def _pytest(args: list[str], home: Path, junit: Path, plugin: bool) -> None:
     subprocess.run(cmd + args, env=env, cwd=home, capture_output=True, text=True, timeout=1500)
 
 
-def _failed(junit: Path) -> dict[tuple[str, str], str]:
-    """(module, test name with parameters) -> the failure's first line, for each failed test."""
+def _failed(junit: Path) -> dict[str, str]:
+    """Test name (with parameters) -> the failure's first line, for each failed test of a run."""
     failed = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         for tag in ("failure", "error"):
             found = case.find(tag)
             if found is not None:
-                module = case.get("classname", "").rpartition(".")[2]
-                failed[(module, case.get("name", ""))] = (found.get("message") or "").splitlines()[0][:200]
+                failed[case.get("name", "")] = (found.get("message") or "").splitlines()[0][:200]
     return failed
 
 
-def _suite_files() -> dict[str, Path]:
+def _suite_file(suite: str) -> Path:
     import dask
 
-    root = Path(dask.__file__).resolve().parent.parent
-    return {s.rpartition(".")[2]: root / (s.replace(".", "/") + ".py") for s in SUITES}
+    return Path(dask.__file__).resolve().parent.parent / (suite.replace(".", "/") + ".py")
 
 
+@pytest.mark.timeout(1800)  # two of dask's suites, every node recorded: minutes, not seconds
 def test_dask_suites_pass_through_cached(tmp_path):
-    home = tmp_path / "home"
+    home = tmp_path / "home"  # one home for every suite: later tests load what earlier ones stored
     home.mkdir()
-    _pytest(["--pyargs", *SUITES], home, tmp_path / "cached.xml", plugin=True)
-    suspects = {k: why for k, why in _failed(tmp_path / "cached.xml").items()
-                if k[1].partition("[")[0] not in EXPECTED}
-    if not suspects:
-        return
-    # the suspects run again plainly: a test that fails plainly too is dask's or this machine's business
-    files = _suite_files()
-    _pytest([f"{files[module]}::{name}" for module, name in suspects], home, tmp_path / "plain.xml",
-            plugin=False)
-    plain = _failed(tmp_path / "plain.xml")
-    only_cached = {k: why for k, why in suspects.items() if k not in plain}
+    only_cached: dict[str, str] = {}
+    for n, suite in enumerate(SUITES):
+        _pytest(["--pyargs", suite], home, tmp_path / f"cached{n}.xml", plugin=True)
+        suspects = {name: why for name, why in _failed(tmp_path / f"cached{n}.xml").items()
+                    if name.partition("[")[0] not in EXPECTED}
+        if not suspects:
+            continue
+        # the suspects again, plainly: one that fails plainly too is dask's or this machine's business
+        path = _suite_file(suite)
+        _pytest([f"{path}::{name}" for name in suspects], home, tmp_path / f"plain{n}.xml", plugin=False)
+        plain = _failed(tmp_path / f"plain{n}.xml")
+        only_cached.update({f"{suite}::{name}": why for name, why in suspects.items() if name not in plain})
     assert not only_cached, "pass plainly, fail through cached():\n" + "\n".join(
-        f"{module}::{name}: {why}" for (module, name), why in sorted(only_cached.items()))
+        f"{name}: {why}" for name, why in sorted(only_cached.items()))
 
 
 def test_expected_failures_still_fail_for_their_reason():
     """The list above is not a place to hide defects: each entry names a test dask still has."""
-    sources = "".join(path.read_text() for path in _suite_files().values())
+    sources = "".join(_suite_file(suite).read_text() for suite in SUITES)
     for name in EXPECTED:
         assert f"def {name}(" in sources, f"{name} is no longer in dask's suites: drop it from EXPECTED"

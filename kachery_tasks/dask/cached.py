@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import logging
-import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -80,6 +79,10 @@ class NodeRunner:
 
     One instance per (dask name, number of dependencies), with a signature ``(node, d0, d1, ...)``
     so that each upstream job is an argument of its own, as the task records expect."""
+
+    #: A node's value may be something dask hands between its own tasks (a generator, a lock):
+    #: recorded when it has an encoding, else computed every time (recording.record_success).
+    __kachery_optional_record__ = True
 
     def __init__(self, name: str, arity: int):
         self.__name__ = name
@@ -192,37 +195,83 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
     return jobs
 
 
-def cached(collection: C, min_seconds: float | None = None) -> C:
-    """An equivalent collection whose tasks are keyed by content and cached in the store.
+def cached(*collections: Any, min_seconds: float | None = None) -> Any:
+    """An equivalent collection whose tasks are keyed by content and cached in the store; given
+    several collections, a tuple of them.
 
     Nodes taking at least ``min_seconds`` (default: config ``dask_min_seconds``) to compute are
     recorded; on a later call, recorded nodes are loaded and the work upstream of them is pruned.
     Pruning is decided here, when ``cached`` is called (for a delayed object: at each compute).
-    """
+
+    Collections to be computed together are best cached together, ``cached(a, b)``: like
+    ``dask.compute(a, b)``, that optimizes them as one graph, so work they share stays one node
+    (cached one by one, dask's fusion may copy a shared task into each collection's graph, and the
+    copies run once each)."""
+    if not collections:
+        raise TypeError("cached() takes one or more dask collections")
+    min_s = float(config.get("dask_min_seconds") if min_seconds is None else min_seconds)
+    if len(collections) == 1:
+        return _cached_one(collections[0], min_s)
+    together = [c for c in collections if not isinstance(c, JobDelayed) and not hasattr(type(c), "expr")]
+    if len(together) < 2:
+        return tuple(_cached_one(c, min_s) for c in collections)
+    dsk, keys = _joint_graph(together)
+    jobs = graph_jobs(dsk, min_s)
+    rest, roots = around_jobs(dsk, jobs)
+    done = {id(c): _rebuilt(c, c, dsk, out, jobs, rest, roots) for c, out in zip(together, keys, strict=True)}
+    return tuple(done[id(c)] if id(c) in done else _cached_one(c, min_s) for c in collections)
+
+
+def _cached_one(collection: Any, min_s: float) -> Any:
     if isinstance(collection, JobDelayed):
         return collection  # already keyed by task id and cached
-    min_s = float(config.get("dask_min_seconds") if min_seconds is None else min_seconds)
     if hasattr(type(collection), "expr"):  # on the type: Delayed answers any attribute
         return cached_frame(collection, min_s)  # DataFrame, Series: through their partitions
     opt, dsk, out_keys = _graph_of(collection)
     jobs = graph_jobs(dsk, min_s)
-    if isinstance(collection, Delayed) and out_keys[0] in jobs:
-        return JobDelayed(jobs[out_keys[0]])  # type: ignore[return-value]
-    # roots: what the uncached nodes need, and the outputs
     new, roots = around_jobs(dsk, jobs)
+    return _rebuilt(collection, opt, dsk, out_keys, jobs, new, roots)
+
+
+def _rebuilt(collection: Any, opt: Any, dsk: Mapping[Any, GraphNode], out_keys: list,
+             jobs: Mapping[Any, Job], rest: Mapping[Any, GraphNode], rest_roots: Mapping[str, Job]) -> Any:
+    """``collection`` on the graph of its jobs (pruned) and of the nodes with no job (``rest``,
+    reading the jobs they need, ``rest_roots``), with output keys named by content."""
+    if isinstance(collection, Delayed) and out_keys[0] in jobs:
+        return JobDelayed(jobs[out_keys[0]])
+    new = dict(rest)
+    roots = dict(rest_roots)
     rename = _content_names(out_keys, jobs)
     for key in out_keys:
         renamed = _renamed(key, rename)
         if key in jobs:
             roots[jobs[key].id] = jobs[key]
             new[renamed] = Alias(renamed, job_key(jobs[key]))
-        else:
-            new[renamed] = Alias(renamed, key)
     built, _ = build_graph(roots.values())
     new.update(built)
     rebuild, args = opt.__dask_postpersist__()
     layers = [rename.get(name, name) for name in opt.__dask_layers__()]
     return rebuild(_hlg(new, layers), *args, rename=rename)
+
+
+def _joint_graph(collections: list) -> tuple[dict[Any, GraphNode], list[list]]:
+    """The graph of several collections optimized together, as ``dask.compute`` optimizes what it
+    computes at once, and each collection's output keys."""
+    from dask.base import collections_to_expr
+
+    for c in collections:
+        if not isinstance(c, Delayed) and not hasattr(c, "__dask_postpersist__"):
+            raise TypeError(f"cached() takes dask collections, not {type(c).__name__}")
+    expr = collections_to_expr(collections, True).optimize()
+    dsk = convert_legacy_graph(dict(expr.__dask_graph__()))
+    keys = [list(flatten(c.__dask_keys__())) for c in collections]
+    if stateful_regions(dsk) or not all(k in dsk for out in keys for k in out):
+        # unfused, as _graph_of does for a disk shuffle; and outputs that optimization renamed
+        merged: dict[Any, Any] = {}
+        for c in collections:
+            merged.update(dict(c.__dask_graph__()))
+        dsk = convert_legacy_graph(merged)
+    return dsk, keys
 
 
 def _name_of(key: Any) -> str:
@@ -233,8 +282,8 @@ def _content_names(out_keys: list, jobs: Mapping[Any, Job]) -> dict[str, str]:
     """A new name for each name of the collection's output keys: ``<prefix>-<hash of the ids of
     every output under it>``, so that the returned collection's keys are a function of content in
     both directions (dask names can stay the same while data change, and change while data stay
-    the same: ``name=``, random ``delayed`` keys). Outputs not all identified get a fresh random
-    name: a key for unknown content must never meet another computation's under one name."""
+    the same: ``name=``, random ``delayed`` keys). Outputs not all identified keep dask's name, as
+    every node that cannot be identified keeps its dask key: they are computed as dask would."""
     by_name: dict[str, list] = {}
     for key in out_keys:
         by_name.setdefault(_name_of(key), []).append(key)
@@ -243,14 +292,15 @@ def _content_names(out_keys: list, jobs: Mapping[Any, Job]) -> dict[str, str]:
         if all(k in jobs for k in keys):
             token = hash_value(("kt1-dask-names", [(k[1:] if isinstance(k, tuple) else (), jobs[k].id)
                                                    for k in keys]))
-        else:
-            token = uuid.uuid4().hex
-        rename[name] = f"{key_split(name) or 'cached'}-{token}"
+            rename[name] = f"{key_split(name) or 'cached'}-{token}"
     return rename
 
 
 def _renamed(key: Any, rename: Mapping[str, str]) -> Any:
-    return (rename[key[0]], *key[1:]) if isinstance(key, tuple) else rename[key]
+    name = _name_of(key)
+    if name not in rename:
+        return key
+    return (rename[name], *key[1:]) if isinstance(key, tuple) else rename[name]
 
 
 def _hlg(dsk: dict, names: Any) -> HighLevelGraph:

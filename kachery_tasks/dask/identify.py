@@ -162,6 +162,31 @@ def canon_args(args: Any, ids: Mapping[Any, str]) -> Any:
     return canon_value(args, ids)
 
 
+# -- nodes that write outside the graph ----------------------------------------------------------
+#: Library callables whose point is a write outside the graph (or a read of what such a write
+#: wrote): a node that runs one is never loaded from the store instead, or the write would not
+#: happen (``da.store`` into a fresh target left it empty on a rerun). (module, qualname) -> what.
+WRITERS: dict[tuple[str, str], str] = {
+    ("dask.array.core", "load_store_chunk"): "da.store writes into its target",
+    ("dask.array.core", "load_chunk"): "it reads back what da.store wrote into its target",
+    ("dask.dataframe.io.csv", "_write_csv"): "to_csv writes a file",
+    ("dask.dataframe.io.parquet.core", "ToParquetFunctionWrapper"): "to_parquet writes a file",
+    ("dask.dataframe.io.hdf", "_pd_to_hdf"): "to_hdf writes a file",
+    ("dask.bag.core", "_to_textfiles_chunk"): "to_textfiles writes a file",
+    ("numpy", "save"): "numpy.save writes a file (da.to_npy_stack)",
+}
+
+
+def _writes(func: Any) -> str | None:
+    """Why ``func`` is a writer of :data:`WRITERS`, or None."""
+    if isinstance(func, functools.partial):
+        func = func.func
+    target = func if isinstance(func, types.FunctionType | type) else type(func)
+    module = getattr(func, "__module__", None) or getattr(target, "__module__", None)
+    qualname = getattr(func, "__qualname__", None) or getattr(target, "__qualname__", None)
+    return WRITERS.get((module, qualname))
+
+
 # -- nodes -----------------------------------------------------------------------------------------
 def node_identity(node: GraphNode, ids: Mapping[Any, str]) -> Any:
     """The canonical form of ``node`` given the ids of the keys it refers to."""
@@ -174,6 +199,9 @@ def node_identity(node: GraphNode, ids: Mapping[Any, str]) -> Any:
     if isinstance(node, Task):
         if node.func is _execute_subgraph:
             return _Canon(("node", _subgraph_id(node, ids)))
+        why = _writes(node.func)
+        if why is not None:
+            raise Unidentifiable(f"{why}, a side effect outside the graph: it runs every time")
         reader = file_reader_identity(node, ids)
         if reader is not None:
             return reader

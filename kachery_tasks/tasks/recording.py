@@ -25,7 +25,14 @@ import orjson
 import xxhash
 
 from .. import config
-from ..errors import KacheryError, StoreFullError, StoreFullWarning, UnhashableArgument, as_store_full
+from ..errors import (
+    CodecError,
+    KacheryError,
+    StoreFullError,
+    StoreFullWarning,
+    UnhashableArgument,
+    as_store_full,
+)
 from ..hashing import SCHEME, hash_value
 from ..identity import node_identity, sign_document
 from ..store.codecs import is_plain_json
@@ -128,7 +135,15 @@ def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | N
     try:
         record = _base_record(job, measure)
         record["status"] = "succeeded"
-        record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
+        try:
+            record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
+        except CodecError:
+            if not getattr(job.task.func, "__kachery_optional_record__", False):
+                raise
+            # a node of a dask graph that cached() keys by content: its value may be what dask hands
+            # between its own tasks (a generator, a lock), which is computed every time, not stored
+            STATS.count("not_recorded")
+            return None
         signed = _sign(store, record)
         store.records.write(signed, sync_within=_sync_within(measure))
     except OSError as exc:

@@ -31,11 +31,16 @@ def _cached_or_plain(collection: Any) -> Any:
 
 
 def compute_through_cached(*args: Any, traverse: bool = True, **kwargs: Any) -> Any:
-    """``dask.compute`` with each collection replaced by ``cached(collection)``."""
+    """``dask.compute`` with its collections replaced by ``cached(*collections)``: cached together,
+    as they are computed together, so that work they share runs once."""
     collections, repack = dask.base.unpack_collections(*args, traverse=traverse)
     if not collections:
         return args
-    results = _plain_compute(*(_cached_or_plain(c) for c in collections), traverse=False, **kwargs)
+    try:
+        replaced = cached(*collections) if len(collections) > 1 else (cached(collections[0]),)
+    except TypeError:  # one is no collection cached() takes: each on its own
+        replaced = tuple(_cached_or_plain(c) for c in collections)
+    results = _plain_compute(*replaced, traverse=False, **kwargs)
     return repack(results)
 
 
