@@ -199,12 +199,13 @@ def _count_pruned(job: Job, seen: dict[str, str]) -> int:
 def entered(job: Job) -> Iterator[None]:
     """Run under the job's settings (its home above all), as in the process that made it.
 
-    Entered only when the configuration differs, because ``config.set`` is process-wide: threads
-    of one scheduler running jobs of the caller's own settings never touch it.
+    In this thread only (``config.scoped``): a scheduler's threads run jobs of different settings
+    at once, and ``config.set``, process-wide, let one job's settings leak into the others and
+    outlive it. Entered only when the settings differ from those in force.
     """
     settings = job.settings
     current = CallSettings.current()
-    with nullcontext() if settings is current or settings == current else config.set(**settings.as_config()):
+    with nullcontext() if settings is current or settings == current else config.scoped(**settings.as_config()):
         yield
 
 
