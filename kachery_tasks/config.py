@@ -14,9 +14,11 @@ nothing would cost a user a day.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +171,16 @@ def _validate(key: str, value: Any) -> Any:
     return value
 
 
-def generation() -> int:
-    """A number that changes whenever a configuration value may have changed."""
-    return _generation
+#: Values in force in this thread (or task) only, over the process-wide ones: (scope id, values).
+_scoped: ContextVar[tuple[int, dict[str, Any]] | None] = ContextVar("kachery_config_scoped", default=None)
+_scope_ids = itertools.count(1)
+
+
+def generation() -> int | tuple[int, int]:
+    """A value that changes whenever a configuration value in force here may have changed
+    (compare with ``!=``): the process-wide generation, and the scope of :func:`scoped`, if any."""
+    local = _scoped.get()
+    return _generation if local is None else (_generation, local[0])
 
 
 def get(key: str) -> Any:
@@ -180,7 +189,32 @@ def get(key: str) -> Any:
         raise ConfigError(str(_load_error))
     if key not in DEFAULTS:
         _check_key(key, where="config.get")
+    local = _scoped.get()
+    if local is not None and key in local[1]:
+        return local[1][key]
     return _config.config.get(key, DEFAULTS[key])
+
+
+@contextmanager
+def scoped(**values: Any) -> Iterator[None]:
+    """Set options for a block of code in this thread (this asyncio task) only.
+
+    For the library's own use where one process runs calls of different settings at once: a
+    Dask worker's threads each running a job under the settings it was made with. ``set`` changes
+    every thread's values, and two threads entering and leaving it out of order restore each
+    other's: one job's ``cache=False`` then stayed in force for the whole process. Threads started
+    inside the block do not inherit these values (``set`` is for that)."""
+    checked = {}
+    for key, value in values.items():
+        _check_key(key)
+        checked[key] = _validate(key, value)
+    outer = _scoped.get()
+    merged = {**outer[1], **checked} if outer is not None else checked
+    token = _scoped.set((next(_scope_ids), merged))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
 
 
 @contextmanager

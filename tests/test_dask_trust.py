@@ -324,3 +324,41 @@ def test_a_node_whose_value_has_no_encoding_is_computed_not_recorded():
         for _ in range(2):
             total = dask.delayed(sum, pure=True)(dask.delayed(_numbers, pure=True)(5))
             assert cached(total).compute(scheduler="sync") == 10  # raised CodecError from the record
+
+
+# -- a job's settings stay in its own thread ---------------------------------------------------------
+def test_jobs_of_different_settings_in_threads_do_not_leak_their_settings():
+    import threading
+
+    from kachery_tasks.dask.graph import entered
+
+    @kt.pure
+    def ident(x):
+        return x
+
+    forced = ident.options(force=True).job(1)
+    uncached = ident.options(cache=False).job(2)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def run_a():
+        with entered(forced):
+            a_in.set()
+            b_in.wait(5)
+            seen["a"] = (config.get("force"), config.get("cache"))
+        a_out.set()
+
+    def run_b():
+        a_in.wait(5)
+        with entered(uncached):
+            b_in.set()
+            a_out.wait(5)  # A leaves first: out of order, as a scheduler's threads do
+            seen["b"] = (config.get("force"), config.get("cache"))
+
+    threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"a": (True, True), "b": (False, False)}
+    assert (config.get("force"), config.get("cache")) == (False, True)  # nothing left behind

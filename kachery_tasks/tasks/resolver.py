@@ -181,12 +181,13 @@ def compute(job: Job, measure: Measure | None = None, upstream: Mapping[str, Any
 
 
 def _caller_settings(job: Job):
-    """Tasks called inside a task resolve in the same home and namespace as their caller."""
+    """Tasks called inside a task resolve in the same home and namespace as their caller (in the
+    calling thread only: other threads may be running jobs of other settings)."""
     s = job.settings
     wanted = {"home": s.home, "namespace": s.namespace, "read_only": s.read_only}
     if config.home_str() == s.home and config.get("namespace") == s.namespace and config.get("read_only") == s.read_only:
         return nullcontext()
-    return config.set(**wanted)
+    return config.scoped(**wanted)
 
 
 # -- query -----------------------------------------------------------------------------------------
