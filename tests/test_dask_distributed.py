@@ -144,3 +144,26 @@ def test_worker_killed_mid_task_leaves_no_corrupt_record(plugin, tmp_path):
     quarantine = tmp_path / "tasks" / "quarantine"
     assert not quarantine.exists() or not list(quarantine.iterdir())
     assert lookup(crashy.job(5, marker), store) is _MISS
+
+
+def test_a_plugin_home_other_than_the_client_home_is_refused(tmp_path):
+    with pytest.raises(UserError, match="differs from the home in force here"):
+        KacheryPlugin(home=str(tmp_path / "elsewhere"))
+    KacheryPlugin(home=str(tmp_path))  # the same home, however written, is fine
+    KacheryPlugin(home=str(tmp_path / "." / ""))
+
+
+def test_records_land_in_the_cluster_home_and_other_homes_are_refused(plugin, tmp_path):
+    from kachery_tasks import config
+    from kachery_tasks.errors import KacheryError
+
+    log = str(tmp_path / "log")
+    assert plugin.compute(slow_square.delayed(7, log)).result() == 49
+    assert list((tmp_path / "tasks").rglob("*.json"))  # recorded where the plugin says
+    other = tmp_path / "other-home"
+    with config.set(home=str(other)):  # the client moved to another home after registering
+        job = slow_square.delayed(8, log)
+        with pytest.raises(KacheryError, match="this cluster's KacheryPlugin records in"):
+            plugin.compute(job).result()
+    assert not list(other.rglob("*.json")) if other.exists() else True
+    assert runs(log) == ["square7"]  # the refused job never ran

@@ -220,6 +220,27 @@ def in_worker() -> Any:
         return None
 
 
+def check_cluster_home(job: Job) -> None:
+    """Refuse, on a worker with a ``KacheryPlugin``, a job made in another home than the plugin's.
+
+    A job records in the home it was made in; a cluster configured for one home must not quietly
+    record in another (the client's, which the workers may not even share)."""
+    worker = in_worker()
+    if worker is None:
+        return
+    plugin = getattr(worker, "plugins", {}).get(PLUGIN_NAME)
+    home = getattr(plugin, "settings", {}).get("home") if plugin is not None else None
+    if home is not None and home != job.settings.home:
+        raise KacheryError(
+            f"task {job.id[:12]} ({job.task.name}) was made in home {job.settings.home}, but this "
+            f"cluster's KacheryPlugin records in {home}: compute it with that home in force on the "
+            "client (kt.config.set(home=...)), or register the plugin again for this home")
+
+
+#: The name the scheduler plugin installs its worker plugin under (plugin.py).
+PLUGIN_NAME = "kachery-worker"
+
+
 def emit(msg: dict[str, Any]) -> None:
     """Tell the scheduler (KacheryPlugin) what a node did; a no-op off ``distributed``."""
     worker = in_worker()
@@ -231,6 +252,7 @@ def load_job(job: Job, pruned: int = 0) -> Any:
     """Load a recorded result (the load node of a pruned graph)."""
     from ..tasks.resolver import _MISS, lookup
 
+    check_cluster_home(job)
     with entered(job):
         store = store_for(job.settings.home)
         value = lookup(job, store)
@@ -249,6 +271,7 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
     """Resolve a job on the worker, with the values of its upstream jobs (ids in ``ids``)."""
     from ..tasks.resolver import _MISS, lookup, resolve
 
+    check_cluster_home(job)
     upstream = dict(zip(ids, values, strict=True))
     start = time.perf_counter()
     spec = _node_spec(job)

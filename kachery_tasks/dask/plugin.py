@@ -23,7 +23,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from .. import config
 from ..errors import UserError
 from ..store.durability import GROUP_COMMIT
-from .graph import TOPIC
+from .graph import PLUGIN_NAME, TOPIC
 
 log = logging.getLogger("kachery_tasks.dask")
 
@@ -31,7 +31,8 @@ NAME = "kachery"
 
 
 class KacheryWorkerPlugin(WorkerPlugin):
-    """Enters the kachery configuration for the worker's life."""
+    """Enters the kachery configuration for the worker's life; jobs of another home are refused
+    there (graph.py ``cluster_home``)."""
 
     idempotent = True
 
@@ -53,9 +54,12 @@ class KacheryWorkerPlugin(WorkerPlugin):
 class KacheryPlugin(SchedulerPlugin):
     """Configure the kachery store on every worker and count cache hits, misses and time saved.
 
-    ``home``: the home the workers use (default: the home in force here). ``bucket``: reserved
-    for remote stores (a later version); must be None. ``settings``: other configuration keys
-    to set on the workers (``namespace``, ``read_only``, ...).
+    ``home``: the home the workers use (default: the home in force here), which must be the home
+    in force here: jobs record in the home they were made in (and the client prunes by looking
+    there), so a plugin with another home would leave the cluster recording where the client is,
+    not where the plugin says. The home must be one path on every machine (a shared filesystem).
+    ``bucket``: reserved for remote stores (a later version); must be None. ``settings``: other
+    configuration keys to set on the workers (``namespace``, ``read_only``, ...).
     """
 
     idempotent = False
@@ -67,7 +71,16 @@ class KacheryPlugin(SchedulerPlugin):
                             "version; use a home on a filesystem the workers share")
         with config.set(**settings):  # validates the keys and values here, not on the workers
             pass
-        self.worker_settings = {"home": str(home if home is not None else config.home()), **settings}
+        here = config.home_str()
+        if home is not None:
+            with config.scoped(home=str(home)):
+                wanted = config.home_str()
+            if wanted != here:
+                raise UserError(
+                    f"KacheryPlugin(home={str(home)!r}) differs from the home in force here ({here}): "
+                    "jobs record in the home they are made in, so make it the home here too "
+                    f"(kt.config.set(home={str(home)!r}) or KACHERY_TASKS_HOME) or leave home= out")
+        self.worker_settings = {"home": here, **settings}
         self._scheduler: Any = None
         self._reset()
 
@@ -85,7 +98,7 @@ class KacheryPlugin(SchedulerPlugin):
         self._scheduler = scheduler
         await scheduler.register_worker_plugin(
             comm=None, plugin=dumps(KacheryWorkerPlugin(self.worker_settings)),
-            name=f"{NAME}-worker", idempotent=False)
+            name=PLUGIN_NAME, idempotent=False)
 
     def restart(self, scheduler: Any) -> None:
         self._reset()
