@@ -394,3 +394,12 @@ def test_str_keys_encode_the_same_from_the_key_cache():
     mixed = {"b": 1, 2: "x", "a": 3}  # not all str: the general sort, with str keys from the cache
     assert canonical_bytes(mixed) == canonical_bytes({2: "x", "a": 3, "b": 1})
     assert canonical_bytes({"a": 1, "b": 2}) != canonical_bytes({"a": 2, "b": 1})
+
+
+def test_structured_dtype_with_fields_out_of_order_is_hashed():
+    """numpy has no descr for it (x[["b", "a"]]); it was a ValueError from inside the encoder."""
+    x = np.array([(1.0, 2)], dtype=[("a", "<f4"), ("b", "<i4")])
+    y = x[["b", "a"]]
+    assert hash_value(y) != hash_value(x)  # y[0] is (2, 1.0)
+    assert hash_value(y) == hash_value(x[["b", "a"]])
+    assert hash_value(x[["a", "b"]]) == hash_value(x)

@@ -578,12 +578,22 @@ def _e_frozenset(e: _Encoder, v: frozenset) -> None:
 
 def _e_dtype(e: _Encoder, dt: np.dtype) -> None:
     """dtype.str carries kind, byte order, size and datetime unit; structured dtypes add descr."""
+    e.enc(_dtype_form(dt))
+
+
+def _dtype_form(dt: np.dtype) -> Any:
+    """What a dtype is encoded as: its ``str``, or its ``descr`` (a list) when structured. numpy has
+    no ``descr`` for fields out of order or overlapping (``x[["b", "a"]]`` of a structured array):
+    those are a tuple of (name, field form, offset) and the item size, which no descr list equals."""
     if dt.kind == "T":
-        e.enc("|T")
-    elif dt.fields is not None or dt.subdtype is not None:
-        e.enc(dt.descr)
-    else:
-        e.enc(dt.str)
+        return "|T"
+    if dt.fields is None and dt.subdtype is None:
+        return dt.str
+    try:
+        return dt.descr
+    except ValueError:
+        fields = tuple((name, _dtype_form(dt.fields[name][0]), dt.fields[name][1]) for name in dt.names)
+        return ("numpy-fields", fields, dt.itemsize)
 
 
 def _e_npdtype(e: _Encoder, dt: np.dtype) -> None:
