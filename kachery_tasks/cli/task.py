@@ -237,28 +237,61 @@ def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | No
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--unknown", is_flag=True, help="Only calls whose outcome is unknown.")
 def actions_cmd(as_json: bool, unknown: bool) -> None:
-    """Actions in the action log with their state (succeeded, failed, running, unknown)."""
+    """Actions in the action log with their state (succeeded, failed, running, unknown).
+
+    ``settled`` says how an outcome came to be recorded: by the action's ``run``, by a ``resolve``
+    of an unknown outcome, or by an ``override`` of an earlier outcome (named, with the note).
+    """
     from ..config import home_str
     from ..tasks.actions import action_log
 
     states = action_log(home_str()).states()
-    rows = [{"key": s.key, "state": s.state, "function": s.function, "task_id": s.task_id,
-             "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time)), "error": s.error or ""}
+    rows = [{"key": s.key, "state": s.state, "settled": s.settled_by, "overrides": _overrides(s.overrides),
+             "function": s.function, "task_id": s.task_id,
+             "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.time)), "error": s.error or "",
+             "note": s.note or "", "user": s.user or ""}
             for s in states if not unknown or s.state == "unknown"]
-    print_listing(rows, ["key", "state", "function", "time", "error"], as_json, title="actions")
+    if as_json:
+        print_json(rows)
+        return
+    columns = ["key", "state", "settled", "function", "time", "error"]
+    if any(r["note"] and r["note"] != r["error"] for r in rows):
+        columns.append("note")
+    for r in rows:  # an override says what it replaced: "override of failed"
+        if r["overrides"]:
+            r["settled"] = f"override of {r['overrides']['outcome']}"
+    print_listing(rows, columns, False, title="actions")
+
+
+def _overrides(previous: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What an override replaced, with its time readable (as every time in this table)."""
+    if not previous:
+        return None
+    return {**previous, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous["time"]))}
 
 
 @task.command("resolve")
 @click.argument("key")
-@click.option("--succeeded", "outcome", flag_value="succeeded", help="The action did take effect.")
-@click.option("--failed", "outcome", flag_value="failed", help="The action did not take effect.")
-@click.option("--note", default=None, help="Why (kept in the action log).")
-def resolve_cmd(key: str, outcome: str | None, note: str | None) -> None:
-    """Settle an action whose outcome is unknown, after checking the outside world."""
+@click.option("--succeeded", is_flag=True, help="The action did take effect.")
+@click.option("--failed", is_flag=True, help="The action did not take effect.")
+@click.option("--note", default=None, help="Why (kept in the action log); required with --override.")
+@click.option("--override", is_flag=True,
+              help="Replace a settled outcome that is wrong; logged as an override, with --note and your user name.")
+def resolve_cmd(key: str, succeeded: bool, failed: bool, note: str | None, override: bool) -> None:
+    """Settle an action whose outcome is unknown, once, after checking the outside world.
+
+    A settled outcome is refused: the action log records what happened to the outside world, and
+    is never rewritten. ``--override --note WHY`` appends a correction that names what it replaces.
+    """
     from ..config import home_str
     from ..tasks.actions import action_log
 
-    if outcome is None:
-        raise UserError("say what happened: --succeeded or --failed")
-    action_log(home_str()).resolve(key, outcome == "succeeded", note)
-    click.echo(f"{key}: {outcome}")
+    if succeeded and failed:
+        raise click.UsageError("--succeeded and --failed contradict each other: give one")
+    if not (succeeded or failed):
+        raise click.UsageError("say what happened: --succeeded or --failed")
+    if override and not (note or "").strip():
+        raise click.UsageError("--override needs --note saying why the recorded outcome is wrong")
+    outcome = "succeeded" if succeeded else "failed"
+    action_log(home_str()).resolve(key, outcome, note, override=override)
+    click.echo(f"{key}: {outcome}{' (override, logged)' if override else ''}")

@@ -1,17 +1,26 @@
 """Actions: run at most once per idempotency key, with the outcome kept in a signed feed.
 
 The action log is the node's local feed ``action-log``, subfeed ``actions``: each call appends
-``started``, then ``succeeded`` or ``failed``; ``kachery task resolve`` appends ``resolved``. The state
-of a key is its latest message. A per-key lock (the same OS lock as single flight) serializes calls
-of one key across threads and processes, so a second caller waits for the first and then returns
-its recorded outcome. A key whose latest message is ``started`` while nobody holds its lock was
-being run by a process that died: its outcome is ``unknown`` until a retry or a resolve settles it.
-No system can promise exactly once against an outside system that is not itself idempotent: a
-crash after the outside change and before ``succeeded`` is recorded is exactly that unknown case.
+``started``, then ``succeeded`` or ``failed``. The state of a key is its latest message. A per-key
+lock (the same OS lock as single flight) serializes calls of one key across threads and processes,
+so a second caller waits for the first and then returns its recorded outcome. A key whose latest
+message is ``started`` while nobody holds its lock was being run by a process that died: its
+outcome is ``unknown`` until a retry or a resolve settles it. No system can promise exactly once
+against an outside system that is not itself idempotent: a crash after the outside change and
+before ``succeeded`` is recorded is exactly that unknown case.
+
+The log is the record of what happened to the outside world, so nothing in it is rewritten:
+``resolve`` (``kachery task resolve``) appends ``resolved`` only to settle an ``unknown`` outcome,
+once; a settled outcome is refused. A settled outcome that was wrong (a call that "failed" on a
+timeout after the outside change was made, a resolve given the wrong flag) can only be corrected by
+an ``overridden`` message, which names what it overrides and carries a mandatory note and the user:
+the history stays, and ``kachery task actions`` shows the correction. Every settlement is decided
+under the key's lock, after reading the log again, so of two racing resolves exactly one appends.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 import threading
@@ -34,6 +43,15 @@ from .task import ActionResult, Job
 LOG_FEED = "action-log"
 LOG_SUBFEED = "actions"
 FINAL = ("succeeded", "failed")
+#: Messages that settle a key by hand, each with an ``outcome``.
+BY_HAND = ("resolved", "overridden")
+#: How long ``resolve`` waits for a key's lock held by someone else (another resolve holds it for a
+#: few milliseconds; an action that runs holds it for as long as it runs, and is refused).
+RESOLVE_WAIT_S = 2.0
+
+
+class ActionSettledError(UserError):
+    """A resolve of an outcome that is already settled: the log is not rewritten."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,10 @@ class ActionState:
     error: str | None
     pid: int | None
     host: str | None
+    settled_by: str = ""  # run | resolve | override ("" while running or unknown)
+    note: str | None = None
+    user: str | None = None
+    overrides: dict[str, Any] | None = None  # what an override replaced: its seq, state, outcome, time
 
 
 class ActionLog:
@@ -54,6 +76,7 @@ class ActionLog:
     def __init__(self, home: str):
         self.home = home
         self._latest: dict[str, dict[str, Any]] = {}
+        self._seqs: dict[str, int] = {}  # key -> seq of its latest message
         self._seen = 0
         self._lock = threading.Lock()
         with in_home(home):
@@ -66,16 +89,20 @@ class ActionLog:
             for message in self._subfeed.messages(self._seen):
                 body = message["body"]
                 self._latest[body["key"]] = body
+                self._seqs[body["key"]] = message["seq"]
                 self._seen = message["seq"] + 1
 
     def latest(self, key: str) -> dict[str, Any] | None:
         self.refresh()
         return self._latest.get(key)
 
-    def append(self, body: dict[str, Any]) -> None:
+    def append(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Append ``body`` with the time, pid and host; returns it as appended."""
+        body = {**body, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
         with in_home(self.home):
-            self._subfeed.append({**body, "time": time.time(), "pid": os.getpid(), "host": socket.gethostname()})
+            self._subfeed.append(body)
         self.refresh()
+        return body
 
     def lock(self, key: str) -> TaskLock:
         return TaskLock(store_for(Path(self.home)).records.root / "locks" / "actions", _key_name(key))
@@ -87,32 +114,102 @@ class ActionLog:
         for key, body in sorted(self._latest.items(), key=lambda kv: kv[1]["time"]):
             state = body["state"]
             if state == "started":
-                lock = self.lock(key)
-                if lock.acquire(blocking=False):
-                    lock.release(done=False)
-                    state = "unknown"
-                else:
-                    state = "running"
-            elif state == "resolved":
-                state = body["outcome"]
-            result.append(ActionState(key, state, body.get("task_id", ""), body.get("function", ""), body["time"],
-                                      body.get("error"), body.get("pid"), body.get("host")))
+                state = "running" if self._running(key) else "unknown"
+            result.append(ActionState(
+                key, _settled_state(body) or state, body.get("task_id", ""), body.get("function", ""), body["time"],
+                body.get("error"), body.get("pid"), body.get("host"), _SETTLED_BY.get(body["state"], ""),
+                body.get("note"), body.get("user"), body.get("overrides") if body["state"] == "overridden" else None))
         return result
 
-    def resolve(self, key: str, succeeded: bool, note: str | None = None) -> None:
-        """Settle a key by hand (after checking the outside world): ``kachery task resolve``."""
-        body = self.latest(key)
-        if body is None:
+    def _running(self, key: str) -> bool:
+        lock = self.lock(key)
+        if lock.acquire(blocking=False):
+            lock.release(done=False)
+            return False
+        return True
+
+    def resolve(self, key: str, outcome: str, note: str | None = None, *, override: bool = False) -> dict[str, Any]:
+        """Settle an ``unknown`` outcome by hand, after checking the outside world; returns the message.
+
+        What ``kachery task resolve`` calls, so the rules hold for every caller: ``outcome`` is
+        ``"succeeded"`` or ``"failed"``; a key that is settled already is refused
+        (:class:`ActionSettledError`, naming its outcome and when it was recorded) unless
+        ``override`` is given with a ``note``, which appends an ``overridden`` message naming what it
+        overrides. The decision is taken holding the key's lock, on the log as read under it: two
+        racing resolves end with one settlement, and the second is refused with the first's outcome.
+        """
+        if outcome not in FINAL:
+            raise UserError(f"an action's outcome is 'succeeded' or 'failed', not {outcome!r}")
+        if override and not (note or "").strip():
+            raise UserError("an override needs a note saying why the recorded outcome is wrong (--note)")
+        if self.latest(key) is None:
             raise UserError(f"no action with key {key!r} in the action log; see `kachery task actions`")
         lock = self.lock(key)
-        if not lock.acquire(blocking=False):
+        if not _take_within(lock, RESOLVE_WAIT_S):
             raise UserError(f"action {key!r} is running now; resolve it after it ends")
         try:
-            self.append({"key": key, "task_id": body.get("task_id"), "function": body.get("function"),
-                         "state": "resolved", "outcome": "succeeded" if succeeded else "failed",
-                         "error": note if not succeeded else None})
+            self.refresh()  # the log as it is now, under the lock: what every writer of this key holds
+            body, seq = self._latest[key], self._seqs[key]
+            settled = _settled_state(body)
+            common = {"key": key, "task_id": body.get("task_id"), "function": body.get("function"),
+                      "outcome": outcome, "note": note, "user": _user()}
+            if settled is None:
+                if override:
+                    raise UserError(f"action {key!r} has an unknown outcome, so there is nothing to override: "
+                                    f"resolve it without --override")
+                entry = {**common, "state": "resolved", "settles": seq,
+                         "error": (note or "resolved by hand as failed") if outcome == "failed" else None}
+            elif not override:
+                raise ActionSettledError(
+                    f"action {key!r} already {settled}: {_recorded_text(body)}; resolve settles only an unknown "
+                    f"outcome. If the record is wrong: kachery task resolve {key} --{outcome} --override --note WHY")
+            elif settled == outcome:
+                raise ActionSettledError(f"action {key!r} already {settled}: {_recorded_text(body)}; nothing to override")
+            else:
+                entry = {**common, "state": "overridden", "error": note if outcome == "failed" else None,
+                         "overrides": {"seq": seq, "state": body["state"], "outcome": settled, "time": body["time"]}}
+            return self.append(entry)
         finally:
             lock.release(done=False)
+
+
+#: How a settling message came about, as ``kachery task actions`` shows it.
+_SETTLED_BY = {"succeeded": "run", "failed": "run", "resolved": "resolve", "overridden": "override"}
+
+
+def _settled_state(body: dict[str, Any]) -> str | None:
+    """The outcome a message settles (``succeeded`` / ``failed``), or None for ``started``."""
+    state = body["state"]
+    if state in BY_HAND:
+        return body["outcome"]
+    return state if state in FINAL else None
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _recorded_text(body: dict[str, Any]) -> str:
+    how = {"resolved": "by a resolve", "overridden": "by an override"}.get(body["state"], "by its run")
+    who = f"{body.get('user')}, " if body.get("user") else ""
+    return f"recorded {how} at {_when(body['time'])} ({who}pid {body.get('pid')} on {body.get('host')})"
+
+
+def _take_within(lock: TaskLock, seconds: float) -> bool:
+    """Take ``lock``, waiting up to ``seconds``: a resolve must not wait as long as an action runs."""
+    deadline = time.monotonic() + seconds
+    while not lock.acquire(blocking=False):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 def _key_name(key: str) -> str:
@@ -142,9 +239,7 @@ def _recorded_without_writing(home: str, key: str) -> dict[str, Any] | None:
 
 
 def _outcome(body: dict[str, Any], replayed: bool) -> ActionResult | None:
-    state = body["state"]
-    if state == "resolved":
-        state = body["outcome"]
+    state = _settled_state(body)
     if state == "succeeded":
         return ActionResult(True, None, "succeeded", replayed)
     if state == "failed":
