@@ -10,6 +10,7 @@ any directory (tasks/scripts.py). Tables show task ids by their first 12 hex cha
 from __future__ import annotations
 
 import fnmatch
+import shlex
 import time
 from typing import Any
 
@@ -21,6 +22,20 @@ from .output import print_json, print_listing, print_mapping
 
 #: Hex characters of a task id shown in tables: 32 would wrap a row over three lines in 80 columns.
 SHORT_ID = 12
+
+
+def function_matches(name: str, pattern: str) -> bool:
+    """Whether a recorded function name (``module.qualname``) matches ``--function PATTERN`` (a glob).
+
+    A pattern without a dot is matched against the function's own name, the last part of its
+    qualname: ``noisy`` finds ``pipe.noisy``, not ``pipe.noisy.tol`` (a function ``tol`` that only
+    lives in a module named noisy). A pattern with a dot is matched against the whole dotted name
+    or its last parts, whole parts only: ``pipe.noisy`` and ``Filter.apply`` (for
+    ``pipe.Filter.apply``), never a module path that continues past the pattern.
+    """
+    if "." not in pattern:
+        return fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 def _short_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,7 +64,8 @@ def _summary(record: dict[str, Any], failed: bool = False) -> dict[str, Any]:
 
 
 @task.command("ls")
-@click.option("--function", "pattern", default=None, help="Only functions whose name matches (glob or substring).")
+@click.option("--function", "pattern", default=None,
+              help="Only functions named this (a glob; with a dot, against module.qualname).")
 @click.option("--failed", is_flag=True, help="Only tasks whose latest outcome is a failure.")
 @click.option("--running", is_flag=True, help="Only tasks being computed right now (for 0.5 s or more), with who computes them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -66,15 +82,27 @@ def ls_cmd(pattern: str | None, failed: bool, running: bool, as_json: bool, limi
         print_listing(rows if as_json else _short_ids(rows), ["task_id", "host", "pid", "started"], as_json,
                       title="running tasks")
         return
-    rows = [_summary(r, failed) for r in store.records.iter_records(failures=failed)]
-    if pattern:
-        rows = [r for r in rows if fnmatch.fnmatchcase(r["function"] or "", pattern) or pattern in (r["function"] or "")]
+    rows = [_summary(r, failed) for r in store.records.iter_records(failures=failed)
+            if not pattern or function_matches(r.get("function", {}).get("name") or "", pattern)]
+    if not rows and not failed and _say_failures(store, pattern, as_json) and not as_json:
+        return
     rows.sort(key=lambda r: -(r["wall_s"] or 0.0))
     if limit is not None:
         rows = rows[:limit]
     columns = ["task_id", "function", "kind", "status", "wall_s", "created"] + (["error"] if failed else [])
     print_listing(rows if as_json else _short_ids(rows), columns, as_json,
                   title="failed tasks" if failed else "task records")
+
+
+def _say_failures(store: Any, pattern: str | None, as_json: bool) -> bool:
+    """With no successful task to list, say how many failed (on stderr under ``--json``), rather
+    than leave an empty table that reads as "nothing ran"; returns whether there were any."""
+    failures = sum(1 for r in store.records.iter_records(failures=True)
+                   if not pattern or function_matches(r.get("function", {}).get("name") or "", pattern))
+    if failures:
+        more = f" --function {shlex.quote(pattern)}" if pattern else ""
+        click.echo(f"no successful tasks; {failures} failed (kachery task ls --failed{more})", err=as_json)
+    return failures > 0
 
 
 def _record(task_id: str) -> dict[str, Any]:
@@ -206,7 +234,8 @@ def rerun_cmd(task_ids: tuple[str, ...]) -> None:
 
 @task.command("recheck")
 @click.argument("task_ids", nargs=-1)
-@click.option("--function", "pattern", default=None, help="Recheck records of functions matching this.")
+@click.option("--function", "pattern", default=None,
+              help="Recheck records of functions named this (a glob; with a dot, against module.qualname).")
 @click.option("--sample", type=int, default=None, help="Recheck at most N records (chosen at random).")
 @click.option("--json", "as_json", is_flag=True)
 def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | None, as_json: bool) -> None:
@@ -219,7 +248,7 @@ def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | No
     ids = [_record(t)["task_id"] for t in task_ids]
     if pattern:
         ids += [r["task_id"] for r in store.records.iter_records()
-                if fnmatch.fnmatchcase(r["function"]["name"], pattern) or pattern in r["function"]["name"]]
+                if function_matches(r["function"]["name"], pattern)]
     if not ids:
         raise UserError("nothing to recheck: give task ids or --function PATTERN")
     if sample is not None and sample < len(ids):
