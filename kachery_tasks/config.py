@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     # Arguments whose canonical encoding is at most this many bytes are kept in the record, so the
     # call can be replayed by `kachery task rerun` / `stale --rerun` / `recheck`.
     "record_args_max_bytes": 65536,
+    # Larger arrays, byte strings and plain data arguments, up to this many bytes, are kept as blobs
+    # in the store (deduplicated by content) and referenced from the record, so that ordinary calls
+    # on in-memory data stay replayable; 0 keeps none.
+    "record_args_blob_max_bytes": 2**30,
     # Node ids whose pickle results may be unpickled (unpickling runs code). Read by the bucket and
     # channel tiers; this node's own store is always trusted.
     "trusted_nodes": [],
