@@ -1,9 +1,9 @@
 """Writing task records: results, failures, arguments for replay, provenance, signature.
 
 Format in docs/provenance.md and DESIGN.md ("Task record"). Each argument is kept with its own hash
-(so ``explain`` can name the argument that differs) and, where it is small, in a form that lets the
-call be replayed: plain JSON, a file URI, the id of an upstream job, or a pickle (replayed only from
-this node's own store).
+(so ``explain`` can name the argument that differs) and, where it can, in a form that lets the call
+be replayed: plain JSON, a file URI, the id of an upstream job, a pickle (replayed only from this
+node's own store), or for a large array, byte string or plain data the file URI of its blob.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ..store.codecs import is_plain_json
 from ..store.file import File
 from ..store.fs import make_dirs
 from ..store.local import LocalStore
+from . import arg_blobs
 from .provenance import Measure, packages_of
 from .results import encode_result
 from .scripts import origin_field
@@ -52,17 +53,32 @@ class TaskFailed(KacheryError):
     """A recorded failure served because ``cache_errors`` is set, when the original can't be rebuilt."""
 
 
-def describe_args(job: Job) -> dict[str, Any]:
+def describe_args(job: Job, store: LocalStore) -> dict[str, Any]:
+    """Each argument's hash and, where it can be kept, the form a replay rebuilds it from.
+
+    Small values go in the record (``record_args_max_bytes``); larger arrays, byte strings and plain
+    data go to the store as blobs (``record_args_blob_max_bytes``, arg_blobs.py). What is not kept
+    is marked ``omitted`` with the reason, which a rerun names. Keeping an argument never fails the
+    call: a home too full for its blob leaves it ``omitted``.
+    """
     limit = config.get("record_args_max_bytes")
     described = {}
     for name, value in job.args.items():
-        entry: dict[str, Any] = {"hash": hash_value(value)}
+        value_hash = hash_value(value)
+        entry: dict[str, Any] = {"hash": value_hash}
+        codec = arg_blobs.blob_codec(value)
         if isinstance(value, Job):
             entry["job"] = value.id
         elif isinstance(value, File):
             entry["file"] = value.uri
-        elif is_plain_json(value) and len(orjson.dumps(value)) <= limit:
-            entry["json"] = value
+        elif codec is not None and arg_blobs.size_of(value, codec) > limit:
+            entry.update(_blob_entry(job, name, value, codec, value_hash, arg_blobs.size_of(value, codec), store))
+        elif is_plain_json(value):
+            size = len(orjson.dumps(value))
+            if size <= limit:
+                entry["json"] = value
+            else:
+                entry.update(_blob_entry(job, name, value, "json", value_hash, size, store))
         elif _known_size(value) > limit:  # do not pickle a big array only to find it is too big
             entry["omitted"] = f"{_known_size(value)} bytes > record_args_max_bytes={limit}"
         else:
@@ -73,10 +89,38 @@ def describe_args(job: Job) -> dict[str, Any]:
             else:
                 if len(data) <= limit:
                     entry["pickle"] = base64.b64encode(data).decode()
+                elif codec is not None:  # an array just under the limit, whose pickle is just over
+                    entry.update(_blob_entry(job, name, value, codec, value_hash, len(data), store))
                 else:
                     entry["omitted"] = f"{len(data)} bytes > record_args_max_bytes={limit}"
         described[name] = entry
     return described
+
+
+def _blob_entry(job: Job, name: str, value: Any, codec: str, value_hash: str, size: int,
+                store: LocalStore) -> dict[str, Any]:
+    """The ``blob`` fields of an argument too large for the record, or why it is ``omitted``."""
+    blob_limit = config.get("record_args_blob_max_bytes")
+    if size > blob_limit:
+        return {"omitted": f"{size} bytes > record_args_blob_max_bytes={blob_limit}"}
+    if not replay_can_import(job.task.func):  # its blob would serve no rerun, only fill the disk
+        limit = config.get("record_args_max_bytes")
+        return {"omitted": f"{size} bytes > record_args_max_bytes={limit}, and a rerun cannot import "
+                           f"{job.task.name} (defined inside a function)"}
+    try:
+        return arg_blobs.keep(value, codec, value_hash, store.blobs)
+    except OSError as exc:
+        full = as_store_full(exc, store.home)
+        if full is None:
+            raise
+        log.warning("argument %r of %s (task %s) is not kept for a rerun: %s", name, job.task.name, job.id[:12], full)
+        return {"omitted": f"{size} bytes, not stored: {full}"}
+
+
+def replay_can_import(func: Any) -> bool:
+    """Whether replay.import_task can find the function again: a module-level name, not a closure."""
+    module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    return bool(module and qualname and "<locals>" not in qualname)
 
 
 def _known_size(value: Any) -> int:
@@ -88,7 +132,7 @@ def _known_size(value: Any) -> int:
     return 0
 
 
-def _base_record(job: Job, measure: Measure | None) -> dict[str, Any]:
+def _base_record(job: Job, measure: Measure | None, store: LocalStore) -> dict[str, Any]:
     fid = job.task.function_id
     func = job.task.func
     module = getattr(func, "__module__", None)
@@ -107,7 +151,7 @@ def _base_record(job: Job, measure: Measure | None) -> dict[str, Any]:
             "version": job.task.version,
             **origin_field(func),  # a function of __main__: the script it came from (tasks/scripts.py)
         },
-        "args": describe_args(job),
+        "args": describe_args(job, store),
         "upstream": [u.id for u in job.upstream()],
         "provenance": (measure or Measure()).fields(packages_of(dict(fid.deps)), module_file),
         "created": time.time(),
@@ -133,7 +177,7 @@ def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | N
     before the record failed stays: it is sound content, and may be another record's.
     """
     try:
-        record = _base_record(job, measure)
+        record = _base_record(job, measure, store)
         record["status"] = "succeeded"
         try:
             record["result"] = encode_result(value, job.task.codec, store.blobs, config.get("inline_max_bytes"))
@@ -178,7 +222,7 @@ def record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Mea
 
 def _record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Measure | None) -> None:
     try:
-        record = _base_record(job, measure)
+        record = _base_record(job, measure, store)
     except UnhashableArgument:
         return
     record["status"] = "failed"

@@ -5,8 +5,9 @@ imported by its module name, with the current directory on ``sys.path`` as ``pyt
 a function of ``__main__`` (a script) is found through the script's recorded path (scripts.py).
 A record whose function cannot be imported is reported as such, with one line of why, never
 guessed at. Arguments come back from their recorded forms: plain JSON, a file URI, an upstream job
-(rebuilt from its own record, recursively, so upstream runs first), or a pickle (only from this
-node's own store).
+(rebuilt from its own record, recursively, so upstream runs first), a blob of the store (read
+verified, arg_blobs.py), or a pickle (only from this node's own store). A call that cannot be
+rebuilt because an upstream record kept no copy of its argument names both functions.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import NotFoundError, UserError
+from ..errors import IntegrityError, NotFoundError, UserError
 from ..store.file import File
 from ..store.local import LocalStore
+from . import arg_blobs
 from .scripts import NO_ORIGIN, ScriptUnreachable, main_namespace
 from .settings import CallSettings
 from .task import Job, Task
@@ -38,6 +40,20 @@ class NotReplayable(UserError):
         super().__init__(f"{function}: {reason}" if function else reason)
         self.reason = reason
         self.function = function
+
+
+class ArgumentNotKept(NotReplayable):
+    """A call whose record, or an upstream record, kept no copy of an argument.
+
+    ``owner`` is the function whose own argument it is; ``downstream``, if any, the function whose
+    rerun needs that upstream call. The message names both: the one to rerun is not the one to fix.
+    """
+
+    def __init__(self, owner: str, argument: str, why: str, downstream: str | None = None,
+                 kept: str = "no copy") -> None:
+        lost = f"kept {kept} of argument {argument!r} ({why})"
+        super().__init__(lost if downstream is None else f"its upstream {owner} {lost}", downstream or owner)
+        self.owner, self.argument, self.why, self.kept = owner, argument, why, kept
 
 
 def import_task(record: dict[str, Any]) -> Task:
@@ -119,7 +135,7 @@ def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSet
     task = import_task(record) if _tasks is None else import_task_memo(record, _tasks)
     args = {}
     for name, entry in record.get("args", {}).items():
-        args[name] = _argument(store, name, entry, settings, seen, _tasks)
+        args[name] = _argument(store, name, entry, task.name, settings, seen, _tasks)
     if not task.signature.parameters.keys() <= args.keys():
         missing = set(task.signature.parameters) - set(args)
         raise NotReplayable(f"the function now takes {sorted(missing)}, which the record lacks", task.name)
@@ -132,19 +148,31 @@ def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSet
     return job
 
 
-def _argument(store: LocalStore, name: str, entry: dict[str, Any], settings, seen, tasks) -> Any:
+def _argument(store: LocalStore, name: str, entry: dict[str, Any], owner: str, settings, seen, tasks) -> Any:
+    """One argument of ``owner``'s call, from its recorded form (recording.describe_args)."""
     if "json" in entry:
         return entry["json"]
     if "file" in entry:
         return File(entry["file"])
+    if "blob" in entry:
+        try:
+            return arg_blobs.load(entry, store.blobs)
+        except (NotFoundError, IntegrityError, ValueError) as exc:
+            raise ArgumentNotKept(owner, name, str(exc), kept="no readable copy") from None
     if "job" in entry:
         upstream = store.records.read(entry["job"]) or store.records.read_failure(entry["job"])
         if upstream is None:
-            raise NotReplayable(f"argument {name!r}: upstream task {entry['job']} has no record")
-        return job_from_record(store, upstream, settings, seen, tasks)
+            raise NotReplayable(f"argument {name!r}: upstream task {entry['job']} has no record", owner)
+        try:
+            return job_from_record(store, upstream, settings, seen, tasks)
+        except ArgumentNotKept as exc:
+            raise ArgumentNotKept(exc.owner, exc.argument, exc.why, downstream=owner, kept=exc.kept) from None
+        except NotReplayable as exc:
+            up = exc.function or upstream.get("function", {}).get("name")
+            raise NotReplayable(f"its upstream {up} cannot be rebuilt: {exc.reason}", owner) from None
     if "pickle" in entry:
         return cloudpickle.loads(base64.b64decode(entry["pickle"]))
-    raise NotReplayable(f"argument {name!r} was not kept ({entry.get('omitted', 'too large')})")
+    raise ArgumentNotKept(owner, name, entry.get("omitted", "too large"))
 
 
 def find_record(store: LocalStore, task_id: str) -> dict[str, Any]:

@@ -98,7 +98,9 @@ def _stale(function: str | None, store: LocalStore | None) -> StaleReport:
         try:
             job = job_from_record(store, record, scan.settings, seen, scan.tasks)
         except NotReplayable as exc:
-            report.records.append(StaleRecord(task_id, name, reason, _wall(record), False, str(exc)))
+            # the report names the record's function already; another one (its upstream) is named
+            why_not = exc.reason if exc.function in (None, name) else str(exc)
+            report.records.append(StaleRecord(task_id, name, reason, _wall(record), False, why_not))
             continue
         fid = scan.ids_now[task_key(record)]
         if _has_result_now(job, fid, records, code_hashes, scanned_here):
