@@ -707,3 +707,22 @@ def test_read_only_action_replays_or_refuses_and_writes_nothing(home, tmp_path):
     with config.set(read_only=True):
         assert send("a").replayed
     assert len(runs(log)) == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.arange(6).astype("datetime64[s]"),
+    lambda: np.arange(6).astype("timedelta64[ms]").reshape(2, 3).T,  # Fortran order too
+    lambda: np.zeros(3, dtype=[("t", "M8[ns]"), ("x", "<f4")]),
+    lambda: np.array(["", "a", "bb"], dtype=np.dtypes.StringDType()),  # variable width: pickled
+])
+def test_array_results_of_every_dtype_round_trip(home, make):
+    """datetime64 and timedelta64 have no buffer format: storing them failed the call."""
+    @pure
+    def made(tag):
+        return make()
+
+    first = made("x")
+    MEMORY.clear()
+    again = made("x")
+    assert again.dtype == first.dtype
+    assert again.tolist() == first.tolist()

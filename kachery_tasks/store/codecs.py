@@ -47,11 +47,18 @@ def is_plain_json(value: Any, depth: int = 0) -> bool:
 
 def choose_codec(value: Any) -> str:
     """The codec a result gets when its task names none."""
-    if isinstance(value, np.ndarray) and value.dtype != object:
+    if isinstance(value, np.ndarray) and _fixed_size(value.dtype):
         return "npy"
     if is_plain_json(value):
         return "json"
     return "pickle"
+
+
+def _fixed_size(dtype: np.dtype) -> bool:
+    """A dtype whose items are plain bytes of one size: no Python objects (``object``, or fields
+    holding them) and no variable-width strings (numpy 2's ``StringDType``, kind ``T``), which
+    ``.npy`` could only keep by pickling."""
+    return not dtype.hasobject and dtype.kind != "T"
 
 
 def check_codec(codec: str | None) -> None:
@@ -78,10 +85,10 @@ def encode_pickle(value: Any) -> bytes:
 
 def npy_blocks(array: np.ndarray) -> Iterator[bytes | memoryview]:
     """The bytes of ``np.save(array)``, from the array's own buffer without a full copy."""
-    if not isinstance(array, np.ndarray) or array.dtype == object:
+    if not isinstance(array, np.ndarray) or not _fixed_size(array.dtype):
         raise CodecError(
             f"codec 'npy' stores numpy arrays of fixed-size dtypes, not {type(array).__name__}"
-            + (" of dtype object" if isinstance(array, np.ndarray) else "")
+            + (f" of dtype {array.dtype}" if isinstance(array, np.ndarray) else "")
             + "; use codec='pickle'"
         )
     header = np.lib.format.header_data_from_array_1_0(array)
@@ -95,7 +102,8 @@ def npy_blocks(array: np.ndarray) -> Iterator[bytes | memoryview]:
     if array.size == 0:
         return
     order = "F" if header["fortran_order"] else "C"
-    raw = memoryview(np.ascontiguousarray(array.ravel(order=order))).cast("B")
+    # as bytes through a uint8 view: the buffer protocol has no format for datetime64/timedelta64
+    raw = memoryview(np.ascontiguousarray(array.ravel(order=order)).view(np.uint8))
     for start in range(0, len(raw), _NPY_BLOCK):
         yield raw[start : start + _NPY_BLOCK]
 
