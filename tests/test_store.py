@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -245,3 +246,37 @@ def test_store_refuses_missing_file_and_directory(home: Path) -> None:
 def test_read_only_refuses_writes() -> None:
     with kt.config.set(read_only=True), pytest.raises(kt.ReadOnlyStoreError):
         kt.store_bytes(b"x")
+
+
+def test_streamed_reads_of_sound_blobs(home: Path, kachery) -> None:
+    """`cat` and `load -o` hash what they stream (tests/test_verified_reads.py for damage): sound
+    blobs of every shape come out whole, and a manifest that is wrong about a sound blob fails
+    nothing and quarantines nothing (the blob is hashed whole instead)."""
+    big = os.urandom(2 * CHUNK_SIZE + 5)
+    for data in (b"", b"small", os.urandom(CHUNK_SIZE), big):
+        uri = kt.store_bytes(data)
+        proc = kachery("cat", uri)
+        assert proc.returncode == 0 and proc.stdout == data, proc.stderr
+    digest = hashlib.sha256(big).hexdigest()
+    manifest = current_store().blobs.manifest_path(digest)
+    os.chmod(manifest, 0o644)
+    manifest.write_text(manifest.read_text().replace('"xxh3_128":"', '"xxh3_128":"0', 1))
+    proc = kachery("cat", f"sha256://{digest}")
+    assert proc.returncode == 0 and proc.stdout == big, proc.stderr
+    target = home / "copy.bin"
+    proc = kachery("load", f"sha256://{digest}", "-o", str(target))
+    assert proc.returncode == 0 and target.read_bytes() == big, proc.stderr
+    assert not (home / "store" / "quarantine").exists()
+
+
+def test_a_full_read_stamps_the_blob(home: Path) -> None:
+    """load_bytes hashes every byte; a match leaves a stamp (with ctime) so the next map skips it."""
+    uri = kt.store_bytes(b"stamp me" * 100)
+    blobs = BlobStore(home / "store")  # a fresh process's view: no stamps remembered in memory
+    digest = parse_file_uri(uri).sha256
+    stamp = blobs.path(digest).with_suffix(".ok")
+    stamp.unlink()
+    assert blobs.read_bytes(digest) == b"stamp me" * 100
+    st = blobs.path(digest).stat()
+    assert json.loads(stamp.read_text()) == {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                             "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}

@@ -1,7 +1,10 @@
 """The public file API: store and load files, bytes, JSON and numpy arrays by ``sha256://`` URI.
 
 Every function acts on the store of the home in force (``kachery_tasks.config``). Loads verify the
-bytes against their hash before handing any out; see docs/files.md.
+bytes against their hash before handing any out; see docs/files.md. Loads that read every byte
+(``load_bytes``, ``load_json``) hash as they read, so they also catch bit rot that left the blob's
+verified stamp as it was; ``load_file`` and ``load_npy`` must take milliseconds, so they trust a
+matching stamp (``kachery verify`` is the scrub for rot under one).
 """
 
 from __future__ import annotations
@@ -53,15 +56,19 @@ def store_npy(array: np.ndarray, label: str | None = None) -> str:
 
 
 def load_file(uri: str) -> Path:
-    """Path of the verified local copy of ``uri`` (read it, never write to it)."""
+    """Path of the verified local copy of ``uri`` (read it, never write to it): hashed unless its
+    verified stamp still matches."""
     return current_store().blobs.verified_path(parse_file_uri(uri).sha256)
 
 
 def load_bytes(uri: str) -> bytes:
+    """The bytes of ``uri``, hashed as they are read; :class:`IntegrityError` (the blob quarantined)
+    if they do not match, whatever the stamp says."""
     return current_store().blobs.read_bytes(parse_file_uri(uri).sha256)
 
 
 def load_json(uri: str) -> Any:
+    """The JSON value stored at ``uri``, read through :func:`load_bytes` (hashed as read)."""
     data = load_bytes(uri)
     try:
         return json.loads(data)
@@ -70,7 +77,8 @@ def load_json(uri: str) -> Any:
 
 
 def load_npy(uri: str, mmap: bool = True) -> np.ndarray:
-    """The array stored at ``uri``; memory-mapped read-only by default, so it loads in milliseconds."""
+    """The array stored at ``uri``; memory-mapped read-only by default, so it loads in milliseconds
+    (verified as :func:`load_file` is: a matching stamp skips the hash)."""
     path = load_file(uri)
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)

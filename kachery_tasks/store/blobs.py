@@ -2,10 +2,16 @@
 
 Layout (docs/files.md): ``<root>/sha256/ab/cd/<hex>`` holds the bytes whose SHA-256 is ``<hex>``;
 beside it ``<hex>.c1.json`` (the chunk manifest of a file over 16 MiB) and ``<hex>.ok`` (the
-verified stamp: size, mtime and inode of the blob when its hash last matched). Bytes are streamed
-into ``<root>/tmp/`` (the hash is known only at the end), fsynced, then renamed into place, so a
-blob's final name never holds partial bytes. A blob whose bytes no longer match is moved to
-``<root>/quarantine/`` and reading it is an error, never bad bytes.
+verified stamp: size, mtime, ctime and inode of the blob when its hash last matched). Bytes are
+streamed into ``<root>/tmp/`` (the hash is known only at the end), fsynced, then renamed into place,
+so a blob's final name never holds partial bytes. A blob whose bytes no longer match is moved to
+``<root>/quarantine/`` by the read that finds it, and that read is an error, never bad bytes.
+
+Two kinds of read (docs/files.md, "Verification"): a path or a memory map (``verified_path``) must
+take milliseconds, so it trusts a stamp that still matches; a read that goes through every byte
+anyway (``read_bytes``, ``read_verified``) hashes as it reads and ignores the stamp, so it also
+catches bit rot, which changes no stamp. ``verified_path(rehash=True)`` is the scrub (``kachery
+verify``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from ..errors import IntegrityError, NotFoundError, as_store_full
 from .fs import atomic_write_bytes, make_dirs, remove_stale_files, share_fd
 from .manifest import CHUNK_SIZE, ChunkHasher, Manifest
@@ -34,13 +42,17 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Stamp:
+    """What changes when a blob's bytes may have. ctime is there because a user (or a tool that
+    restores times) can set mtime back but not ctime; bit rot changes none of them."""
+
     size: int
     mtime_ns: int
+    ctime_ns: int
     ino: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> Stamp:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 class BlobStore:
@@ -224,52 +236,106 @@ class BlobStore:
         try:
             return self.path(sha256).stat().st_size
         except FileNotFoundError:
-            raise NotFoundError(f"sha256://{sha256} is not found in this node's store") from None
+            raise self._not_found(sha256) from None
 
     def verified_path(self, sha256: str, *, rehash: bool = False) -> Path:
         """Path of the blob after checking that its bytes match their hash.
 
-        A blob whose size, mtime and inode equal its verified stamp is not hashed again (so memory
-        maps of big results take milliseconds); ``rehash=True`` hashes regardless.
+        A blob whose size, mtime, ctime and inode equal its verified stamp is not hashed again (so
+        memory maps of big results take milliseconds); ``rehash=True`` hashes regardless.
         """
         check_sha256_hex(sha256)
         path = self.path(sha256)
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise NotFoundError(f"sha256://{sha256} is not found in this node's store") from None
+            raise self._not_found(sha256) from None
         current = Stamp.of(st)
         if not rehash and self._read_stamp(sha256) == current:
             return path
         if _sha256_file(path) != sha256:
-            where = self.quarantine(sha256)
-            raise IntegrityError(
-                f"sha256://{sha256}: stored bytes do not match their hash; moved to {where}. "
-                "Store the file again or fetch it from another source"
-            )
+            raise self._damaged(sha256)
         self._write_stamp(sha256, Stamp.of(os.stat(path)))
         return path
 
     def read_bytes(self, sha256: str) -> bytes:
-        """The blob's bytes, checked against the hash before any is returned."""
-        path = self.verified_path(sha256)
-        data = path.read_bytes()
-        if len(data) != self._stamps[sha256].size:  # changed between the check and the read
-            return self.read_bytes_rehash(sha256)
+        """The blob's bytes, hashed as they are read: none is returned unless all match.
+
+        The stamp is not consulted: a reader of every byte pays only the hash to catch what no stamp
+        sees (bit rot under the same size and times). A match refreshes the stamp, so a later map or
+        path of the same blob skips the hash."""
+        with self._open(sha256) as fh:
+            before = os.fstat(fh.fileno())
+            data = fh.read()
+            after = os.fstat(fh.fileno())
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise self._damaged(sha256)
+        self._vouch(sha256, before, after)
         return data
 
-    def read_bytes_rehash(self, sha256: str) -> bytes:
-        data = self.path(sha256).read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:
-            where = self.quarantine(sha256)
-            raise IntegrityError(f"sha256://{sha256}: stored bytes do not match their hash; moved to {where}")
-        return data
+    def read_verified(self, sha256: str) -> Iterator[bytes]:
+        """The blob's bytes in blocks for a stream (``kachery cat``, ``load -o``), each checked
+        before it is yielded, so that damage found on the way never reaches the consumer.
+
+        A blob of at most one chunk (16 MiB) is read whole and checked against its SHA-256. A larger
+        one goes chunk by chunk, each checked against the xxh3-128 of its c1 manifest; without a
+        usable manifest it is hashed whole first (a second read). In both cases the SHA-256 of the
+        whole is checked at the end: a mismatch there (a forgery that rewrote the manifest too, or a
+        change between the two reads) raises :class:`IntegrityError` after blocks were yielded.
+        """
+        with self._open(sha256) as fh:
+            before = os.fstat(fh.fileno())
+            if before.st_size <= CHUNK_SIZE:
+                data = fh.read()
+                after = os.fstat(fh.fileno())
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    raise self._damaged(sha256)
+                self._vouch(sha256, before, after)
+                if data:
+                    yield data
+                return
+            chunks = self._chunk_hashes(sha256, before.st_size)
+            if chunks is None:
+                if _sha256_fh(fh) != sha256:
+                    raise self._damaged(sha256)
+                fh.seek(0)
+            sha = hashlib.sha256()
+            offset = 0
+            while block := _read_exact(fh, CHUNK_SIZE):
+                if chunks is not None and xxhash.xxh3_128(block).hexdigest() != chunks.get(offset):
+                    fh.seek(0)
+                    if _sha256_fh(fh) != sha256:
+                        raise self._damaged(sha256)
+                    fh.seek(offset + len(block))
+                    chunks = None  # the blob is sound, its manifest is not: the SHA-256 at the end decides
+                sha.update(block)
+                offset += len(block)
+                yield block
+            after = os.fstat(fh.fileno())
+        if sha.hexdigest() != sha256:
+            raise self._damaged(sha256)
+        self._vouch(sha256, before, after)
 
     def manifest(self, sha256: str) -> Manifest | None:
         try:
             return Manifest.from_json(self.manifest_path(sha256).read_text())
         except FileNotFoundError:
             return None
+
+    def _chunk_hashes(self, sha256: str, size: int) -> dict[int, str] | None:
+        """xxh3-128 by chunk offset from the blob's manifest, if it describes a file of this hash
+        and size cut in whole chunks; None if there is none or it is unreadable (then the caller
+        hashes the blob whole instead, so a bad manifest never fails a read of a sound blob)."""
+        try:
+            manifest = self.manifest(sha256)
+        except (ValueError, KeyError, TypeError):
+            return None
+        if manifest is None or manifest.sha256 != sha256 or manifest.size != size:
+            return None
+        expected = [(offset, min(CHUNK_SIZE, size - offset)) for offset in range(0, size, CHUNK_SIZE)]
+        if [(c.offset, c.size) for c in manifest.chunks] != expected:
+            return None
+        return {c.offset: c.xxh3_128 for c in manifest.chunks}
 
     def iter_hashes(self) -> Iterator[str]:
         base = self.root / "sha256"
@@ -295,7 +361,34 @@ class BlobStore:
         it writes at least every block). Returns how many were removed."""
         return remove_stale_files(self.tmp_dir, older_than_s)
 
+    def _open(self, sha256: str):
+        check_sha256_hex(sha256)
+        try:
+            return open(self.path(sha256), "rb", buffering=0)  # noqa: SIM115 - callers close it
+        except FileNotFoundError:
+            raise self._not_found(sha256) from None
+
+    def _vouch(self, sha256: str, before: os.stat_result, after: os.stat_result) -> None:
+        """Stamp a blob whose bytes were just read and matched, unless it changed (or was replaced)
+        while they were read, or its stamp already says so."""
+        try:
+            now = Stamp.of(os.stat(self.path(sha256)))
+        except FileNotFoundError:
+            return
+        if Stamp.of(before) == Stamp.of(after) == now and self._read_stamp(sha256) != now:
+            self._write_stamp(sha256, now)
+
+    @staticmethod
+    def _not_found(sha256: str) -> NotFoundError:
+        return NotFoundError(f"sha256://{sha256} is not found in this node's store")
+
     # -- damage ----------------------------------------------------------------------------------
+    def _damaged(self, sha256: str) -> IntegrityError:
+        """Quarantine the blob; the error to raise (one line)."""
+        where = self.quarantine(sha256)
+        return IntegrityError(f"sha256://{sha256}: stored bytes do not match their hash; moved to {where}. "
+                              "Store the file again or fetch it from another source")
+
     def quarantine(self, sha256: str) -> Path:
         """Move a damaged blob aside (kept for inspection, never served) and forget its stamp."""
         make_dirs(self.quarantine_dir)
@@ -319,9 +412,9 @@ class BlobStore:
             return stamp
         try:
             raw = json.loads(self._stamp_path(sha256).read_text())
-            stamp = Stamp(raw["size"], raw["mtime_ns"], raw["ino"])
+            stamp = Stamp(raw["size"], raw["mtime_ns"], raw["ctime_ns"], raw["ino"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
+            return None  # none, torn, or written before stamps had ctime_ns: unverified, hash once
         with self._lock:
             self._stamps[sha256] = stamp
         return stamp
@@ -329,7 +422,8 @@ class BlobStore:
     def _write_stamp(self, sha256: str, stamp: Stamp) -> None:
         with self._lock:
             self._stamps[sha256] = stamp
-        data = json.dumps({"size": stamp.size, "mtime_ns": stamp.mtime_ns, "ino": stamp.ino}).encode()
+        data = json.dumps({"size": stamp.size, "mtime_ns": stamp.mtime_ns, "ctime_ns": stamp.ctime_ns,
+                           "ino": stamp.ino}).encode()
         try:
             atomic_write_bytes(self._stamp_path(sha256), data, tmp_dir=self.tmp_dir)
         except OSError:
@@ -352,13 +446,30 @@ def _read_blocks(fh) -> Iterator[bytes]:
 
 
 def _sha256_file(path: Path) -> str:
+    with open(path, "rb", buffering=0) as fh:
+        return _sha256_fh(fh)
+
+
+def _sha256_fh(fh) -> str:
     sha = hashlib.sha256()
     buffer = bytearray(IO_BLOCK)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buffer):
-            sha.update(view[:n])
+    while n := fh.readinto(buffer):
+        sha.update(view[:n])
     return sha.hexdigest()
+
+
+def _read_exact(fh, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer only at the end of the file (a read may return less)."""
+    block = fh.read(size)
+    if not block or len(block) == size:
+        return block
+    parts = [block]
+    got = len(block)
+    while got < size and (more := fh.read(size - got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 __all__ = ["BlobStore", "CHUNK_SIZE", "Stamp"]

@@ -93,6 +93,8 @@ def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
         if codec == "npy":
             path = str(blobs.verified_path(digest))
             return Loaded(private_array(path), ("npy", path), 4096)
+        # json and pickle read every byte anyway: read_bytes hashes them as it reads (bit rot under
+        # an unchanged stamp too), and a mismatch quarantines the blob and sets the record aside
         data = blobs.read_bytes(digest)
     except (NotFoundError, IntegrityError) as exc:
         raise IncompleteRecord(str(exc)) from None
