@@ -1,7 +1,8 @@
 """``kachery store | load | cat | info | verify``: files in this node's store.
 
-Every read goes through the verified path of the store (``load_file``), so no command hands out a
-byte that does not match its hash.
+No command hands out a byte that does not match its hash (docs/files.md, "Verification"): ``load``
+prints a path the store has verified (a matching stamp vouches for it); ``load -o`` and ``cat`` read
+every byte anyway, so they hash as they go (``BlobStore.read_verified``) and ignore the stamp.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import click
 from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
 from .output import byte_progress, human_bytes, print_json, print_listing, print_mapping
-
-COPY_BLOCK = 8 * 2**20
 
 
 @click.command()
@@ -49,28 +48,28 @@ def store(files: tuple[str, ...], label: str | None, link: bool, as_json: bool) 
               help="Copy the verified file here (a directory takes the label or hash as name).")
 def load(uri: str, output: str | None) -> None:
     """Verify URI's file and print its path in the store, or copy it to -o PATH."""
-    source = load_file(uri)
     if output is None:
-        click.echo(str(source))
+        click.echo(str(load_file(uri)))
         return
+    parsed = parse_file_uri(uri)
     target = Path(output)
     if target.is_dir():
-        parsed = parse_file_uri(uri)
         target = target / (parsed.label or parsed.sha256)
-    _copy(source, target)
+    _copy(parsed.sha256, target)
     click.echo(str(target))
 
 
-def _copy(source: Path, target: Path) -> None:
-    """Copy through a temp file beside ``target`` and rename: never a partial file under its name."""
+def _copy(sha256: str, target: Path) -> None:
+    """Copy through a temp file beside ``target`` and rename: never a partial file under its name.
+    The bytes are hashed as they are copied, so a damaged blob leaves no file at all."""
     if not target.parent.is_dir():
         raise UserError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
-    size = source.stat().st_size
+    blobs = current_store().blobs
+    size = blobs.size(sha256)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        with byte_progress(size, f"copying to {target.name}") as progress, \
-                open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-            while block := src.read(COPY_BLOCK):
+        with byte_progress(size, f"copying to {target.name}") as progress, os.fdopen(fd, "wb") as dst:
+            for block in blobs.read_verified(sha256):
                 dst.write(block)
                 if progress is not None:
                     progress(len(block))
@@ -93,14 +92,22 @@ def _umask() -> int:
 @click.command()
 @click.argument("uri")
 def cat(uri: str) -> None:
-    """Write URI's bytes to stdout (verified before the first byte)."""
-    source = load_file(uri)
+    """Write URI's bytes to stdout, each block hashed before it is written (see docs/files.md)."""
+    blobs = current_store().blobs
+    sha256 = parse_file_uri(uri).sha256
     out = sys.stdout.buffer
+    written = 0
     try:
-        with open(source, "rb") as fh:
-            while block := fh.read(COPY_BLOCK):
-                _write_all(out, block)
+        for block in blobs.read_verified(sha256):
+            _write_all(out, block)
+            written += len(block)
         out.flush()
+    except IntegrityError as exc:
+        if not written:
+            raise
+        # a blob over 16 MiB is written chunk by chunk: say that what came out must be thrown away
+        raise IntegrityError(f"{exc} ({written} bytes were written to standard output before this was "
+                             "found: discard them)") from None
     except BrokenPipeError:  # `kachery cat URI | head`: the reader left, which is not an error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
