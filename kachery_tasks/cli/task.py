@@ -147,6 +147,8 @@ def _arg_text(entry: dict[str, Any]) -> str:
     for key in ("json", "file", "job"):
         if key in entry:
             return f"{key}:{entry[key]!r}" if key != "json" else repr(entry[key])[:60]
+    if "blob" in entry:  # a large argument kept in the store (tasks/arg_blobs.py)
+        return f"{entry.get('codec', '?')} {entry.get('size', '?')} bytes {entry['blob']}"
     return "<pickled>" if "pickle" in entry else f"<{entry.get('omitted', 'not kept')}>"
 
 
