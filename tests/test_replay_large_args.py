@@ -111,7 +111,7 @@ def test_the_readme_pipeline_reruns_after_a_helper_changes(tmp_path, env, kacher
     kept = store.records.read(first["bandpass"])["args"]["signal"]
     assert kept["codec"] == "npy" and kept["size"] == 320_000 + 128 and kept["blob"].startswith("sha256://")
     assert set(kept) == {"hash", "blob", "codec", "size"}
-    shown = kachery("task", "show", first["bandpass"][:12]).stdout.decode()
+    shown = kachery("task", "show", first["bandpass"][:12], extra_env={"COLUMNS": "300"}).stdout.decode()
     assert f"npy 320128 bytes {kept['blob']}" in shown and "not kept" not in shown
 
     _edit(script, "signal * np.hanning(len(signal))", "signal * np.hamming(len(signal))")
