@@ -220,3 +220,14 @@ def test_dataframes_feed_tasks_by_content_and_cached_takes_them(tmp_path):
     c = cached(y)  # DataFrames: see test_dask_dataframe.py
     assert type(c) is type(y) and c.divisions == y.divisions
     pd.testing.assert_frame_equal(c.compute(scheduler="sync"), y.compute(scheduler="sync"))
+
+
+def test_the_same_delayed_computed_again_is_pruned(tmp_path):
+    """The graph built for a compute is not reused by the next compute of the same object."""
+    log = tmp_path / "log"
+    model = pipeline(log)
+    assert model.compute(scheduler="sync") == 30
+    graph = dict(model.dask)  # at once: inside the window in which a graph is reused within a compute
+    assert len(graph) == 1 and isinstance(next(iter(graph.values())), LoadTask)
+    assert model.compute(scheduler="sync") == 30
+    assert len(runs(log)) == 4

@@ -337,6 +337,15 @@ class JobDelayed(Delayed):
         _keep_for_reuse(self, built_at)
         return graph
 
+    def compute(self, **kwargs: Any) -> Any:
+        """As ``Delayed.compute``; the graph built for it is dropped once it has run, so that a
+        second compute of the same object builds (and prunes) afresh, and a result the user keeps
+        does not keep the graph alive (see :func:`release_built_graphs`)."""
+        try:
+            return super().compute(**kwargs)
+        finally:
+            object.__setattr__(self, "_built", None)
+
     def __dask_tokenize__(self) -> str:
         return self._key
 
