@@ -65,6 +65,17 @@ def test_bytes_json_npy_round_trip() -> None:
         kt.load_json(kt.store_bytes(b"\xff\x00"))
 
 
+def test_store_json_refuses_what_would_not_load_back_and_says_what_to_do() -> None:
+    for value, where in [((1, 2), "value is the tuple"), ({"a": [1, (2,)]}, "value['a'][1] is the tuple"),
+                         ({1: "x"}, "the key 1 of value"), (float("nan"), "value is the float nan")]:
+        with pytest.raises(kt.CodecError) as info:
+            kt.store_json(value)
+        message = str(info.value)
+        assert where in message and "convert it first" in message
+        assert "codec=" not in message  # store_json takes no codec
+    assert current_store().blobs.total_size() == (0, 0)
+
+
 def test_restore_is_idempotent(home: Path) -> None:
     src = _write(home / "data" / "f.bin", os.urandom(4096))
     uri = kt.store_file(src)

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import config
-from ..errors import NotFoundError, ReadOnlyStoreError, UserError
+from ..errors import CodecError, NotFoundError, ReadOnlyStoreError, UserError
 from .blobs import Progress
-from .codecs import encode_json, npy_blocks
+from .codecs import encode_json, is_plain_json, npy_blocks
 from .local import current_store
 from .uris import file_uri, parse_file_uri
 
@@ -48,7 +49,32 @@ def store_bytes(data: bytes, label: str | None = None) -> str:
 
 
 def store_json(obj: Any, label: str | None = None) -> str:
+    """Store plain JSON data (None, bool, int, finite float, str, list, dict with str keys), which
+    :func:`load_json` gives back unchanged; anything else is a :class:`CodecError` saying where."""
+    if not is_plain_json(obj):
+        where, value = _first_non_json(obj, "value")
+        raise CodecError(
+            f"store_json stores plain JSON data (None, bool, 64-bit int, finite float, str, list, dict with "
+            f"str keys); {where} is the {type(value).__name__} {reprlib.repr(value)}, which would not load "
+            "back unchanged: convert it first (a list for a tuple, str keys for a dict), or use store_npy "
+            "for an array or store_bytes for bytes you serialize yourself"
+        )
     return file_uri(_writable().put_bytes(encode_json(obj)), label)
+
+
+def _first_non_json(value: Any, where: str) -> tuple[str, Any]:
+    """Where in ``value`` the first part that is not plain JSON sits, and that part."""
+    if type(value) is list:
+        for i, item in enumerate(value):
+            if not is_plain_json(item):
+                return _first_non_json(item, f"{where}[{i}]")
+    elif type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"the key {key!r} of {where}", key
+            if not is_plain_json(item):
+                return _first_non_json(item, f"{where}[{key!r}]")
+    return where, value
 
 
 def store_npy(array: np.ndarray, label: str | None = None) -> str:
