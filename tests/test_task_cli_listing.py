@@ -86,3 +86,30 @@ def test_function_pattern_matches_names_unless_it_has_a_dot(tmp_path, home, env)
         assert matches("oisy") == []  # a name, not a substring of one
     nothing = _kachery(tmp_path, env, "task", "recheck", "--function", "rcpipe.noisy")
     assert nothing.returncode == 1 and nothing.stderr.startswith("kachery: error: nothing to recheck")
+
+
+def test_stale_function_pattern_matches_names_as_ls_does(tmp_path, home, env):
+    """``task stale --function`` (and ``kt.stale(function=)``) select as ``ls`` and ``recheck`` do:
+    ``noisy`` is not a substring search that also finds ``rcpipe.noisy.tol``."""
+    for name, source in PIPE.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(textwrap.dedent(source))
+    made = subprocess.run([sys.executable, "-c", "import rcpipe.core, rcpipe.noisy; rcpipe.core.noisy(2); "
+                           "rcpipe.noisy.tol(2)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    for name, old, new in (("rcpipe/core.py", "n * 2", "n * 3"), ("rcpipe/noisy.py", "n + 1", "n + 2")):
+        path = tmp_path / name
+        path.write_text(path.read_text().replace(old, new))
+
+    def stale(pattern: str) -> list[str]:
+        out = _kachery(tmp_path, env, "task", "stale", "--function", pattern, "--json")
+        assert out.returncode == 0, out.stderr
+        return sorted(json.loads(out.stdout)["functions"])
+
+    assert stale("*") == ["rcpipe.core.noisy", "rcpipe.noisy.tol"]
+    assert stale("noisy") == ["rcpipe.core.noisy"]  # not rcpipe.noisy.tol: a module path
+    assert stale("tol") == ["rcpipe.noisy.tol"]
+    assert stale("noisy.tol") == ["rcpipe.noisy.tol"]
+    assert stale("rcpipe.noisy.*") == ["rcpipe.noisy.tol"]
+    assert stale("rcpipe.noisy") == []
+    assert stale("oisy") == []  # a name, not a substring of one

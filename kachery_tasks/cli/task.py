@@ -9,7 +9,6 @@ any directory (tasks/scripts.py). Tables show task ids by their first 12 hex cha
 
 from __future__ import annotations
 
-import fnmatch
 import shlex
 import time
 from typing import Any
@@ -18,24 +17,11 @@ import click
 
 from ..errors import UserError
 from ..store.local import current_store
+from ..tasks.names import function_matches
 from .output import print_json, print_listing, print_mapping
 
 #: Hex characters of a task id shown in tables: 32 would wrap a row over three lines in 80 columns.
 SHORT_ID = 12
-
-
-def function_matches(name: str, pattern: str) -> bool:
-    """Whether a recorded function name (``module.qualname``) matches ``--function PATTERN`` (a glob).
-
-    A pattern without a dot is matched against the function's own name, the last part of its
-    qualname: ``noisy`` finds ``pipe.noisy``, not ``pipe.noisy.tol`` (a function ``tol`` that only
-    lives in a module named noisy). A pattern with a dot is matched against the whole dotted name
-    or its last parts, whole parts only: ``pipe.noisy`` and ``Filter.apply`` (for
-    ``pipe.Filter.apply``), never a module path that continues past the pattern.
-    """
-    if "." not in pattern:
-        return fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern)
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 def _short_ids(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -194,7 +180,7 @@ def rm_cmd(task_ids: tuple[str, ...]) -> None:
 
 
 @task.command("stale")
-@click.option("--function", "pattern", default=None, help="Only functions matching (glob or substring).")
+@click.option("--function", "pattern", default=None, help="Only functions named this (a glob; with a dot, against module.qualname).")
 @click.option("--rerun", is_flag=True, help="Recompute the stale records that can be replayed.")
 @click.option("--json", "as_json", is_flag=True)
 def stale_cmd(pattern: str | None, rerun: bool, as_json: bool) -> None:

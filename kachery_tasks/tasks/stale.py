@@ -8,7 +8,6 @@ from is stale), and the same call under the code of now has no record yet. Recor
 
 from __future__ import annotations
 
-import fnmatch
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from .. import config
 from ..hashing import FunctionId
 from ..store.local import LocalStore, current_store, store_for
 from .explain import code_changes
+from .names import function_matches
 from .replay import NotReplayable, import_task_memo, job_from_record, task_key
 from .resolver import compute, has_result
 from .results import load_result
@@ -66,7 +66,8 @@ class StaleReport:
 
 
 def stale(function: str | None = None, store: LocalStore | None = None) -> StaleReport:
-    """Stale records in the namespace in force, optionally only functions matching ``function``.
+    """Stale records in the namespace in force, optionally only functions matching ``function``
+    (a glob, matched as ``kachery task ls --function`` matches: :func:`.names.function_matches`).
 
     Python's cyclic collector is paused while the report is made (``_collector_paused``).
 
@@ -90,7 +91,7 @@ def _stale(function: str | None, store: LocalStore | None) -> StaleReport:
     seen: dict[str, Job] = {}
     for task_id, record in records.items():
         name = record["function"]["name"]
-        if function and not fnmatch.fnmatchcase(name, function) and function not in name:
+        if function and not function_matches(name, function):
             continue
         reason = scan.verdict(task_id)
         if reason is None:
