@@ -22,6 +22,7 @@ from kachery_tasks.feeds import (
     list_feeds,
     load_feed,
     local_feed,
+    resolve_feed,
     verify_consistency,
     verify_inclusion,
 )
@@ -252,6 +253,48 @@ def test_hostile_feed_uris_rejected(home, uri):
     with pytest.raises(InvalidURI) as exc:
         load_feed(uri)
     assert len(str(exc.value).splitlines()) == 1
+
+
+def test_both_forms_of_a_feed_id_everywhere(home):
+    """feed://<id> and the bare <id> name the same feed in every function; what is neither raises,
+    never a silent False from a proof check (issue 27 section 6)."""
+    feed = create_feed(label="lab")
+    sub = feed.subfeed("s")
+    sub.append_many([{"i": i} for i in range(5)])
+    sub.checkpoint()
+    proof = sub.inclusion_proof(2)
+    for ref in (feed.uri, feed.feed_id):
+        assert load_feed(ref).feed_id == feed.feed_id
+        assert resolve_feed(ref).feed_id == feed.feed_id
+        assert verify_inclusion(ref, sub.messages()[2], proof)
+        assert proof.checkpoint.signed_by(ref)
+    sub.append_many([{"i": i} for i in range(5, 9)])
+    sub.checkpoint()
+    cons = sub.consistency_proof(5)
+    assert verify_consistency(feed.uri, cons) and verify_consistency(feed.feed_id, cons)
+    for bad in ("lab", feed.uri.upper(), feed.feed_id[:-1], " " + feed.uri, feed, None):
+        with pytest.raises(InvalidURI, match="not a feed id") as exc:
+            verify_inclusion(bad, sub.messages()[2], proof)
+        assert len(str(exc.value).splitlines()) == 1
+        with pytest.raises(InvalidURI, match="not a feed id"):
+            verify_consistency(bad, cons)
+        with pytest.raises(InvalidURI, match="not a feed id"):
+            load_feed(bad)
+
+
+def test_a_unique_label_names_a_feed(home):
+    lab = create_feed(label="lab")
+    assert resolve_feed("lab").feed_id == lab.feed_id
+    actions = local_feed("actions")
+    assert resolve_feed("actions").feed_id == actions.feed_id  # a local name (also its label)
+    twin = create_feed(label="lab")
+    with pytest.raises(UserError) as exc:
+        resolve_feed("lab")
+    message = str(exc.value)
+    assert len(message.splitlines()) == 1 and "names 2 feeds" in message
+    assert lab.uri in message and twin.uri in message
+    with pytest.raises(NotFoundError, match="no feed named 'nothing'"):
+        resolve_feed("nothing")
 
 
 def test_unknown_feed_not_found(home):

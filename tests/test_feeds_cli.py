@@ -92,6 +92,23 @@ def test_bad_feed_refs_one_line_errors(run, args):
     assert not isinstance(r.exception, KacheryError) or r.exit_code == 1
 
 
+def test_a_feed_by_its_label_or_bare_id(run):
+    """`feed create --label lab` then `feed show lab notes` works; a label two feeds share is a
+    one-line error listing both ids (issue 27 section 6)."""
+    uri = run("create", "--label", "lab").output.strip()
+    assert run("append", "lab", "notes", '{"a": 1}').exit_code == 0
+    for ref in ("lab", uri, uri[len("feed://"):]):
+        r = run("show", ref, "notes", "--json")
+        assert r.exit_code == 0, r.output
+        assert [json.loads(line)["body"] for line in r.output.splitlines()] == [{"a": 1}]
+    assert run("verify", "lab").exit_code == 0
+    other = run("create", "--label", "lab").output.strip()
+    r = run("show", "lab", "notes")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "names 2 feeds" in r.output and uri in r.output and other in r.output
+    assert run("show", uri, "notes").exit_code == 0
+
+
 def test_bad_json_and_read_only(run, tmp_path):
     uri = run("create").output.strip()
     r = run("append", uri, "s", "{not json")

@@ -18,7 +18,8 @@ from ..errors import UserError
 from ..feeds import create_feed, list_feeds, resolve_feed
 from ..feeds.errors import FeedTamperError
 
-feed = click.Group("feed", help="Signed append-only feeds: create, append, show, tail, verify.")
+feed = click.Group("feed", help="Signed append-only feeds: create, append, show, tail, verify.\n\n"
+                   "FEED is feed://<id>, the bare id, a local name, or a label only one feed has.")
 
 
 def _console() -> Console:
@@ -41,7 +42,7 @@ def _print_messages(messages: list[dict], as_json: bool) -> None:
 
 
 @feed.command("create")
-@click.option("--label", default=None, help="A human label kept with the feed.")
+@click.option("--label", default=None, help="A human label kept with the feed; names it as FEED while no other feed has it.")
 def create_cmd(label: str | None) -> None:
     """Create a feed with a new writer key; prints its feed:// URI."""
     click.echo(create_feed(label=label).uri)

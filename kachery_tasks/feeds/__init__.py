@@ -6,6 +6,7 @@ See docs/feeds.md for the model, the on-disk format and the guarantees.
 from .checkpoints import Checkpoint, ConsistencyProof, InclusionProof, verify_consistency, verify_inclusion
 from .errors import FeedReadOnlyError, FeedTamperError, ForkedFeedError, InvalidMessageError
 from .feed import Feed, IngestResult, Subfeed
+from .ids import is_feed_id, parse_feed_id
 from .messages import ZERO_HASH, canonical
 from .registry import (
     create_feed,
@@ -31,10 +32,12 @@ __all__ = [
     "ZERO_HASH",
     "canonical",
     "create_feed",
+    "is_feed_id",
     "list_feeds",
     "load_feed",
     "local_feed",
     "local_names",
+    "parse_feed_id",
     "parse_feed_uri",
     "resolve_feed",
     "verify_consistency",

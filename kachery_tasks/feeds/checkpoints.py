@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..identity import KeyPair, verify
+from .ids import parse_feed_id
 from .merkle import leaf_hash, verify_consistency_path, verify_inclusion_path
 from .messages import _HEX64, _HEX128, canonical, now_ms
 
@@ -68,7 +69,9 @@ class Checkpoint:
         return cls(**data)
 
     def signed_by(self, feed_id: str) -> bool:
-        """True if this checkpoint names ``feed_id`` and carries its valid signature."""
+        """True if this checkpoint names ``feed_id`` (``feed://<id>`` or ``<id>``) and carries its
+        valid signature; something that is not a feed id raises :class:`InvalidURI`."""
+        feed_id = parse_feed_id(feed_id)
         return self.feed == feed_id and verify(feed_id, self.payload(), self.signature)
 
 
@@ -123,8 +126,10 @@ def verify_inclusion(feed_id: str, message: dict | bytes, proof: InclusionProof,
     """True if ``message`` (a signed message, or its stored line) is message ``proof.seq`` of the log
     whose head ``checkpoint`` (default: the one in the proof) is validly signed by ``feed_id``.
 
-    Needs only the public key: no feed files, no other messages.
+    Needs only the public key: no feed files, no other messages. ``feed_id`` is ``feed://<id>`` or
+    the bare ``<id>``; anything else raises :class:`InvalidURI` (a False would read as tampering).
     """
+    feed_id = parse_feed_id(feed_id)
     cp = checkpoint or proof.checkpoint
     if checkpoint is not None and checkpoint != proof.checkpoint:
         return False
@@ -142,7 +147,9 @@ def verify_inclusion(feed_id: str, message: dict | bytes, proof: InclusionProof,
 def verify_consistency(feed_id: str, proof: ConsistencyProof, old: Checkpoint | None = None) -> bool:
     """True if both checkpoints are signed by ``feed_id`` for the same subfeed and the newer log
     extends the older one. Pass ``old`` (a checkpoint you trusted before) to pin the starting point.
+    ``feed_id`` is ``feed://<id>`` or the bare ``<id>``; anything else raises :class:`InvalidURI`.
     """
+    feed_id = parse_feed_id(feed_id)
     if old is not None and old != proof.old:
         return False
     a, b = proof.old, proof.new

@@ -9,23 +9,18 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import InvalidURI, NotFoundError, UserError
+from ..errors import NotFoundError, UserError
 from ..identity import KeyPair
 from .feed import Feed
+from .ids import PREFIX, is_feed_id, parse_feed_id
 from .messages import now_ms
 from .storage import feed_dir, feeds_root, flocked, key_path, read_json, write_json_atomic
 
-_HEX = frozenset("0123456789abcdef")
-
 
 def parse_feed_uri(uri: str) -> str:
-    """The feed id in ``feed://<64 lowercase hex>``; anything else raises :class:`InvalidURI`."""
-    if not isinstance(uri, str) or not uri.startswith("feed://"):
-        raise InvalidURI(f"{uri!r} is not a feed URI; expected feed://<64 lowercase hex characters>")
-    feed_id = uri[len("feed://") :]
-    if len(feed_id) != 64 or not set(feed_id) <= _HEX:
-        raise InvalidURI(f"{uri!r} is not a feed URI; expected feed://<64 lowercase hex characters> and nothing else")
-    return feed_id
+    """The bare feed id of ``feed://<id>`` or ``<id>``; anything else raises :class:`InvalidURI`
+    (kept under its old name: :func:`.ids.parse_feed_id` is the same function)."""
+    return parse_feed_id(uri)
 
 
 def _open(feed_id: str) -> Feed:
@@ -50,16 +45,19 @@ def create_feed(label: str | None = None) -> Feed:
 
 
 def load_feed(uri: str, create: bool = False) -> Feed:
-    """The feed ``feed://<id>``: writable if this node holds its key, read-only otherwise.
+    """The feed ``feed://<id>`` (or the bare ``<id>``): writable if this node holds its key,
+    read-only otherwise.
 
-    A feed not stored here raises :class:`NotFoundError`, unless ``create`` (to ingest a feed that
-    another node writes).
+    Only ids, never labels: a program names a feed exactly (:func:`resolve_feed` also takes a name
+    or a label, for people). A feed not stored here raises :class:`NotFoundError`, unless
+    ``create`` (to ingest a feed that another node writes).
     """
-    feed_id = parse_feed_uri(uri)
+    feed_id = parse_feed_id(uri)
     d = feed_dir(feed_id)
     if not d.is_dir():
         if not create:
-            raise NotFoundError(f"feed {uri} is not stored in {feeds_root()}; list feeds with `kachery feed ls`")
+            raise NotFoundError(f"feed {PREFIX}{feed_id} is not stored in {feeds_root()}; "
+                                "list feeds with `kachery feed ls`")
         write_json_atomic(d / "feed.json", {"feed": feed_id, "label": None, "created": now_ms()})
     return _open(feed_id)
 
@@ -92,30 +90,44 @@ def local_names() -> dict[str, str]:
 
 
 def resolve_feed(ref: str) -> Feed:
-    """A feed named by URI, bare id or local name (for the command line)."""
-    if ref.startswith("feed://"):
+    """A feed named by URI, bare id, local name (:func:`local_feed`) or label (``create_feed``).
+
+    What the command line calls FEED. A label is not unique (two feeds can be created with the
+    same one), so a name or label that matches more than one feed is refused with the ids it
+    matches, rather than picking one.
+    """
+    if not isinstance(ref, str) or ref.startswith(PREFIX) or is_feed_id(ref):
         return load_feed(ref)
-    if len(ref) == 64 and set(ref) <= _HEX:
-        return load_feed("feed://" + ref)
-    feed_id = local_names().get(ref)
-    if feed_id is None:
-        raise NotFoundError(f"no feed named {ref!r}; give feed://<id> or a name from `kachery feed ls`")
-    return load_feed("feed://" + feed_id)
+    matches = {fid for fid in [local_names().get(ref)] if fid is not None}
+    matches |= {fid for fid, label in _labels().items() if label == ref}
+    if not matches:
+        raise NotFoundError(f"no feed named {ref!r}; give feed://<id>, an id, or a name or label from `kachery feed ls`")
+    if len(matches) > 1:
+        ids = ", ".join(PREFIX + fid for fid in sorted(matches))
+        raise UserError(f"{ref!r} names {len(matches)} feeds: {ids}; give one of these ids")
+    return load_feed(matches.pop())
+
+
+def _feed_ids() -> list[str]:
+    root = feeds_root()
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and is_feed_id(d.name))
+
+
+def _labels() -> dict[str, str | None]:
+    """Feed id -> label, for every feed stored here."""
+    return {fid: read_json(feed_dir(fid) / "feed.json", {}).get("label") for fid in _feed_ids()}
 
 
 def list_feeds() -> list[dict[str, Any]]:
     """Every feed stored here: feed id, uri, label, local names, writable, subfeeds."""
-    root = feeds_root()
-    if not root.is_dir():
-        return []
     by_id: dict[str, list[str]] = {}
     for n, fid in local_names().items():
         by_id.setdefault(fid, []).append(n)
     out = []
-    for d in sorted(root.iterdir()):
-        if not (d.is_dir() and len(d.name) == 64 and set(d.name) <= _HEX):
-            continue
-        feed = _open(d.name)
+    for feed_id in _feed_ids():
+        feed = _open(feed_id)
         out.append({
             "feed": feed.feed_id,
             "uri": feed.uri,
