@@ -171,7 +171,8 @@ def explain_cmd(task_id: str, as_json: bool) -> None:
 @task.command("rm")
 @click.argument("task_ids", nargs=-1, required=True)
 def rm_cmd(task_ids: tuple[str, ...]) -> None:
-    """Remove records (their result blobs stay until garbage collection)."""
+    """Remove records (success and failure) of TASK_IDS. Their blobs stay in the store: there is no
+    garbage collection yet."""
     store = current_store()
     for task_id in task_ids:
         record = _record(task_id)
