@@ -70,6 +70,12 @@ DEFAULTS: dict[str, Any] = {
     "feed_checkpoint_every": 1024,
 }
 
+#: Keys that hold a size in bytes (by name: they all end in ``_bytes``). Besides a number they take
+#: one written as Python writes it (``1e6``, ``1_000_000``) or with a unit (``512k``, ``1.5GB``,
+#: ``256MiB``), from every layer, because a value read from the environment or YAML arrives as text.
+SIZE_KEYS = frozenset(key for key in DEFAULTS if key.endswith("_bytes"))
+_SIZE_FORMS = "a non-negative number of bytes (1000000, 1e6, 1_000_000) or a size with a unit (512k, 1.5GB, 256MiB)"
+
 _config = Config("kachery_tasks", defaults=[DEFAULTS], paths=[], env={})
 _sources: dict[str, str] = {}
 #: Changes whenever any value may have changed, so hot paths can cache what they derive from config.
@@ -136,10 +142,10 @@ def refresh(environ: Mapping[str, str] | None = None) -> None:
     for key in DEFAULTS:
         _sources[key] = "default"
     for key, value in file_values.items():
-        _config.config[key] = _validate(key, value)
+        _config.config[key] = _validate(key, value, where=str(path))
         _sources[key] = str(path)
     for key, value in env_values.items():
-        _config.config[key] = _validate(key, value)
+        _config.config[key] = _validate(key, value, where=f"environment variable {ENV_PREFIX}{key.upper()}")
         _sources[key] = f"env {ENV_PREFIX}{key.upper()}"
     _load_error = None
 
@@ -152,10 +158,16 @@ def _check_key(key: str, where: str = "config.set") -> None:
     raise ConfigError(f"unknown configuration key {key!r} in {where}{hint}")
 
 
-def _validate(key: str, value: Any) -> Any:
+def _validate(key: str, value: Any, where: str | None = None) -> Any:
     default = DEFAULTS[key]
     if value is None and default is None:
         return None
+    if key in SIZE_KEYS:
+        size = parse_size(value)
+        if size is None:
+            source = f" (from {where})" if where else ""
+            raise ConfigError(f"configuration key {key!r}{source} takes {_SIZE_FORMS}, not {value!r}")
+        return size
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"configuration key {key!r} takes true or false, not {value!r}")
@@ -173,6 +185,36 @@ def _validate(key: str, value: Any) -> Any:
             raise ConfigError(f"configuration key {key!r} takes a list of strings, not {value!r}")
         return list(value)
     return value
+
+
+def parse_size(value: Any) -> int | None:
+    """``value`` as a whole number of bytes, or None if it is not a size (see :data:`SIZE_KEYS`).
+
+    Plain numbers are read here; text with a unit goes to ``dask.utils.parse_bytes`` (``k`` is
+    1000, ``KiB`` 1024), imported only then: importing dask costs more than all of kachery_tasks'
+    own import, and this module is imported by everything. A fraction of a byte is rounded down.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or not (text[0].isdigit() or text[0] == "."):
+            return None  # "", "MB" (dask reads it as 1 MB), "-1", "nan", "inf"
+        try:
+            value = int(text, 0)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                from dask.utils import parse_bytes
+
+                try:
+                    value = parse_bytes(text)
+                except ValueError:
+                    return None
+    if not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
+        return None
+    return int(value)
 
 
 #: Values in force in this thread (or task) only, over the process-wide ones: (scope id, values).

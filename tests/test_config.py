@@ -65,12 +65,58 @@ def test_unknown_key_names_the_closest() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("force", "yes"), ("memory_cache_bytes", -1), ("memory_cache_bytes", "10"), ("tiers", "memory"),
+    [("force", "yes"), ("memory_cache_bytes", -1), ("memory_cache_bytes", "ten"), ("tiers", "memory"),
      ("namespace", 5), ("memory_cache_bytes", True)],
 )
 def test_bad_value_types_are_refused(key: str, value) -> None:
     with pytest.raises(kt.ConfigError, match=key), config.set(**{key: value}):
         pass
+
+
+def test_size_keys_are_the_byte_options() -> None:
+    expected = {"memory_cache_bytes", "inline_max_bytes", "record_args_max_bytes", "record_args_blob_max_bytes",
+                "progress_min_bytes"}
+    assert expected == config.SIZE_KEYS
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("1e6", 10**6), ("1_000_000", 10**6), ("2.5e3", 2500), ("0x400", 1024), ("256MiB", 256 * 2**20),
+    ("1.5GB", 1_500_000_000), ("512k", 512_000), ("4 KiB", 4096), ("0", 0), (" 7 ", 7),
+])
+def test_sizes_as_python_writes_numbers_or_with_units(text: str, size: int) -> None:
+    """KACHERY_TASKS_MEMORY_CACHE_BYTES=1e6 was refused (issue 27 section 6): every size key takes
+    numbers as Python writes them and sizes with units, through config.set as through text."""
+    for key in config.SIZE_KEYS:
+        with config.set(**{key: text}):
+            assert config.get(key) == size and isinstance(config.get(key), int)
+    with config.set(memory_cache_bytes=1e6):
+        assert config.get("memory_cache_bytes") == 10**6 and isinstance(config.get("memory_cache_bytes"), int)
+
+
+@pytest.mark.parametrize("bad", ["", "MB", "-1", "-1k", "1e6.5", "nan", "inf", "1e999", "2**20", "10 parsecs",
+                                 float("nan"), float("inf"), -5, [1]])
+def test_bad_sizes_are_one_line_naming_the_forms(bad) -> None:
+    with pytest.raises(kt.ConfigError) as exc, config.set(inline_max_bytes=bad):
+        pass
+    message = str(exc.value)
+    assert len(message.splitlines()) == 1 and "'inline_max_bytes'" in message
+    assert "1e6" in message and "256MiB" in message
+
+
+def test_sizes_from_environment_and_home_file(home: Path, run_python, kachery) -> None:
+    (home / "config.yaml").write_text("inline_max_bytes: 16KiB\nprogress_min_bytes: 1e6\n")
+    found = _effective(run_python, {"KACHERY_TASKS_MEMORY_CACHE_BYTES": "1e6",
+                                    "KACHERY_TASKS_RECORD_ARGS_MAX_BYTES": "1_000_000",
+                                    "KACHERY_TASKS_RECORD_ARGS_BLOB_MAX_BYTES": "1.5GB"})
+    assert found["memory_cache_bytes"] == [10**6, "env KACHERY_TASKS_MEMORY_CACHE_BYTES"]
+    assert found["record_args_max_bytes"][0] == 10**6
+    assert found["record_args_blob_max_bytes"][0] == 1_500_000_000
+    assert found["inline_max_bytes"] == [16 * 1024, str(home / "config.yaml")]
+    assert found["progress_min_bytes"][0] == 10**6
+    proc = kachery("config", "show", extra_env={"KACHERY_TASKS_MEMORY_CACHE_BYTES": "lots"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "KACHERY_TASKS_MEMORY_CACHE_BYTES" in err and "256MiB" in err and "'lots'" in err
 
 
 def test_home_file_with_unknown_key_is_one_line_error(home: Path, kachery) -> None:
