@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 
 def test_demo_three_runs(kachery) -> None:
@@ -15,6 +16,18 @@ def test_demo_three_runs(kachery) -> None:
     assert rows["run again"] == (0, 2, 8)  # 2 summaries loaded, everything upstream pruned
     computed, loaded, _ = rows["threshold of rec00 changed"]
     assert computed == 3 and loaded == 2  # detect, features, summary of rec00; its filter and rec01 load
+    # the temporary home printed at the start is deleted: the last line says so, and how to keep one
+    home = re.search(r"^home: (\S+)$", out, re.M).group(1)
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"removed the demo's temporary home {home};") and "kachery demo --keep" in last, last
+    assert not Path(home).exists()
+
+
+def test_demo_help_documents_keep(kachery) -> None:
+    proc = kachery("demo", "--help")
+    text = " ".join(proc.stdout.decode().split())
+    assert proc.returncode == 0 and "--keep" in text
+    assert "temporary home" in text and "deleted at the end" in text
 
 
 def test_demo_bad_option_is_one_line(kachery) -> None:

@@ -24,9 +24,14 @@ from .output import print_table, stdout_console
               help="Seconds of 16-channel, 30 kHz data per recording.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--keep", is_flag=True,
-              help="Use the configured home (results persist across demos) instead of a fresh temporary one.")
+              help="Run in the configured home and keep the results there (they persist across demos), "
+                   "instead of a fresh temporary home that is deleted at the end.")
 def demo(recordings: int, duration: float, workers: int, keep: bool) -> None:
-    """Run a cached batch pipeline three times: first, again (all cached), one parameter changed."""
+    """Run a cached batch pipeline three times: first, again (all cached), one parameter changed.
+
+    By default the demo works in a fresh temporary home, printed at the start and deleted at the
+    end (the last line says so). With --keep it runs in the configured home and its results stay.
+    """
     console = stdout_console()
     home = str(config.home()) if keep else tempfile.mkdtemp(prefix="kachery-demo-")
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -44,6 +49,11 @@ def demo(recordings: int, duration: float, workers: int, keep: bool) -> None:
                   f"the changed parameter recomputed {reports[2].computed} task(s)")
     print_table(reports[2].summaries[:4], ["recording", "events", "busiest_channel", "mean_amplitude"],
                 title="summaries (first 4)")
+    if keep:
+        console.print(f"results kept in {home}")
+    else:  # the home was printed at the start: say that it is gone, and how to keep one
+        console.print(f"removed the demo's temporary home {home}; "
+                      f"run `kachery demo --keep` to keep the results (in {config.home()})")
 
 
 def _three_runs(console, home: str, recordings: int, duration: float, workers: int) -> list:
