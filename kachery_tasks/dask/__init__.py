@@ -3,8 +3,9 @@ for any Dask collection, ``KacheryPlugin`` for ``distributed``, and progress. Se
 
 from .cached import cached
 from .graph import JobDelayed, build_graph, job_delayed
+from .identify import InputChanged
 from .plugin import KacheryPlugin, stats
 from .progress import CacheProgress, progress
 
-__all__ = ["CacheProgress", "JobDelayed", "KacheryPlugin", "build_graph", "cached", "job_delayed",
-           "progress", "stats"]
+__all__ = ["CacheProgress", "InputChanged", "JobDelayed", "KacheryPlugin", "build_graph", "cached",
+           "job_delayed", "progress", "stats"]
