@@ -35,7 +35,12 @@ from kachery_spikesort import (  # noqa: E402
 )
 from kachery_spikesort.batch import ConfigError, parse_config, run_batch  # noqa: E402
 from kachery_spikesort.packing import pack_folder, unpacked_folder  # noqa: E402
-from kachery_spikesort.sorter_table import SORTER_PARAMS, check_sorter_params, spikeinterface_version  # noqa: E402
+from kachery_spikesort.sorter_table import (  # noqa: E402
+    SORTER_DEFAULTS,
+    check_sorter_params,
+    params_label,
+    spikeinterface_version,
+)
 from kachery_spikesort.stages import sorter_params  # noqa: E402
 from spikeinterface.comparison import compare_sorter_to_ground_truth  # noqa: E402
 
@@ -298,11 +303,11 @@ def test_concurrent_unpack_of_one_uri(chain, tmp_path):
 def test_sorter_table_matches_the_registry():
     """The table that checks parameters without importing the registry says what the registry says,
     for the spikeinterface installed (a new version needs its row: pyproject pins 0.105)."""
-    table = SORTER_PARAMS.get(spikeinterface_version())
-    assert table is not None, f"add spikeinterface {spikeinterface_version()} to sorter_table.SORTER_PARAMS"
+    table = SORTER_DEFAULTS.get(spikeinterface_version())
+    assert table is not None, f"add spikeinterface {spikeinterface_version()} to sorter_table.SORTER_DEFAULTS"
     assert set(table) <= set(ss.installed_sorters())
-    for sorter, names in table.items():
-        assert names == set(ss.get_default_sorter_params(sorter)), sorter
+    for sorter, defaults in table.items():
+        assert defaults == ss.get_default_sorter_params(sorter), sorter  # names and default values
     check_sorter_params("simple", {"detect_threshold": 4.0, "job_kwargs": {}})
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['detect_treshold'\] for sorter 'simple'"):
         check_sorter_params("simple", {"detect_treshold": 4.0})
@@ -326,3 +331,25 @@ def test_bad_config_is_a_one_line_error_before_anything_runs(tmp_path, sorters, 
     assert not (tmp_path / "home").exists() and not (tmp_path / "out").exists()
     if "not installed" not in message:  # a known sorter is checked from the table
         assert heavy(imported) == []
+
+
+def test_params_column_shows_what_differs_from_the_defaults(tmp_path):
+    """A sorter given explicit params was labelled 'default' (issue 27 section 6): the table names
+    the params that differ from the sorter's defaults, and only those."""
+    sorters = [
+        {"sorter": "simple", "params": {"detect_threshold": 5}, "grid": {"detect_threshold": [4.5, 5.5]}},
+        {"sorter": "spykingcircus2", "params": {"apply_motion_correction": False}},
+        {"sorter": "simple", "params": {"detect_threshold": 5, "peak_sign": "pos"}},  # 5 is the default 5.0
+        {"sorter": "simple"},
+        {"sorter": "spykingcircus2", "params": {"detection": {"method": "matched_filtering"}},
+         "grid": {"detection.method_kwargs.detect_threshold": [4]}},
+        {"sorter": "tridesclous2", "params": {"debug": 0}},  # 0 is not False to a reader of the table
+    ]
+    cfg = parse_config({**_batch_data([1], [5.0], tmp_path / "out"), "sorters": sorters})
+    assert [s.label for s in cfg.sorts] == [
+        "detect_threshold=4.5", "detect_threshold=5.5", "apply_motion_correction=False", "peak_sign=pos",
+        "default", "detection.method_kwargs.detect_threshold=4", "debug=0",
+    ]
+    assert params_label("simple", {"clusterer_kwargs": {}, "job_kwargs": {"n_jobs": 2}}) == "job_kwargs.n_jobs=2"
+    assert params_label("spykingcircus2", {"general": {"nope": 1}}) == "general.nope=1"  # no known default: shown
+

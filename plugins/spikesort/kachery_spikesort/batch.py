@@ -49,7 +49,7 @@ from kachery_tasks.tasks import Job, has_result
 
 from .errors import ConfigError
 from .outputs import TABLE_COLUMNS, plot_accuracy, print_table, write_results
-from .sorter_table import check_sorter_params
+from .sorter_table import check_sorter_params, params_label
 from .stages import compare, generate_recording, preprocess, quality_metrics, recording_file, sort, summarize
 
 __all__ = ["BatchConfig", "BatchResult", "Branch", "ConfigError", "TABLE_COLUMNS", "load_config", "parse_config",
@@ -78,7 +78,7 @@ class RecordingSpec:
 @dataclass
 class SortSpec:
     sorter: str
-    label: str  # the parameter set, e.g. "detect_threshold=4.5" or "default"
+    label: str  # the params that differ from the sorter's defaults, e.g. "detect_threshold=4.5", or "default"
     params: dict[str, Any]
 
 
@@ -106,14 +106,10 @@ def _set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
     target[keys[-1]] = value
 
 
-def _format_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, dict | list) else str(value)
-
-
-def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]] | None) -> list[tuple[str, dict[str, Any]]]:
-    """``(label, params)`` for every combination of the grid's values over ``base``."""
+def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]] | None) -> list[dict[str, Any]]:
+    """The params of every combination of the grid's values over ``base``."""
     if not grid:
-        return [("default", copy.deepcopy(base))]
+        return [copy.deepcopy(base)]
     names = list(grid)
     for name in names:
         if not isinstance(grid[name], list) or not grid[name]:
@@ -123,7 +119,7 @@ def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]] | None) -> list
         params = copy.deepcopy(base)
         for name, value in zip(names, values, strict=True):
             _set_dotted(params, name, value)
-        out.append((",".join(f"{n}={_format_value(v)}" for n, v in zip(names, values, strict=True)), params))
+        out.append(params)
     return out
 
 
@@ -189,9 +185,9 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> BatchConfig:
             item = {"sorter": item}
         if not isinstance(item, dict) or "sorter" not in item:
             raise ConfigError(f"sorters[{i}] needs 'sorter'")
-        for label, params in expand_grid(dict(item.get("params") or {}), item.get("grid")):
+        for params in expand_grid(dict(item.get("params") or {}), item.get("grid")):
             check_sorter_params(item["sorter"], params)
-            sorts.append(SortSpec(item["sorter"], label, params))
+            sorts.append(SortSpec(item["sorter"], params_label(item["sorter"], params), params))
     output = Path(data.get("output", "spikesort-results"))
     return BatchConfig(
         recordings=_recordings(data.get("recordings"), base),
