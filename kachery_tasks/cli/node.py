@@ -30,7 +30,7 @@ def node() -> None:
 
 @node.command("init")
 @click.option("--owner", required=True, metavar="EMAIL", help="E-mail address of the node's owner.")
-@click.option("--label", default=None, metavar="NAME", help="A name for this node, shown to channel members.")
+@click.option("--label", default=None, metavar="NAME", help="A name for this node (channel members will see it once channels exist).")
 @click.option("--shared-group", default=None, metavar="GROUP",
               help="Unix group that shares this home: directories become setgid and group-writable.")
 def init_cmd(owner: str, label: str | None, shared_group: str | None) -> None:
