@@ -33,7 +33,7 @@ from kachery_spikesort import (  # noqa: E402
     sort,
     summarize,
 )
-from kachery_spikesort.batch import ConfigError, parse_config, run_batch  # noqa: E402
+from kachery_spikesort.batch import ConfigError, load_config, parse_config, run_batch  # noqa: E402
 from kachery_spikesort.packing import pack_folder, unpacked_folder  # noqa: E402
 from kachery_spikesort.sorter_table import (  # noqa: E402
     SORTER_DEFAULTS,
@@ -333,6 +333,9 @@ def test_bad_config_is_a_one_line_error_before_anything_runs(tmp_path, sorters, 
         assert heavy(imported) == []
 
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "spikesort" / "examples" / "small.yaml"
+
+
 def test_params_column_shows_what_differs_from_the_defaults(tmp_path):
     """A sorter given explicit params was labelled 'default' (issue 27 section 6): the table names
     the params that differ from the sorter's defaults, and only those."""
@@ -353,3 +356,20 @@ def test_params_column_shows_what_differs_from_the_defaults(tmp_path):
     assert params_label("simple", {"clusterer_kwargs": {}, "job_kwargs": {"n_jobs": 2}}) == "job_kwargs.n_jobs=2"
     assert params_label("spykingcircus2", {"general": {"nope": 1}}) == "general.nope=1"  # no known default: shown
 
+
+def test_example_writes_under_the_current_directory(tmp_path, monkeypatch):
+    """The example wrote small-results/ beside itself, in the source tree (issue 27 section 6): a
+    relative output is taken from the current directory; input files stay relative to the config."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(EXAMPLE).output == tmp_path / "small-results"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rec.dat").write_bytes(b"\0" * 64)
+    config = tmp_path / "configs" / "batch.yaml"
+    config.write_text(json.dumps({**_batch_data([1], [5.0], "out"), "recordings": [
+        {"file": "rec.dat", "meta": {"sampling_frequency": 30000, "num_channels": 2, "dtype": "int16"}}]}))
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    cfg = load_config(config)
+    assert cfg.output == tmp_path / "run" / "out"
+    assert cfg.recordings[0].file == tmp_path / "configs" / "rec.dat"
+    assert parse_config(_batch_data([1], [5.0], "~/x")).output == Path.home() / "x"

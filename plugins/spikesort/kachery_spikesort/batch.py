@@ -5,13 +5,16 @@ and an optional ``grid`` of values to sweep. :func:`plan_batch` turns it into jo
 known before anything runs); :func:`run_batch` computes only the jobs whose results are not in
 the store, on a ``distributed`` cluster (a ``LocalCluster`` it starts, or ``scheduler=ADDRESS``),
 then writes ``results.csv``, ``results.json`` and ``accuracy.png`` to the output folder (see
-:mod:`kachery_spikesort.outputs`). When every result is already recorded no cluster is started at
+:mod:`kachery_spikesort.outputs`). A relative output folder is taken from the current directory,
+never from the config file's: a config can be an installed example, and results beside it would
+land in a source tree or a site-packages directory. Input files are the config's own, so a relative
+``file:`` is taken from the config file's folder. When every result is already recorded no cluster is started at
 all, and nothing that only a computation needs (distributed, the sorter registry, matplotlib) is
 imported: a rerun is a check of the config, one record read per branch and the files compared.
 
 Config keys (see examples/small.yaml)::
 
-    output: results                # folder for the table and figure, relative to the config file
+    output: results                # folder for the table and figure, relative to the current directory
     home: null                     # kachery home (default: the one in force)
     seed: 0                        # seed of the sorters' and metrics' otherwise unseeded randomness
     recordings:
@@ -161,7 +164,8 @@ def _recordings(items: Any, base: Path) -> list[RecordingSpec]:
 
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> BatchConfig:
-    """A :class:`BatchConfig` from the YAML's data; relative paths are taken from ``base``."""
+    """A :class:`BatchConfig` from the YAML's data; relative input paths are taken from ``base``,
+    a relative ``output`` from the current directory."""
     if not isinstance(data, dict):
         raise ConfigError("a batch config is a mapping")
     unknown = sorted(set(data) - {"output", "home", "seed", "recordings", "preprocess", "sorters", "quality_metrics"})
@@ -195,7 +199,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> BatchConfig:
         preprocess=pre,
         quality_metrics=bool(data.get("quality_metrics", True)),
         seed=int(data.get("seed", 0)),
-        output=output if output.is_absolute() else (base / output).resolve(),
+        output=output.expanduser().resolve(),
         home=data.get("home"),
     )
 

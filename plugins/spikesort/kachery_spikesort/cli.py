@@ -20,7 +20,8 @@ def spikesort() -> None:
 @click.option("--workers", default=2, show_default=True, help="Worker processes of the LocalCluster.")
 @click.option("--home", default=None, help="kachery home (default: the config's 'home', else the one in force).")
 @click.option("--output", default=None, type=click.Path(file_okay=False),
-              help="Folder for results.csv, results.json and accuracy.png (default: the config's 'output').")
+              help="Folder for results.csv, results.json and accuracy.png (default: the config's 'output', "
+                   "relative to the current directory).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def batch_command(config_path: str, scheduler: str | None, workers: int, home: str | None, output: str | None,
                   progress: bool) -> None:
