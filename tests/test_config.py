@@ -73,10 +73,13 @@ def test_bad_value_types_are_refused(key: str, value) -> None:
         pass
 
 
+#: Every configuration key that holds a size in bytes.
+SIZE_KEYS = {"memory_cache_bytes", "inline_max_bytes", "record_args_max_bytes", "record_args_blob_max_bytes",
+             "progress_min_bytes"}
+
+
 def test_size_keys_are_the_byte_options() -> None:
-    expected = {"memory_cache_bytes", "inline_max_bytes", "record_args_max_bytes", "record_args_blob_max_bytes",
-                "progress_min_bytes"}
-    assert expected == config.SIZE_KEYS
+    assert SIZE_KEYS == config.SIZE_KEYS
 
 
 @pytest.mark.parametrize(("text", "size"), [
@@ -86,7 +89,7 @@ def test_size_keys_are_the_byte_options() -> None:
 def test_sizes_as_python_writes_numbers_or_with_units(text: str, size: int) -> None:
     """KACHERY_TASKS_MEMORY_CACHE_BYTES=1e6 was refused (issue 27 section 6): every size key takes
     numbers as Python writes them and sizes with units, through config.set as through text."""
-    for key in config.SIZE_KEYS:
+    for key in SIZE_KEYS:
         with config.set(**{key: text}):
             assert config.get(key) == size and isinstance(config.get(key), int)
     with config.set(memory_cache_bytes=1e6):
