@@ -68,10 +68,10 @@ class StoreFullError(UserError, OSError):
         self.needed = needed
 
     def __str__(self) -> str:
-        needs = "" if self.needed is None or self.errno == errno.EROFS else f" (needs {_human(self.needed)}"
+        needs = "" if self.needed is None or self.errno == errno.EROFS else f" (needs {human_bytes(self.needed)}"
         if needs:
             free = _free_bytes(self.home)
-            needs += f", {_human(free)} free)" if free is not None else ")"
+            needs += f", {human_bytes(free)} free)" if free is not None else ")"
         if self.errno == errno.EROFS:
             way_out = ("use a writable home (KACHERY_TASKS_HOME, or kachery --home PATH), or set read_only to use "
                        "this one for hits only")
@@ -124,7 +124,8 @@ def _free_bytes(path: str) -> int | None:
         return None
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``1.5 MiB``."""
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError
+from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError, human_bytes
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
-from .output import byte_progress, human_bytes, print_json, print_listing, print_mapping
+from .output import byte_progress, print_json, print_listing, print_mapping
 
 
 @click.command()

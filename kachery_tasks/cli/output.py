@@ -99,10 +99,3 @@ def byte_progress(total: int, description: str) -> Iterator[ProgressCallback | N
         yield lambda n: bar.advance(task, n)
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
