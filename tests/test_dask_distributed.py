@@ -17,7 +17,7 @@ from kachery_tasks.dask import KacheryPlugin, cached, stats  # noqa: E402
 from kachery_tasks.errors import UserError  # noqa: E402
 from kachery_tasks.store.local import store_for  # noqa: E402
 from kachery_tasks.tasks import pure  # noqa: E402
-from kachery_tasks.tasks.resolver import _MISS, lookup  # noqa: E402
+from kachery_tasks.tasks.resolver import MISS, lookup  # noqa: E402
 
 
 @pure
@@ -143,7 +143,7 @@ def test_worker_killed_mid_task_leaves_no_corrupt_record(plugin, tmp_path):
     assert lookup(crashy.job(4, marker), store) == 40
     quarantine = tmp_path / "tasks" / "quarantine"
     assert not quarantine.exists() or not list(quarantine.iterdir())
-    assert lookup(crashy.job(5, marker), store) is _MISS
+    assert lookup(crashy.job(5, marker), store) is MISS
 
 
 def test_a_plugin_home_other_than_the_client_home_is_refused(tmp_path):

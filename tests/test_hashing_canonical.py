@@ -366,7 +366,7 @@ def test_float_bits():
 def test_jobs_encode_as_their_ids_the_same_on_the_fast_path():
     """Jobs take a dedicated encoder (they are hashed once per graph node); its bytes must be the
     general object encoding's, or every Merkle id would change."""
-    from kachery_tasks.hashing.canonical import _Encoder, _object
+    from kachery_tasks.hashing.canonical import Encoder, _object
     from kachery_tasks.tasks import pure
 
     @pure
@@ -374,7 +374,7 @@ def test_jobs_encode_as_their_ids_the_same_on_the_fast_path():
         return x
 
     job = f.job(3)
-    general = _Encoder()
+    general = Encoder()
     _object(general, job, job.id)
     assert canonical_bytes(job) == bytes(general.out)
     assert canonical_bytes([job, f.job(4)]) != canonical_bytes([f.job(4), job])

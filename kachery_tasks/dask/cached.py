@@ -19,7 +19,6 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import dask
-from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
 from dask.core import flatten
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
@@ -31,6 +30,7 @@ from ..hashing import FunctionId, hash_value
 from ..store.local import store_for
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job, Task
+from ._compat import Alias, DataNode, GraphNode, convert_legacy_graph
 from .frames import cached_frame
 from .graph import JobDelayed, JobTask, around_jobs, build_graph, job_key
 from .identify import check_inputs, graph_ids, stateful_regions, toposort

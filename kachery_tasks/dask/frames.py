@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.base import tokenize
 from dask.core import flatten
 from dask.delayed import Delayed
@@ -25,6 +24,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ..errors import UserError
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job
+from ._compat import GraphNode, convert_legacy_graph, dataframe_expr
 from .graph import JobDelayed, around_jobs, build_graph
 
 
@@ -34,11 +34,9 @@ def cached_frame(collection: Any, min_seconds: float) -> Any:
         raise UserError(f"cached() does not take {type(collection).__name__} collections: of dask's "
                         "expression collections it takes DataFrame, Series, Index and Scalar; "
                         "go through to_delayed()")
-    from dask.dataframe.dask_expr._collection import new_collection
-    from dask.dataframe.dask_expr._expr import DelayedsExpr
-    from dask.dataframe.dask_expr.io._delayed import FromDelayed
-
     from .cached import graph_jobs
+
+    new_collection, DelayedsExpr, FromDelayed = dataframe_expr()
 
     opt = collection.optimize()
     dsk = convert_legacy_graph(dict(opt.__dask_graph__()))

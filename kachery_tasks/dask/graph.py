@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from dask._task_spec import DataNode, GraphNode, Task, TaskRef
 from dask.base import is_dask_collection
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
@@ -33,6 +32,7 @@ from ..errors import KacheryError
 from ..store.local import store_for
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job, substitute_jobs
+from ._compat import DataNode, GraphNode, Task, TaskRef
 
 #: Topic of the events that load and run nodes log on ``distributed`` workers (see plugin.py).
 TOPIC = "kachery"
@@ -250,13 +250,13 @@ def emit(msg: dict[str, Any]) -> None:
 
 def load_job(job: Job, pruned: int = 0) -> Any:
     """Load a recorded result (the load node of a pruned graph)."""
-    from ..tasks.resolver import _MISS, lookup
+    from ..tasks.resolver import MISS, lookup
 
     check_cluster_home(job)
     with entered(job):
         store = store_for(job.settings.home)
         value = lookup(job, store)
-        if value is _MISS:
+        if value is MISS:
             raise KacheryError(
                 f"the record of task {job.id} ({job.task.name}) disappeared between building the "
                 "graph and running it (garbage collection?); compute the graph again to recompute it")
@@ -269,7 +269,7 @@ def load_job(job: Job, pruned: int = 0) -> Any:
 
 def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
     """Resolve a job on the worker, with the values of its upstream jobs (ids in ``ids``)."""
-    from ..tasks.resolver import _MISS, lookup, resolve
+    from ..tasks.resolver import MISS, lookup, resolve
 
     check_cluster_home(job)
     upstream = dict(zip(ids, values, strict=True))
@@ -283,7 +283,7 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
         missed = False
         if _prunable(job):  # recorded since the graph was built (another graph, another cluster)
             found = lookup(job, store_for(job.settings.home))
-            if found is not _MISS:
+            if found is not MISS:
                 emit({"event": "late-hit", "key": job_key(job)})
                 return found
             missed = True

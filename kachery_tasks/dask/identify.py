@@ -24,14 +24,23 @@ from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
-from dask._task_spec import Alias, DataNode, GraphNode, NestedContainer, Task, TaskRef, _execute_subgraph
 from dask.utils import itemgetter, methodcaller
 
 from ..errors import UnhashableArgument, UserError
 from ..hashing import hash_value
-from ..hashing.canonical import _BUILTIN_CALLABLES, _builtin_name
-from ..hashing.functions import _module_kind, package_version
+from ..hashing.canonical import BUILTIN_CALLABLES, builtin_name
+from ..hashing.functions import module_kind, package_version
 from ..hashing.memo import IdentityMemo
+from ._compat import (
+    Alias,
+    DataNode,
+    GraphNode,
+    NestedContainer,
+    Task,
+    TaskRef,
+    execute_subgraph,
+    p2p_barrier_type,
+)
 from .graph import JobTask
 
 #: Bump when the way nodes are identified changes: every cached() id changes with it.
@@ -91,7 +100,7 @@ def _fixed_identity(func: Any) -> bool:
     ``__self__``, which may change)."""
     if isinstance(func, methodcaller):
         return True
-    if not isinstance(func, _BUILTIN_CALLABLES):
+    if not isinstance(func, BUILTIN_CALLABLES):
         return False
     self_ = getattr(func, "__self__", None)
     return self_ is None or isinstance(self_, types.ModuleType | type)
@@ -107,8 +116,8 @@ def _callable_identity(func: Any) -> Any:
         return _Canon(("itemgetter", canon_value(func.index, {})))
     if getattr(func, "__kachery_function_id__", None) is not None:  # a kachery Task
         return _Canon(("fid", func.__kachery_function_id__().__kachery_canon__()))
-    if isinstance(func, _BUILTIN_CALLABLES):  # includes numpy ufuncs
-        name = _builtin_name(func)
+    if isinstance(func, BUILTIN_CALLABLES):  # includes numpy ufuncs
+        name = builtin_name(func)
         version = package_version(name.partition(".")[0])[1]  # numpy's ufuncs change with numpy
         self_ = getattr(func, "__self__", None)
         if self_ is not None and not isinstance(self_, types.ModuleType | type):
@@ -130,7 +139,7 @@ def _callable_identity(func: Any) -> Any:
     # library callable objects (numpy's array-function dispatchers, ...): name and package version
     module = getattr(func, "__module__", None) or type(func).__module__
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    if isinstance(module, str) and isinstance(qualname, str) and _module_kind(module) != "user":
+    if isinstance(module, str) and isinstance(qualname, str) and module_kind(module) != "user":
         return _Canon(("library", f"{module}.{qualname}", package_version(module)[1]))
     try:
         return _Canon(("object", hash_value(func)))
@@ -197,7 +206,7 @@ def node_identity(node: GraphNode, ids: Mapping[Any, str]) -> Any:
     if isinstance(node, NestedContainer):
         return _Canon(("container", node.klass.__name__, canon_value(list(node.args), ids)))
     if isinstance(node, Task):
-        if node.func is _execute_subgraph:
+        if node.func is execute_subgraph:
             return _Canon(("node", _subgraph_id(node, ids)))
         why = _writes(node.func)
         if why is not None:
@@ -439,7 +448,7 @@ def node_id(node: GraphNode, ids: Mapping[Any, str]) -> str:
         except KeyError:
             raise Unidentifiable(f"it is an alias of {node.target!r}, which has no id") from None
     canon = node_identity(node, ids)
-    if isinstance(node, Task) and node.func is _execute_subgraph:
+    if isinstance(node, Task) and node.func is execute_subgraph:
         return canon.value[1]
     try:
         return hash_value((SCHEME, canon))
@@ -457,8 +466,7 @@ def keyed_by_name(dsk: Mapping[Any, GraphNode]) -> dict[Any, str]:
     workers' shuffle state as a side effect: loaded from the store instead of run, the shuffle would
     lose them. After dask's optimization a transfer may be an alias of a fused task that runs it,
     so aliases are followed to the node that does the work."""
-    core = sys.modules.get("distributed.shuffle._core")  # no barrier can exist before it is imported
-    barrier_type = getattr(core, "P2PBarrierTask", None)
+    barrier_type = p2p_barrier_type()  # None until distributed's shuffle module is imported
     if barrier_type is None:
         return {}
     keep: dict[Any, str] = {}

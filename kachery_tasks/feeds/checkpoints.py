@@ -20,7 +20,7 @@ from typing import Any
 from ..identity import KeyPair, verify
 from .ids import parse_feed_id
 from .merkle import leaf_hash, verify_consistency_path, verify_inclusion_path
-from .messages import _HEX64, _HEX128, canonical, now_ms
+from .messages import HEX64, HEX128, canonical, now_ms
 
 CHECKPOINT_TYPE = "kachery-feed-checkpoint/1"
 _FIELDS = frozenset({"type", "feed", "subfeed", "size", "root", "timestamp", "signature"})
@@ -63,7 +63,7 @@ class Checkpoint:
             return None
         if not isinstance(ts, int) or isinstance(ts, bool) or not isinstance(data["subfeed"], str):
             return None
-        for key, pattern in (("feed", _HEX64), ("root", _HEX64), ("signature", _HEX128)):
+        for key, pattern in (("feed", HEX64), ("root", HEX64), ("signature", HEX128)):
             if not isinstance(data[key], str) or not pattern.fullmatch(data[key]):
                 return None
         return cls(**data)

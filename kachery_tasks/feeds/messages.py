@@ -20,8 +20,8 @@ from .errors import InvalidMessageError
 
 ZERO_HASH = "0" * 64
 MESSAGE_FIELDS = frozenset({"seq", "prev", "timestamp", "body", "signature"})
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_HEX128 = re.compile(r"[0-9a-f]{128}")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX128 = re.compile(r"[0-9a-f]{128}")
 
 
 def canonical(value: Any) -> bytes:
@@ -68,12 +68,12 @@ def check_shape(message: Any) -> str | None:
     seq = message["seq"]
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         return "has a seq that is not a non-negative integer"
-    if not isinstance(message["prev"], str) or not _HEX64.fullmatch(message["prev"]):
+    if not isinstance(message["prev"], str) or not HEX64.fullmatch(message["prev"]):
         return "has a prev that is not 64 lowercase hex"
     ts = message["timestamp"]
     if not isinstance(ts, int) or isinstance(ts, bool):
         return "has a timestamp that is not an integer"
-    if not isinstance(message["signature"], str) or not _HEX128.fullmatch(message["signature"]):
+    if not isinstance(message["signature"], str) or not HEX128.fullmatch(message["signature"]):
         return "has a signature that is not 128 lowercase hex"
     return None
 

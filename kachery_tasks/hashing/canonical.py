@@ -44,8 +44,8 @@ _STREAM_MIN = 1 << 16
 #: Non-contiguous arrays are copied to C order in blocks of about this many bytes.
 _CHUNK = 1 << 23
 
-_TAG_LEN = struct.Struct(">cQ").pack
-_TAG_I64 = struct.Struct(">cq").pack
+TAG_LEN = struct.Struct(">cQ").pack
+TAG_I64 = struct.Struct(">cq").pack
 _TAG_F64 = struct.Struct(">cd").pack
 _TAG_C128 = struct.Struct(">cdd").pack
 _U64 = struct.Struct(">Q").pack
@@ -54,8 +54,8 @@ _TIME = struct.Struct(">cBBBIB").pack
 _DATETIME = struct.Struct(">cHBBBBBIB").pack
 _TIMEDELTA = struct.Struct(">cqII").pack
 
-_INT64_MIN = -(1 << 63)
-_INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
 
 _REGISTRY: dict[type, Callable[[Any], Any]] = {}
 
@@ -63,7 +63,7 @@ _REGISTRY: dict[type, Callable[[Any], Any]] = {}
 _FAST_PATHS = True
 
 
-class _PathError(Exception):
+class PathError(Exception):
     """Raised inside the encoder; collects path segments while unwinding, formatted at the top."""
 
     def __init__(self, template: str) -> None:
@@ -75,10 +75,10 @@ class _PathError(Exception):
         return self.template.replace("{path}", root + "".join(reversed(self.segments)))
 
 
-def _unhashable(v: Any) -> _PathError:
+def _unhashable(v: Any) -> PathError:
     t = type(v)
     tname = f"{t.__module__}.{t.__qualname__}"
-    return _PathError(
+    return PathError(
         f"cannot hash {{path}}: no canonical encoding for a {tname}. Implement __kachery_canon__() on "
         f"the class, call kachery_tasks.hashing.register_canon({t.__qualname__}, fn), or store it "
         f"with kachery_tasks.store_file(...) and pass the returned URI/File"
@@ -114,7 +114,7 @@ def register_identity_type(cls: type) -> None:
         raise TypeError(f"{cls.__qualname__} has no __kachery_canon__")
     prefix = IDENTITY_PREFIXES[cls] = b"O" + _type_name_encoded(cls)
 
-    def encode(e: _Encoder, v: Any) -> None:
+    def encode(e: Encoder, v: Any) -> None:
         canon = v.__kachery_canon__()
         if type(canon) is not str:  # not an identity string after all: the general path
             _object(e, v, canon)
@@ -140,7 +140,7 @@ def _registered(t: type) -> Callable[[Any], Any] | None:
     return None
 
 
-class _Encoder:
+class Encoder:
     """Writes the encoding into ``out``; with ``stream`` set, large buffers go to an xxh3 state."""
 
     __slots__ = ("out", "sink", "stream", "active")
@@ -174,7 +174,7 @@ class _Encoder:
 
     def sub(self, v: Any) -> bytes:
         """Encoding of ``v`` as bytes (dict keys, set elements), sharing cycle detection."""
-        e = _Encoder(False, self.active)
+        e = Encoder(False, self.active)
         e.enc(v)
         return bytes(e.out)
 
@@ -182,16 +182,16 @@ class _Encoder:
     def enter(self, v: Any) -> int:
         i = id(v)
         if i in self.active:
-            raise _PathError("cycle at {path}: a container contains itself, which has no finite encoding")
+            raise PathError("cycle at {path}: a container contains itself, which has no finite encoding")
         if len(self.active) >= MAX_DEPTH:
-            raise _PathError(f"cannot hash {{path}}: nesting deeper than {MAX_DEPTH} levels")
+            raise PathError(f"cannot hash {{path}}: nesting deeper than {MAX_DEPTH} levels")
         self.active.add(i)
         return i
 
     def child(self, v: Any, segment: str) -> None:
         try:
             self.enc(v)
-        except _PathError as err:
+        except PathError as err:
             err.segments.append(segment)
             raise
 
@@ -208,33 +208,33 @@ class _Encoder:
 # scalars
 
 
-def _e_none(e: _Encoder, v: None) -> None:
+def _e_none(e: Encoder, v: None) -> None:
     e.out += b"N"
 
 
-def _e_bool(e: _Encoder, v: bool) -> None:
+def _e_bool(e: Encoder, v: bool) -> None:
     e.out += b"T" if v else b"F"
 
 
-def _int_bytes(v: int) -> bytes:
-    if _INT64_MIN <= v <= _INT64_MAX:
-        return _TAG_I64(b"i", v)
+def int_bytes(v: int) -> bytes:
+    if INT64_MIN <= v <= INT64_MAX:
+        return TAG_I64(b"i", v)
     n = (v.bit_length() + 8) // 8
-    return _TAG_LEN(b"I", n) + v.to_bytes(n, "big", signed=True)
+    return TAG_LEN(b"I", n) + v.to_bytes(n, "big", signed=True)
 
 
-def _e_int(e: _Encoder, v: int) -> None:
-    if _INT64_MIN <= v <= _INT64_MAX:
-        e.out += _TAG_I64(b"i", v)
+def _e_int(e: Encoder, v: int) -> None:
+    if INT64_MIN <= v <= INT64_MAX:
+        e.out += TAG_I64(b"i", v)
     else:
-        e.out += _int_bytes(v)
+        e.out += int_bytes(v)
 
 
-def _e_float(e: _Encoder, v: float) -> None:
+def _e_float(e: Encoder, v: float) -> None:
     e.out += _TAG_F64(b"f", v)
 
 
-def _e_complex(e: _Encoder, v: complex) -> None:
+def _e_complex(e: Encoder, v: complex) -> None:
     e.out += _TAG_C128(b"c", v.real, v.imag)
 
 
@@ -242,50 +242,50 @@ def _utf8(s: str) -> bytes:
     return s.encode("utf-8", "surrogatepass")
 
 
-def _e_str(e: _Encoder, v: str) -> None:
+def _e_str(e: Encoder, v: str) -> None:
     b = _utf8(v)
-    e.out += _TAG_LEN(b"s", len(b))
+    e.out += TAG_LEN(b"s", len(b))
     e.big(b) if len(b) >= _STREAM_MIN else e.out.extend(b)
 
 
-def _e_bytes(e: _Encoder, v: bytes) -> None:
-    e.out += _TAG_LEN(b"b", len(v))
+def _e_bytes(e: Encoder, v: bytes) -> None:
+    e.out += TAG_LEN(b"b", len(v))
     e.big(v)
 
 
-def _e_bytearray(e: _Encoder, v: bytearray) -> None:
-    e.out += _TAG_LEN(b"y", len(v))
+def _e_bytearray(e: Encoder, v: bytearray) -> None:
+    e.out += TAG_LEN(b"y", len(v))
     e.big(v)
 
 
-def _e_range(e: _Encoder, v: range) -> None:
+def _e_range(e: Encoder, v: range) -> None:
     e.out += b"r"
-    e.out += _int_bytes(v.start) + _int_bytes(v.stop) + _int_bytes(v.step)
+    e.out += int_bytes(v.start) + int_bytes(v.stop) + int_bytes(v.step)
 
 
-def _e_slice(e: _Encoder, v: slice) -> None:
+def _e_slice(e: Encoder, v: slice) -> None:
     e.out += b"v"
     e.child(v.start, ".start")
     e.child(v.stop, ".stop")
     e.child(v.step, ".step")
 
 
-def _e_ellipsis(e: _Encoder, v: Any) -> None:
+def _e_ellipsis(e: Encoder, v: Any) -> None:
     e.out += b"."
 
 
-def _e_decimal(e: _Encoder, v: decimal.Decimal) -> None:
+def _e_decimal(e: Encoder, v: decimal.Decimal) -> None:
     sign, digits, exponent = v.as_tuple()
     e.out += b"D"
     e.enc((sign, "".join(map(str, digits)), exponent))
 
 
-def _e_uuid(e: _Encoder, v: uuid.UUID) -> None:
+def _e_uuid(e: Encoder, v: uuid.UUID) -> None:
     e.out += b"U"
     e.out += v.bytes
 
 
-def _tz(e: _Encoder, v: Any) -> None:
+def _tz(e: Encoder, v: Any) -> None:
     """tzinfo part of a time/datetime: None when naive, else (utcoffset, tzname, zone key)."""
     tz = v.tzinfo
     if tz is None:
@@ -313,25 +313,25 @@ def _zone_key(tz: Any) -> str | None:
     return key if isinstance(key, str) else None
 
 
-def _e_date(e: _Encoder, v: _dt.date) -> None:
+def _e_date(e: Encoder, v: _dt.date) -> None:
     e.out += _DATE(b"a", v.year, v.month, v.day)
 
 
-def _e_time(e: _Encoder, v: _dt.time) -> None:
+def _e_time(e: Encoder, v: _dt.time) -> None:
     e.out += _TIME(b"h", v.hour, v.minute, v.second, v.microsecond, v.fold)
     _tz(e, v)
 
 
-def _e_datetime(e: _Encoder, v: _dt.datetime) -> None:
+def _e_datetime(e: Encoder, v: _dt.datetime) -> None:
     e.out += _DATETIME(b"w", v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, v.fold)
     _tz(e, v)
 
 
-def _e_timedelta(e: _Encoder, v: _dt.timedelta) -> None:
+def _e_timedelta(e: Encoder, v: _dt.timedelta) -> None:
     e.out += _TIMEDELTA(b"e", v.days, v.seconds, v.microseconds)
 
 
-def _e_pattern(e: _Encoder, v: re.Pattern) -> None:
+def _e_pattern(e: Encoder, v: re.Pattern) -> None:
     e.out += b"x"
     e.enc(v.pattern)
     e.enc(int(v.flags))
@@ -341,7 +341,7 @@ def _e_pattern(e: _Encoder, v: re.Pattern) -> None:
 # containers
 
 
-def _e_seq(e: _Encoder, v: list | tuple, tag: bytes) -> None:
+def _e_seq(e: Encoder, v: list | tuple, tag: bytes) -> None:
     n = len(v)
     if n >= FAST_MIN and _FAST_PATHS:
         fast = _fast_seq(v, tag)
@@ -351,19 +351,19 @@ def _e_seq(e: _Encoder, v: list | tuple, tag: bytes) -> None:
     if len(e.active) >= MAX_DEPTH:
         e.enter(v)  # raises the error the general path would (cycle, else depth)
     out = e.out
-    out += _TAG_LEN(tag, n)
+    out += TAG_LEN(tag, n)
     # Atoms are written here, as their own functions write them (same bytes), without a dispatch
     # per element; a sequence of atoms alone cannot contain itself, so it is entered for cycle
     # detection only at its first element that is not an atom (_seq_rest).
     for k, x in enumerate(v):
         t = type(x)
         if t is int:
-            out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
+            out += TAG_I64(b"i", x) if INT64_MIN <= x <= INT64_MAX else int_bytes(x)
         elif t is float:
             out += _TAG_F64(b"f", x)
-        elif t is str and len(x) < _ATOM_STR_MAX:
+        elif t is str and len(x) < ATOM_STR_MAX:
             b = x.encode("utf-8", "surrogatepass")
-            out += _TAG_LEN(b"s", len(b))
+            out += TAG_LEN(b"s", len(b))
             out += b
         elif x is None:
             out += b"N"
@@ -376,10 +376,10 @@ def _e_seq(e: _Encoder, v: list | tuple, tag: bytes) -> None:
 
 #: Strings shorter than this (in characters) are written inline by the container encoders: their
 #: UTF-8 is under ``_STREAM_MIN`` bytes, so they are never streamed (``_e_str``).
-_ATOM_STR_MAX = _STREAM_MIN // 4
+ATOM_STR_MAX = _STREAM_MIN // 4
 
 
-def _seq_rest(e: _Encoder, v: list | tuple, start: int) -> None:
+def _seq_rest(e: Encoder, v: list | tuple, start: int) -> None:
     """Elements ``start`` on of a sequence whose tag and length are written: the general path."""
     i = e.enter(v)
     try:
@@ -387,35 +387,35 @@ def _seq_rest(e: _Encoder, v: list | tuple, start: int) -> None:
         for k in range(start, len(v)):
             try:
                 enc(v[k])
-            except _PathError as err:
+            except PathError as err:
                 err.segments.append(f"[{k}]")
                 raise
     finally:
         e.active.discard(i)
 
 
-def _e_list(e: _Encoder, v: list) -> None:
+def _e_list(e: Encoder, v: list) -> None:
     _e_seq(e, v, b"l")
 
 
-def _e_tuple(e: _Encoder, v: tuple) -> None:
+def _e_tuple(e: Encoder, v: tuple) -> None:
     _e_seq(e, v, b"t")
 
 
-def _key_bytes(e: _Encoder, k: Any) -> bytes:
+def _key_bytes(e: Encoder, k: Any) -> bytes:
     t = type(k)
     if t is str:
         return _STR_KEYS.get(k) or _str_key_bytes(k)
     if t is int:
-        return _int_bytes(k)
+        return int_bytes(k)
     try:
         return e.sub(k)
-    except _PathError as err:
+    except PathError as err:
         err.segments.append(f"<key {k!r}>")
         raise
 
 
-def _e_mapping(e: _Encoder, v: dict, tag: bytes, ordered: bool) -> None:
+def _e_mapping(e: Encoder, v: dict, tag: bytes, ordered: bool) -> None:
     n = len(v)
     if not ordered and n >= FAST_MIN and _FAST_PATHS:
         fast = _fast_dict(v)
@@ -440,19 +440,19 @@ def _e_mapping(e: _Encoder, v: dict, tag: bytes, ordered: bool) -> None:
                 items.sort(key=_first)
             else:
                 items = _sort_entries(e, items)
-        e.out += _TAG_LEN(tag, n)
+        e.out += TAG_LEN(tag, n)
         for kb, k, x in items:
             e.out += kb
             try:
                 e.enc(x)
-            except _PathError as err:
+            except PathError as err:
                 err.segments.append(f"[{k!r}]")
                 raise
     finally:
         e.active.discard(i)
 
 
-def _e_str_dict(e: _Encoder, v: dict) -> None:
+def _e_str_dict(e: Encoder, v: dict) -> None:
     """A plain dict: exactly ``_e_mapping(e, v, b"d", False)``, faster for the small str-keyed
     dicts that option arguments are. Atom values are written here (as in ``_e_seq``), and the dict
     is entered for cycle detection only before its first value that is not an atom: keys that are
@@ -480,18 +480,18 @@ def _e_str_dict(e: _Encoder, v: dict) -> None:
     if len(e.active) >= MAX_DEPTH:
         e.enter(v)  # raises the error the general path would (cycle, else depth)
     out = e.out
-    out += _TAG_LEN(b"d", n)
+    out += TAG_LEN(b"d", n)
     entered = None
     try:
         for kb, k, x in items:
             out += kb
             t = type(x)
-            if t is str and len(x) < _ATOM_STR_MAX:
+            if t is str and len(x) < ATOM_STR_MAX:
                 b = x.encode("utf-8", "surrogatepass")
-                out += _TAG_LEN(b"s", len(b))
+                out += TAG_LEN(b"s", len(b))
                 out += b
             elif t is int:
-                out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
+                out += TAG_I64(b"i", x) if INT64_MIN <= x <= INT64_MAX else int_bytes(x)
             elif t is float:
                 out += _TAG_F64(b"f", x)
             elif x is None:
@@ -506,7 +506,7 @@ def _e_str_dict(e: _Encoder, v: dict) -> None:
                         _e_seq(e, x, b"l")  # what e.enc does for a list, two calls less
                     else:
                         e.enc(x)
-                except _PathError as err:
+                except PathError as err:
                     err.segments.append(f"[{k!r}]")
                     raise
     finally:
@@ -520,7 +520,7 @@ _STR_KEYS: dict[str, bytes] = {}
 
 def _str_key_bytes(k: str) -> bytes:
     b = _utf8(k)
-    kb = _TAG_LEN(b"s", len(b)) + b
+    kb = TAG_LEN(b"s", len(b)) + b
     if len(k) <= 64:
         if len(_STR_KEYS) >= 4096:
             _STR_KEYS.clear()
@@ -531,7 +531,7 @@ def _str_key_bytes(k: str) -> bytes:
 _first = operator.itemgetter(0)
 
 
-def _sort_entries(e: _Encoder, items: list) -> list:
+def _sort_entries(e: Encoder, items: list) -> list:
     """Sort by encoded key; equal encodings (distinct NaN keys) are ordered by encoded value."""
     items.sort(key=lambda it: it[0])
     if len({it[0] for it in items}) == len(items):
@@ -539,15 +539,15 @@ def _sort_entries(e: _Encoder, items: list) -> list:
     return sorted(items, key=lambda it: (it[0], e.sub(it[2])))
 
 
-def _e_dict(e: _Encoder, v: dict) -> None:
+def _e_dict(e: Encoder, v: dict) -> None:
     _e_mapping(e, v, b"d", False)
 
 
-def _e_ordereddict(e: _Encoder, v: OrderedDict) -> None:
+def _e_ordereddict(e: Encoder, v: OrderedDict) -> None:
     _e_mapping(e, v, b"o", True)
 
 
-def _e_set(e: _Encoder, v: set | frozenset, tag: bytes) -> None:
+def _e_set(e: Encoder, v: set | frozenset, tag: bytes) -> None:
     n = len(v)
     if n >= FAST_MIN and _FAST_PATHS:
         fast = _fast_set(v, tag)
@@ -557,18 +557,18 @@ def _e_set(e: _Encoder, v: set | frozenset, tag: bytes) -> None:
     i = e.enter(v)
     try:
         parts = sorted(_key_bytes(e, x) for x in v)
-        e.out += _TAG_LEN(tag, n)
+        e.out += TAG_LEN(tag, n)
         for p in parts:
             e.out += p
     finally:
         e.active.discard(i)
 
 
-def _e_pyset(e: _Encoder, v: set) -> None:
+def _e_pyset(e: Encoder, v: set) -> None:
     _e_set(e, v, b"S")
 
 
-def _e_frozenset(e: _Encoder, v: frozenset) -> None:
+def _e_frozenset(e: Encoder, v: frozenset) -> None:
     _e_set(e, v, b"z")
 
 
@@ -576,7 +576,7 @@ def _e_frozenset(e: _Encoder, v: frozenset) -> None:
 # numpy
 
 
-def _e_dtype(e: _Encoder, dt: np.dtype) -> None:
+def _e_dtype(e: Encoder, dt: np.dtype) -> None:
     """dtype.str carries kind, byte order, size and datetime unit; structured dtypes add descr."""
     e.enc(_dtype_form(dt))
 
@@ -596,7 +596,7 @@ def _dtype_form(dt: np.dtype) -> Any:
         return ("numpy-fields", fields, dt.itemsize)
 
 
-def _e_npdtype(e: _Encoder, dt: np.dtype) -> None:
+def _e_npdtype(e: Encoder, dt: np.dtype) -> None:
     """A dtype passed as a value (dask passes ``dtype=`` everywhere): the same DTYPE as in arrays."""
     e.out += b"q"
     _e_dtype(e, dt)
@@ -627,7 +627,7 @@ def _transposed_chunks(a: np.ndarray, rows: int = 64, cols: int = 512):
         yield block.reshape(-1).view(np.uint8)
 
 
-def _e_ndarray(e: _Encoder, a: np.ndarray) -> None:
+def _e_ndarray(e: Encoder, a: np.ndarray) -> None:
     dt = a.dtype
     e.out += b"A"
     _e_dtype(e, dt)
@@ -636,22 +636,22 @@ def _e_ndarray(e: _Encoder, a: np.ndarray) -> None:
         e.out += _U64(d)
     if dt.hasobject or dt.kind == "T":
         if dt.fields is not None:
-            raise _PathError("cannot hash {path}: structured arrays with object fields are not supported")
+            raise PathError("cannot hash {path}: structured arrays with object fields are not supported")
         _object_elements(e, a)
         return
-    e.out += _TAG_LEN(b"r", a.nbytes)
+    e.out += TAG_LEN(b"r", a.nbytes)
     if a.size:
         for chunk in _contiguous_chunks(a):
             e.big(chunk)
 
 
-def _object_elements(e: _Encoder, a: np.ndarray) -> None:
+def _object_elements(e: Encoder, a: np.ndarray) -> None:
     """Object arrays: all-str arrays as lengths + UTF-8 ('s'); anything else element by element."""
     items = a.ravel(order="C").tolist() if a.dtype.kind != "T" else list(a.astype(object).ravel())
     col = _str_column(items) if items and _all_type(items, str) else None
     if col is not None:
         lens, data = col
-        e.out += _TAG_LEN(b"s", len(data))
+        e.out += TAG_LEN(b"s", len(data))
         e.big(lens.astype(">u8").view(np.uint8))
         e.big(data)
         return
@@ -659,20 +659,20 @@ def _object_elements(e: _Encoder, a: np.ndarray) -> None:
     for k, x in enumerate(items):
         try:
             e.enc(x)
-        except _PathError as err:
+        except PathError as err:
             idx = np.unravel_index(k, a.shape) if a.ndim else ()
             err.segments.append("[" + ", ".join(str(int(j)) for j in idx) + "]")
             raise
 
 
-def _e_npscalar(e: _Encoder, v: np.generic) -> None:
+def _e_npscalar(e: Encoder, v: np.generic) -> None:
     dt = v.dtype
     if dt.hasobject:
         raise _unhashable(v)
     data = v.tobytes()
     e.out += b"g"
     _e_dtype(e, dt)
-    e.out += _TAG_LEN(b"r", len(data))
+    e.out += TAG_LEN(b"r", len(data))
     e.out += data
 
 
@@ -680,7 +680,7 @@ def _e_npscalar(e: _Encoder, v: np.generic) -> None:
 # pandas (imported lazily: only when a pandas object is met)
 
 
-def _pd_values(e: _Encoder, values: Any, dtype: Any) -> None:
+def _pd_values(e: Encoder, values: Any, dtype: Any) -> None:
     """Payload of one column/index level: numpy-backed data as an array, extension types by parts."""
     import pandas as pd
 
@@ -711,7 +711,7 @@ def _pd_values(e: _Encoder, values: Any, dtype: Any) -> None:
         _e_ndarray(e, np.asarray(arr, dtype=object))
 
 
-def _e_index(e: _Encoder, idx: Any) -> None:
+def _e_index(e: Encoder, idx: Any) -> None:
     import pandas as pd
 
     if isinstance(idx, pd.MultiIndex):
@@ -727,7 +727,7 @@ def _e_index(e: _Encoder, idx: Any) -> None:
     _pd_values(e, idx.array, idx.dtype)
 
 
-def _e_pandas(e: _Encoder, v: Any) -> bool:
+def _e_pandas(e: Encoder, v: Any) -> bool:
     """Encode a pandas object; False if ``v`` is a pandas type with no rule."""
     import pandas as pd
 
@@ -740,7 +740,7 @@ def _e_pandas(e: _Encoder, v: Any) -> bool:
             col = v.iloc[:, j]
             try:
                 _pd_values(e, col.array, col.dtype)
-            except _PathError as err:
+            except PathError as err:
                 err.segments.append(f".iloc[:, {j}]")
                 raise
     elif isinstance(v, pd.Series):
@@ -762,7 +762,7 @@ def _e_pandas(e: _Encoder, v: Any) -> bool:
             return False
         e.out += b"J"
         e.enc(f"pandas.{type(v).__name__}")
-        e.out += _TAG_LEN(b"t", len(params))  # the bytes of enc(tuple of values), named in errors
+        e.out += TAG_LEN(b"t", len(params))  # the bytes of enc(tuple of values), named in errors
         for name, x in params:
             e.child(x, f".{name}")
     else:
@@ -784,7 +784,7 @@ def _pd_dtype_parameters(pd: Any, v: Any) -> tuple[tuple[str, Any], ...] | None:
     if t is pd.DatetimeTZDtype:
         try:
             tz = _tz_identity(v.tz)
-        except _PathError as err:
+        except PathError as err:
             err.segments.append(".tz")
             raise
         return ("unit", v.unit), ("tz", tz)
@@ -820,12 +820,12 @@ def _tz_identity(tz: Any) -> tuple:
         name = getattr(tz, "key", None)
         use = f"zoneinfo.ZoneInfo({name!r}) (in pandas {name!r}, without 'dateutil/')" if isinstance(
             name, str) else "zoneinfo.ZoneInfo(name) (in pandas the name without 'dateutil/')"
-        raise _PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} is "
+        raise PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} is "
                          "dateutil's, whose offsets for a zone name depend on the dateutil version "
                          f"and the machine's tz files, so nothing identifies it; use {use}")
     if isinstance(tz, _dt.timezone):
         return ("fixed", tz.utcoffset(None), tz.tzname(None))
-    raise _PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} has no "
+    raise PathError(f"cannot hash {{path}}: the time zone {t.__module__}.{t.__qualname__} has no "
                      "canonical name; use zoneinfo.ZoneInfo(name) or datetime.timezone(offset)")
 
 
@@ -844,7 +844,7 @@ def _type_name_encoded(t: type) -> bytes:
     """``enc(type_name(t))``, memoized: jobs and files are encoded this way at every call."""
     found = _TYPE_NAME_BYTES.get(t)
     if found is None:
-        sub = _Encoder(False)
+        sub = Encoder(False)
         sub.enc(type_name(t))
         found = bytes(sub.out)
         if len(_TYPE_NAME_BYTES) > 10_000:
@@ -853,7 +853,7 @@ def _type_name_encoded(t: type) -> bytes:
     return found
 
 
-def _object(e: _Encoder, v: Any, canon: Any) -> None:
+def _object(e: Encoder, v: Any, canon: Any) -> None:
     e.out += b"O"
     e.out += _type_name_encoded(type(v))
     i = e.enter(v)
@@ -863,7 +863,7 @@ def _object(e: _Encoder, v: Any, canon: Any) -> None:
         e.active.discard(i)
 
 
-def _e_dataclass(e: _Encoder, v: Any) -> None:
+def _e_dataclass(e: Encoder, v: Any) -> None:
     fields = dataclasses.fields(v)
     e.out += b"R"
     e.enc(type_name(type(v)))
@@ -877,7 +877,7 @@ def _e_dataclass(e: _Encoder, v: Any) -> None:
         e.active.discard(i)
 
 
-def _e_namedtuple(e: _Encoder, v: tuple) -> None:
+def _e_namedtuple(e: Encoder, v: tuple) -> None:
     e.out += b"n"
     e.enc(type_name(type(v)))
     e.out += _U64(len(v))
@@ -890,13 +890,13 @@ def _e_namedtuple(e: _Encoder, v: tuple) -> None:
         e.active.discard(i)
 
 
-def _e_function_id(e: _Encoder, fid: Any) -> None:
+def _e_function_id(e: Encoder, fid: Any) -> None:
     e.out += b"K"
     e.enc(fid.name)
     e.enc(fid.code_hash)
 
 
-def _builtin_name(v: Any) -> str:
+def builtin_name(v: Any) -> str:
     if isinstance(v, np.ufunc):
         return f"numpy.{v.__name__}"
     owner = getattr(v, "__objclass__", None)
@@ -908,7 +908,7 @@ def _builtin_name(v: Any) -> str:
     return f"{module}.{getattr(v, '__qualname__', v.__name__)}"
 
 
-_BUILTIN_CALLABLES = (
+BUILTIN_CALLABLES = (
     types.BuiltinFunctionType,
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
@@ -918,9 +918,9 @@ _BUILTIN_CALLABLES = (
 )
 
 
-def _e_callable(e: _Encoder, v: Any) -> bool:
+def _e_callable(e: Encoder, v: Any) -> bool:
     """Functions by identity (name + code hash), never by repr; False if ``v`` is no callable we know."""
-    from kachery_tasks.hashing.functions import _library_callable, class_id, function_id
+    from kachery_tasks.hashing.functions import class_id, function_id, library_callable
 
     if isinstance(v, functools.partial):
         e.out += b"p"
@@ -937,17 +937,17 @@ def _e_callable(e: _Encoder, v: Any) -> bool:
         e.child(v.__self__, ".__self__")
     elif isinstance(v, types.FunctionType):
         _e_function_id(e, _fid_or_path_error(function_id, v))
-    elif isinstance(v, _BUILTIN_CALLABLES):
+    elif isinstance(v, BUILTIN_CALLABLES):
         self_ = getattr(v, "__self__", None)
         if self_ is not None and not isinstance(self_, (types.ModuleType, type)):
             e.out += b"m"
             e.out += b"k"
-            e.enc(_builtin_name(v))
+            e.enc(builtin_name(v))
             e.child(self_, ".__self__")
         else:
             e.out += b"k"
-            e.enc(_builtin_name(v))
-    elif _library_callable(v):
+            e.enc(builtin_name(v))
+    elif library_callable(v):
         e.out += b"k"
         e.enc(f"{v.__module__}.{v.__qualname__}")
     elif isinstance(v, type):
@@ -964,10 +964,10 @@ def _fid_or_path_error(fn: Callable[[Any], Any], v: Any) -> Any:
     try:
         return fn(v)
     except UnhashableArgument as err:
-        raise _PathError("cannot hash {path}: " + str(err).replace("{", "{{").replace("}", "}}")) from err
+        raise PathError("cannot hash {path}: " + str(err).replace("{", "{{").replace("}", "}}")) from err
 
 
-def _enc_other(e: _Encoder, v: Any) -> None:
+def _enc_other(e: Encoder, v: Any) -> None:
     """Everything not in the exact-type table, in a fixed order of precedence."""
     t = type(v)
     canon = getattr(t, "__kachery_canon__", None)
@@ -991,7 +991,7 @@ def _enc_other(e: _Encoder, v: Any) -> None:
         e.enc(v.name)
     elif isinstance(v, np.ndarray):
         if t is not np.memmap:
-            raise _PathError(
+            raise PathError(
                 f"cannot hash {{path}}: {t.__module__}.{t.__qualname__} is an ndarray subclass that may "
                 "carry more than its data; pass np.asarray(x) or call register_canon for it"
             )
@@ -1003,7 +1003,7 @@ def _enc_other(e: _Encoder, v: Any) -> None:
     elif dataclasses.is_dataclass(v) and not isinstance(v, type):
         _e_dataclass(e, v)
     elif isinstance(v, pathlib.PurePath):
-        raise _PathError(
+        raise PathError(
             f"cannot hash {{path}}: a path ({str(v)!r}) names a location, not content. Call "
             "kachery_tasks.store_file(path) and pass the returned URI/File instead"
         )
@@ -1013,7 +1013,7 @@ def _enc_other(e: _Encoder, v: Any) -> None:
         raise _unhashable(v)
 
 
-_EXACT: dict[type, Callable[[_Encoder, Any], None]] = {
+_EXACT: dict[type, Callable[[Encoder, Any], None]] = {
     type(None): _e_none,
     bool: _e_bool,
     int: _e_int,
@@ -1207,7 +1207,7 @@ def _fast_seq(v: list | tuple, tag: bytes) -> np.ndarray | None:
             return None
         cols = [made[0]]
     body = _assemble(cols, len(items))
-    return np.concatenate([np.frombuffer(_TAG_LEN(tag, len(items)), np.uint8), body])
+    return np.concatenate([np.frombuffer(TAG_LEN(tag, len(items)), np.uint8), body])
 
 
 def _tuple_columns(items: list) -> list | None:
@@ -1215,7 +1215,7 @@ def _tuple_columns(items: list) -> list | None:
     width = len(items[0])
     if width == 0 or not _all_type(items, tuple) or any(len(x) != width for x in items):
         return None
-    head = np.frombuffer(_TAG_LEN(b"t", width), np.uint8)
+    head = np.frombuffer(TAG_LEN(b"t", width), np.uint8)
     cols: list = [_Fixed(np.broadcast_to(head, (len(items), 9)))]
     for position in zip(*items, strict=False):
         made = _column(list(position))
@@ -1237,7 +1237,7 @@ def _fast_dict(d: dict) -> np.ndarray | None:
     if order is None:
         return None
     body = _assemble([kc[0].take(order), vc[0].take(order)], len(keys))
-    return np.concatenate([np.frombuffer(_TAG_LEN(b"d", len(keys)), np.uint8), body])
+    return np.concatenate([np.frombuffer(TAG_LEN(b"d", len(keys)), np.uint8), body])
 
 
 def _fast_set(s: set | frozenset, tag: bytes) -> np.ndarray | None:
@@ -1249,17 +1249,17 @@ def _fast_set(s: set | frozenset, tag: bytes) -> np.ndarray | None:
     if order is None:
         return None
     body = _assemble([made[0].take(order)], len(items))
-    return np.concatenate([np.frombuffer(_TAG_LEN(tag, len(items)), np.uint8), body])
+    return np.concatenate([np.frombuffer(TAG_LEN(tag, len(items)), np.uint8), body])
 
 
 # ---------------------------------------------------------------------------------------------
 # public entry points
 
 
-def _run(e: _Encoder, value: Any, path: str) -> None:
+def _run(e: Encoder, value: Any, path: str) -> None:
     try:
         e.enc(value)
-    except _PathError as err:
+    except PathError as err:
         raise UnhashableArgument(err.format(path)) from None
     except RecursionError:
         raise UnhashableArgument(f"cannot hash {path}: nesting too deep to encode") from None
@@ -1267,7 +1267,7 @@ def _run(e: _Encoder, value: Any, path: str) -> None:
 
 def canonical_bytes(value: Any, *, path: str = "value") -> bytes:
     """The full kt1 encoding of ``value`` (for tests, vectors and docs; hashing streams instead)."""
-    e = _Encoder(stream=False)
+    e = Encoder(stream=False)
     _run(e, value, path)
     return bytes(e.out)
 
@@ -1277,7 +1277,7 @@ def hash_value(value: Any, *, path: str = "value") -> str:
 
     ``path`` names the value in error messages (``args``, a parameter name, ...).
     """
-    e = _Encoder(stream=True)
+    e = Encoder(stream=True)
     _run(e, value, path)
     return e.hexdigest()
 
@@ -1291,7 +1291,7 @@ class Hasher:
     """
 
     def __init__(self) -> None:
-        self._e = _Encoder(stream=True)
+        self._e = Encoder(stream=True)
         self._e.out += b"H"
         self._n = 0
 

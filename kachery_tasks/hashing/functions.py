@@ -34,7 +34,7 @@ from typing import Any
 import xxhash
 
 from kachery_tasks.errors import UnhashableArgument
-from kachery_tasks.hashing.canonical import _BUILTIN_CALLABLES, _builtin_name, hash_value
+from kachery_tasks.hashing.canonical import BUILTIN_CALLABLES, builtin_name, hash_value
 from kachery_tasks.hashing.memo import IdentityMemo
 
 _MISSING = object()
@@ -72,7 +72,7 @@ _STDLIB_DIRS = _stdlib_dirs()
 
 
 @functools.lru_cache(maxsize=4096)
-def _module_kind(modname: str) -> str:
+def module_kind(modname: str) -> str:
     """'user', 'stdlib' or 'package'. User code is anything outside the stdlib and site-packages."""
     if modname == "__main__":
         return "user"
@@ -109,7 +109,7 @@ def _unimported_origin(top: str) -> str | None:
 
 
 def _is_user(modname: str | None) -> bool:
-    return modname is None or _module_kind(modname) == "user"
+    return modname is None or module_kind(modname) == "user"
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,7 +121,7 @@ def _distributions() -> Mapping[str, list[str]]:
 def package_version(modname: str) -> tuple[str, str]:
     """(top-level name, ``dist==version``) for a non-user module; stdlib counts as the Python version."""
     top = modname.partition(".")[0]
-    if _module_kind(modname) == "stdlib":
+    if module_kind(modname) == "stdlib":
         return top, _PY
     for dist in _distributions().get(top, []):
         try:
@@ -306,7 +306,7 @@ def _value_hash(obj: Any) -> str:
     return _VALUE_CACHE.get_or_compute(obj, hash_value)
 
 
-def _library_callable(obj: Any) -> bool:
+def library_callable(obj: Any) -> bool:
     """A function-like object from a package (numpy's array-function dispatchers, numba, ...).
 
     Only objects that carry their own ``__qualname__`` qualify, so a callable *instance* of a
@@ -482,9 +482,9 @@ class _Walk:
         elif isinstance(obj, types.MethodType):
             self.value(obj.__func__, key, name)
             self.value(obj.__self__, f"{key}.__self__", name)
-        elif isinstance(obj, _BUILTIN_CALLABLES):
+        elif isinstance(obj, BUILTIN_CALLABLES):
             self.builtin(obj)
-        elif _library_callable(obj):
+        elif library_callable(obj):
             self.package(obj.__module__)
         elif callable(obj) and getattr(obj, "__wrapped__", None) is not None:
             self.value(obj.__wrapped__, key, name)  # functools.lru_cache, wraps-style objects
@@ -495,7 +495,7 @@ class _Walk:
             self.constant(obj, key, name)
 
     def builtin(self, obj: Any) -> None:
-        module = _builtin_name(obj).rpartition(".")[0].partition(".")[0]
+        module = builtin_name(obj).rpartition(".")[0].partition(".")[0]
         if module and module != "builtins":
             self.package(module)
 
@@ -562,12 +562,12 @@ def function_id(
     own = getattr(func, "__kachery_function_id__", None)
     if own is not None and callable(own) and version is None and name is None and not ignore:
         return own()
-    if isinstance(func, _BUILTIN_CALLABLES):
-        qual = _builtin_name(func)
+    if isinstance(func, BUILTIN_CALLABLES):
+        qual = builtin_name(func)
         top = qual.partition(".")[0]
         h = version if version is not None else (_PY if top == "builtins" else package_version(top)[1])
         return FunctionId(name or qual, f"version:{version}" if version is not None else h, {})
-    if _library_callable(func):
+    if library_callable(func):
         qual = f"{func.__module__}.{func.__qualname__}"
         top, ver = package_version(func.__module__)
         return FunctionId(name or qual, f"version:{version}" if version is not None else ver, {top: ver})

@@ -13,17 +13,17 @@ from typing import Any
 
 from kachery_tasks.errors import UnhashableArgument
 from kachery_tasks.hashing.canonical import (
-    _ATOM_STR_MAX,
-    _INT64_MAX,
-    _INT64_MIN,
-    _TAG_I64,
-    _TAG_LEN,
+    ATOM_STR_MAX,
     FAST_MIN,
     IDENTITY_PREFIXES,
+    INT64_MAX,
+    INT64_MIN,
     SCHEME,
-    _Encoder,
-    _int_bytes,
-    _PathError,
+    TAG_I64,
+    TAG_LEN,
+    Encoder,
+    PathError,
+    int_bytes,
 )
 from kachery_tasks.hashing.functions import FunctionId
 from kachery_tasks.hashing.memo import IdentityMemo
@@ -55,8 +55,8 @@ def _prefix(namespace: str, kind: str, name: str, code_hash: str) -> bytes:
     key = (namespace, kind, name, code_hash)
     found = _PREFIXES.get(key)
     if found is None:
-        e = _Encoder(stream=False)
-        e.out += _TAG_LEN(b"t", 6)
+        e = Encoder(stream=False)
+        e.out += TAG_LEN(b"t", 6)
         for part in (SCHEME, namespace, kind, name, code_hash):
             e.enc(part)
         found = bytes(e.out)
@@ -69,7 +69,7 @@ def _prefix(namespace: str, kind: str, name: str, code_hash: str) -> bytes:
 _ORDERS: dict[tuple[str, ...], tuple[tuple[bytes, str], ...]] = {}
 
 
-def _encode_bound(e: _Encoder, bound: Mapping[str, Any]) -> None:
+def _encode_bound(e: Encoder, bound: Mapping[str, Any]) -> None:
     """Exactly ``e.enc(dict(bound))``, with the parameter names' encodings and their sorted order
     computed once per signature (they are the same at every call)."""
     names = tuple(bound)
@@ -81,32 +81,32 @@ def _encode_bound(e: _Encoder, bound: Mapping[str, Any]) -> None:
         keyed = []
         for n in names:
             b = n.encode("utf-8", "surrogatepass")
-            keyed.append((_TAG_LEN(b"s", len(b)) + b, n))
+            keyed.append((TAG_LEN(b"s", len(b)) + b, n))
         order = _ORDERS[names] = tuple(sorted(keyed))
     if len(order) >= FAST_MIN:  # the general path has its own fast path for big dicts
         e.enc(dict(bound))
         return
     out = e.out
-    out += _TAG_LEN(b"d", len(order))
+    out += TAG_LEN(b"d", len(order))
     for key_bytes, name in order:
         out += key_bytes
         x = bound[name]
         t = type(x)
         if t is int:  # the commonest atoms written here, as _e_int and _e_str write them
-            out += _TAG_I64(b"i", x) if _INT64_MIN <= x <= _INT64_MAX else _int_bytes(x)
-        elif t is str and len(x) < _ATOM_STR_MAX:
+            out += TAG_I64(b"i", x) if INT64_MIN <= x <= INT64_MAX else int_bytes(x)
+        elif t is str and len(x) < ATOM_STR_MAX:
             b = x.encode("utf-8", "surrogatepass")
-            out += _TAG_LEN(b"s", len(b))
+            out += TAG_LEN(b"s", len(b))
             out += b
-        elif t in IDENTITY_PREFIXES and type(canon := x.__kachery_canon__()) is str and len(canon) < _ATOM_STR_MAX:
+        elif t in IDENTITY_PREFIXES and type(canon := x.__kachery_canon__()) is str and len(canon) < ATOM_STR_MAX:
             b = canon.encode("utf-8", "surrogatepass")  # an upstream job: as register_identity_type's
             out += IDENTITY_PREFIXES[t]
-            out += _TAG_LEN(b"s", len(b))
+            out += TAG_LEN(b"s", len(b))
             out += b
         else:
             try:
                 e.enc(x)
-            except _PathError as err:
+            except PathError as err:
                 err.segments.append(f"[{name!r}]")
                 raise
 
@@ -117,18 +117,18 @@ def task_id(kind: str, fid: FunctionId, bound: Mapping[str, Any], namespace: str
     An argument with no encoding raises UnhashableArgument naming it by parameter, e.g.
     ``opts['params'][2]``.
     """
-    e = _Encoder(stream=True)
+    e = Encoder(stream=True)
     e.out += _prefix(namespace, kind, fid.name, fid.code_hash)
     try:
         _encode_bound(e, bound)
-    except _PathError as err:
+    except PathError as err:
         raise UnhashableArgument(_format_bound(err)) from None
     except RecursionError:
         raise UnhashableArgument("cannot hash the arguments: nesting too deep to encode") from None
     return e.hexdigest()
 
 
-def _format_bound(err: _PathError) -> str:
+def _format_bound(err: PathError) -> str:
     """The outermost segment is ``['param']``: make the parameter name the root of the path."""
     if err.segments and err.segments[-1].startswith("['") and err.segments[-1].endswith("']"):
         root = err.segments.pop()[2:-2]

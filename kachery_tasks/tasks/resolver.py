@@ -27,7 +27,7 @@ from .task import Job, substitute_jobs
 
 log = logging.getLogger("kachery_tasks")
 
-_MISS = object()
+MISS = object()
 
 
 def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
@@ -47,7 +47,7 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
 # -- lookups ---------------------------------------------------------------------------------------
 def lookup(job: Job, store: LocalStore | None = None) -> Any:
     """The job's result from the memory tier or the local store (the home's, unless given), or
-    ``_MISS``."""
+    ``MISS``."""
     settings = job.settings
     task_id = job.id
     tiers = _tiers()
@@ -57,12 +57,12 @@ def lookup(job: Job, store: LocalStore | None = None) -> Any:
             STATS.count("hit_memory")
             return from_memo(memo)
     if "local" not in tiers:
-        return _MISS
+        return MISS
     if store is None:  # looked up only now: a memory hit needs no store
         store = store_for(settings.home)
     loaded = _load_record(store, task_id)
     if loaded is None:
-        return _MISS
+        return MISS
     STATS.count("hit_store")
     MEMORY.put(settings.home, task_id, loaded.memo, loaded.nbytes, config.get("memory_cache_bytes"))
     return loaded.value
@@ -125,7 +125,7 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
     task_id = job.id  # an unhashable argument fails here, before anything runs
     if settings.cache and not settings.force and not missed:
         found = lookup(job)
-        if found is not _MISS:
+        if found is not MISS:
             return found
     store = store_for(settings.home)
     if settings.cache and not settings.force and settings.cache_errors:
@@ -138,7 +138,7 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
     try:
         if not settings.force:
             found = lookup(job, store)
-            if found is not _MISS:
+            if found is not MISS:
                 STATS.count("waited")
                 return found
         value, done = _compute_and_record(job, store, upstream)
