@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError, human_bytes
+from ..fs import write_atomic
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
 from .output import byte_progress, print_json, print_listing, print_mapping
 
@@ -66,17 +66,16 @@ def _copy(sha256: str, target: Path) -> None:
         raise UserError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
     blobs = current_store().blobs
     size = blobs.size(sha256)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        with byte_progress(size, f"copying to {target.name}") as progress, os.fdopen(fd, "wb") as dst:
-            for block in blobs.read_verified(sha256):
-                dst.write(block)
-                if progress is not None:
-                    progress(len(block))
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, target)
+        with byte_progress(size, f"copying to {target.name}") as progress:
+            def blocks():
+                for block in blobs.read_verified(sha256):
+                    yield block
+                    if progress is not None:
+                        progress(len(block))
+            # outside the home: the user's umask, not the home's shared group
+            write_atomic(target, blocks(), mode=0o644 & ~_umask(), share=False)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:  # outside the home: name the target
             raise UserError(f"cannot write {str(target)!r}: {os.strerror(exc.errno).lower()}; "
                             f"free space there or copy it elsewhere with -o") from None

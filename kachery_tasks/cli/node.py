@@ -2,7 +2,7 @@
 
 ``init --shared-group GROUP`` prepares a home that the Unix users of GROUP share: the group goes into
 ``<home>/config.yaml`` (so every later write makes setgid, group-writable directories, see
-``store/fs.py``) and the directories that already exist are converted now.
+``kachery_tasks/fs.py``) and the directories that already exist are converted now.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import yaml
 
 from .. import config
 from ..errors import UserError
+from ..fs import group_id, write_atomic
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
 from ..store import current_store
-from ..store.fs import atomic_write_bytes, group_id
 from .output import print_mapping
 
 
@@ -49,7 +49,7 @@ def _write_home_config(home: Path, values: dict) -> None:
     path = home / "config.yaml"
     current = config.read_home_file(home)
     current.update(values)
-    atomic_write_bytes(path, yaml.safe_dump(current, sort_keys=True).encode())
+    write_atomic(path, yaml.safe_dump(current, sort_keys=True).encode())
 
 
 def share_tree(home: Path, gid: int) -> None:

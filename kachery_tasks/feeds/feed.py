@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 
 from .. import config
 from ..errors import UserError
+from ..fs import write_atomic
 from ..identity import KeyPair
 from . import forks
 from .checkpoints import Checkpoint, ConsistencyProof, InclusionProof
 from .errors import FeedReadOnlyError, ForkedFeedError
 from .log import LogIndex
 from .messages import canonical, check_shape, sign_message, signature_ok
-from .storage import flocked, fsync_dir, subfeed_stem, write_all, write_json_atomic
+from .storage import flocked, subfeed_stem, write_all, write_json_atomic
 
 T = TypeVar("T")
 _POLL_S = 0.02
@@ -520,13 +521,8 @@ class Subfeed:
         return index
 
     def _rewrite_checkpoints(self, cps: list[Checkpoint]) -> None:
-        tmp = self.cp_path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(b"".join(cp.line() + b"\n" for cp in sorted(cps, key=lambda c: c.size)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.cp_path)
-        fsync_dir(self.cp_path.parent)
+        data = b"".join(cp.line() + b"\n" for cp in sorted(cps, key=lambda c: c.size))
+        write_atomic(self.cp_path, data, mode=0o644)
 
 
 def read_json_lines(path: Path) -> list[Any]:

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..fs import fsync_dir
 from .errors import ForkedFeedError
 from .messages import now_ms
-from .storage import flocked, fsync_dir, read_json, write_all, write_json_atomic
+from .storage import flocked, read_json, write_all, write_json_atomic
 
 
 def forks_path(feed_dir: Path) -> Path:

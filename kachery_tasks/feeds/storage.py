@@ -22,13 +22,13 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .. import config
+from ..fs import write_atomic
 from .errors import InvalidMessageError
 
 
@@ -55,31 +55,9 @@ def subfeed_stem(name: str) -> str:
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` via a fsynced temp file and rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(value, fh, indent=1, sort_keys=True, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``value`` as JSON to ``path`` atomically and durably (fs.write_atomic): never half a file."""
+    text = json.dumps(value, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    write_atomic(path, text.encode("utf-8"), mode=0o600)
 
 
 def read_json(path: Path, default: Any) -> Any:

@@ -6,8 +6,6 @@ A public key in hex is the id of a node (and of a feed). Private keys live in PE
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ..errors import UserError
+from ..fs import write_atomic
 
 _HEX = set("0123456789abcdef")
 
@@ -55,17 +54,9 @@ class KeyPair:
     def save(self, path: Path) -> None:
         """Write the private key to ``path`` (mode 0600), atomically; never overwrites a key."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self.to_pem())
-                fh.flush()
-                os.fsync(fh.fileno())
-            # link() fails if the name exists: two processes racing to create a key keep the first.
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
+        # Never group-readable, even in a shared home (share=False); overwrite=False links the temp
+        # file into place, which fails if the name exists: two processes racing to create a key keep the first.
+        write_atomic(path, self.to_pem(), mode=0o600, share=False, overwrite=False)
 
     @classmethod
     def load(cls, path: Path) -> KeyPair:

@@ -7,12 +7,12 @@ e-mail and label. The key is generated on first use, so a fresh home works with 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fs import write_atomic
 from .keys import KeyPair
 
 _cache: dict[Path, NodeIdentity] = {}
@@ -73,9 +73,7 @@ def init_node(home: Path, owner: str | None, label: str | None) -> NodeIdentity:
     if label is not None:
         info["label"] = label
     path = _info_path(home)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(info, indent=2) + "\n").encode(), mode=0o644)
     with _lock:
         _cache.pop(home, None)
     return node_identity(home)

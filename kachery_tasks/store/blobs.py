@@ -31,7 +31,7 @@ from pathlib import Path
 import xxhash
 
 from ..errors import IntegrityError, NotFoundError, as_store_full
-from .fs import atomic_write_bytes, make_dirs, remove_stale_files, share_fd
+from ..fs import make_dirs, remove_stale_files, share_fd, write_atomic
 from .manifest import CHUNK_SIZE, ChunkHasher, Manifest
 from .uris import check_sha256_hex
 
@@ -101,6 +101,7 @@ class BlobStore:
         return self._put_blocks(blocks, progress=progress)
 
     def _new_tmp(self) -> tuple[int, str]:
+        # not fs.write_atomic: the name is known only once the stream is hashed, and a duplicate skips the fsync
         make_dirs(self.tmp_dir)
         return tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
 
@@ -182,6 +183,7 @@ class BlobStore:
         if self._valid_existing(digest):
             return digest
         make_dirs(self.tmp_dir)
+        # a hard link of the source, not a write: fs.write_atomic would copy the bytes this avoids
         tmp = self.tmp_dir / f"link-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
         try:
             os.link(src, tmp)
@@ -205,7 +207,7 @@ class BlobStore:
         try:
             make_dirs(final.parent)
             if manifest is not None:
-                atomic_write_bytes(self.manifest_path(digest), manifest.to_json().encode(), tmp_dir=self.tmp_dir)
+                write_atomic(self.manifest_path(digest), manifest.to_json().encode(), tmp_dir=self.tmp_dir)
             os.replace(tmp, final)  # replaces a damaged blob of that name, if any
         except BaseException as exc:
             size = None
@@ -397,7 +399,7 @@ class BlobStore:
             self._stamps.pop(sha256, None)
         with suppress(FileNotFoundError):
             os.unlink(self._stamp_path(sha256))
-        try:
+        try:  # a move of the stored blob, not a write: no fs.write_atomic
             os.replace(self.path(sha256), target)
         except FileNotFoundError:
             pass
@@ -425,7 +427,7 @@ class BlobStore:
         data = json.dumps({"size": stamp.size, "mtime_ns": stamp.mtime_ns, "ctime_ns": stamp.ctime_ns,
                            "ino": stamp.ino}).encode()
         try:
-            atomic_write_bytes(self._stamp_path(sha256), data, tmp_dir=self.tmp_dir)
+            write_atomic(self._stamp_path(sha256), data, tmp_dir=self.tmp_dir)
         except OSError:
             pass  # a read-only store still verifies; it just cannot remember that it did
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import config
 from ..errors import UserError
-from .fs import make_dirs
+from ..fs import make_dirs
 
 #: Bytes read at a time (hashlib releases the GIL on blocks this size).
 BLOCK = 4 * 2**20

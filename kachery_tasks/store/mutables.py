@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .fs import make_dirs
+from ..fs import make_dirs
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS mutables (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL)"
 

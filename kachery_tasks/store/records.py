@@ -25,8 +25,8 @@ from typing import Any
 import orjson
 
 from ..errors import as_store_full
+from ..fs import TEMP_PREFIX, make_dirs, remove_stale_files, write_atomic
 from .durability import GROUP_COMMIT
-from .fs import TEMP_PREFIX, atomic_write_bytes, make_dirs, remove_stale_files
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class RecordStore:
         # creates of a big graph spread over the 256 record directories
         data = _dump(record)
         try:
-            atomic_write_bytes(path, data, fsync=sync_within <= 0)  # leaves no temp file on failure
+            write_atomic(path, data, fsync=sync_within <= 0)  # leaves no temp file on failure
         except OSError as exc:
             full = as_store_full(exc, self.root.parent, len(data))
             if full is None:
@@ -147,7 +147,7 @@ class RecordStore:
         """Set a record aside (kept for inspection, never used) and log one line."""
         make_dirs(self.quarantine_dir)
         target = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
-        try:
+        try:  # a move of an existing record, not a write: no fs.write_atomic
             os.replace(path, target)
         except FileNotFoundError:
             return

@@ -37,7 +37,7 @@ from pathlib import Path
 import xxhash
 
 from ..errors import UserError
-from ..store.fs import make_dirs, share_fd
+from ..fs import make_dirs, share_fd
 
 _INFO_BYTES = 256
 #: A holder running longer than this writes its info file (shorter ones never touch the disk).

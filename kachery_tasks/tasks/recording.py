@@ -33,11 +33,11 @@ from ..errors import (
     UnhashableArgument,
     as_store_full,
 )
+from ..fs import make_dirs
 from ..hashing import SCHEME, hash_value
 from ..identity import node_identity, sign_document
 from ..store.codecs import is_plain_json
 from ..store.file import File
-from ..store.fs import make_dirs
 from ..store.local import LocalStore
 from . import arg_blobs
 from .provenance import Measure, packages_of
