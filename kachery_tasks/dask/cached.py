@@ -153,8 +153,8 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
     settings = settings or CallSettings.current()
     reasons = {} if reasons is None else reasons
     inputs: dict[Any, tuple[tuple[str, str], ...]] = {}
-    ids = graph_ids(dsk, reasons=reasons, inputs=inputs)
     stateful = stateful_regions(dsk)  # run every time, never recorded (see identify.py)
+    ids = graph_ids(dsk, reasons=reasons, inputs=inputs, regions=stateful)
     for key, why in list(reasons.items())[:20]:
         log.debug("cached(): %r is not cached: %s", key, why)
     if len(reasons) > 20:

@@ -577,14 +577,16 @@ def _region_ids(dsk: Mapping[Any, GraphNode], region: frozenset, ids: Mapping[An
 
 def graph_ids(dsk: Mapping[Any, GraphNode], known: Mapping[Any, str] | None = None,
               reasons: dict[Any, str] | None = None,
-              inputs: dict[Any, tuple[tuple[str, str], ...]] | None = None) -> dict[Any, str]:
+              inputs: dict[Any, tuple[tuple[str, str], ...]] | None = None,
+              regions: Mapping[Any, frozenset] | None = None) -> dict[Any, str]:
     """Ids of every identifiable key of ``dsk`` (in dependency order); the others go to ``reasons``;
     the files a node reads itself, with the content hashes in its id, go to ``inputs``.
+    ``regions``: :func:`stateful_regions` of ``dsk``, if the caller has them already.
 
     The nodes of :func:`keyed_by_name` get none, so no caller turns them into content-keyed jobs."""
     ids: dict[Any, str] = dict(known or {})
     pinned = keyed_by_name(dsk)
-    regions = stateful_regions(dsk)
+    regions = stateful_regions(dsk) if regions is None else regions
     outer = _INPUTS.get()  # identifying a fused task: its inner reads are the task's own
     for key in toposort(dsk, regions):
         if key in ids:
