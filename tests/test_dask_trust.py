@@ -362,3 +362,21 @@ def test_jobs_of_different_settings_in_threads_do_not_leak_their_settings():
         t.join(10)
     assert seen == {"a": (True, True), "b": (False, False)}
     assert (config.get("force"), config.get("cache")) == (False, True)  # nothing left behind
+
+
+def test_dataframe_disk_shuffle_is_correct_and_what_follows_is_cached():
+    pd = pytest.importorskip("pandas")
+    import dask.dataframe as dd
+
+    from kachery_tasks.dask.graph import LoadTask, RunTask
+
+    def total(n):
+        frame = pd.DataFrame({"k": [i % 5 for i in range(n)], "x": range(n)})
+        return dd.from_pandas(frame, npartitions=4).shuffle("k", shuffle_method="disk").x.sum()
+
+    with config.set(dask_min_seconds=0.0):
+        for n, expected in ((100, 4950), (100, 4950), (200, 19900)):
+            assert cached(total(n)).compute(scheduler="threads") == expected
+        again = dict(cached(total(200)).__dask_graph__())
+    assert not any(isinstance(node, RunTask) for node in again.values())  # loaded: no shuffle runs
+    assert any(isinstance(node, LoadTask) for node in again.values())
