@@ -71,8 +71,8 @@ def describe_args(job: Job, store: LocalStore) -> dict[str, Any]:
             entry["job"] = value.id
         elif isinstance(value, File):
             entry["file"] = value.uri
-        elif codec is not None and arg_blobs.size_of(value, codec) > limit:
-            entry.update(_blob_entry(job, name, value, codec, value_hash, arg_blobs.size_of(value, codec), store))
+        elif codec is not None and (size := arg_blobs.size_of(value, codec)) > limit:
+            entry.update(_blob_entry(job, name, value, codec, value_hash, size, store))
         elif is_plain_json(value):
             size = len(orjson.dumps(value))
             if size <= limit:
