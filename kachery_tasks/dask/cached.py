@@ -119,9 +119,9 @@ def node_task(name: str, arity: int) -> Task:
 def run_node(job: Job, upstream: Mapping[str, Any], min_seconds: float) -> Any:
     """Compute a node; record it only if it took at least ``min_seconds`` (cheap nodes are not
     worth a record and a blob)."""
+    from ..tasks.compute import compute
     from ..tasks.provenance import Measure
     from ..tasks.recording import record_success
-    from ..tasks.resolver import compute
 
     measure = Measure()
     value = compute(job, measure, upstream)

@@ -276,7 +276,7 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
     start = time.perf_counter()
     spec = _node_spec(job)
     if spec is not None and spec.always_run:  # state outside the graph: run here, never recorded
-        from ..tasks.resolver import compute
+        from ..tasks.compute import compute
 
         return compute(job, upstream=upstream)
     with entered(job):

@@ -34,9 +34,9 @@ import xxhash
 
 from ..errors import ReadOnlyStoreError, UserError, as_store_full
 from ..store.local import store_for
+from .compute import compute
 from .lease import TaskLock
 from .recording import warn_store_full
-from .resolver import compute
 from .settings import in_home
 from .task import ActionResult, Job
 

@@ -7,23 +7,22 @@ most once per store: concurrent callers wait on the task's lock (see lease.py) a
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any
 
 from .. import config
 from ..errors import StaleResultWarning, UserError
 from ..store.local import LocalStore, store_for
+from .compute import compute
 from .lease import TaskLock
 from .memory import MEMORY
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
 from .results import IncompleteRecord, Loaded, check_complete, from_memo, load_result
 from .stats import STATS
-from .task import Job, substitute_jobs
+from .task import Job
 
 log = logging.getLogger("kachery_tasks")
 
@@ -163,31 +162,6 @@ def _compute_and_record(job: Job, store: LocalStore, upstream: Mapping[str, Any]
         record_failure(job, store, exc, measure)  # never raises: the user's exception goes up
         raise
     return value, record_success(job, store, value, measure) is not None
-
-
-def compute(job: Job, measure: Measure | None = None, upstream: Mapping[str, Any] | None = None) -> Any:
-    """Run the job's function here on its resolved arguments (upstream jobs resolved first)."""
-    given = upstream or {}
-    args = substitute_jobs(job.args, lambda up: given[up.id] if up.id in given else up.result())
-    bound = inspect.BoundArguments(job.task.signature, args)
-    STATS.count("computed")
-    measure = measure or Measure()
-    measure.start()
-    try:
-        with _caller_settings(job):
-            return job.task.func(*bound.args, **bound.kwargs)
-    finally:
-        measure.stop()
-
-
-def _caller_settings(job: Job):
-    """Tasks called inside a task resolve in the same home and namespace as their caller (in the
-    calling thread only: other threads may be running jobs of other settings)."""
-    s = job.settings
-    wanted = {"home": s.home, "namespace": s.namespace, "read_only": s.read_only}
-    if config.home_str() == s.home and config.get("namespace") == s.namespace and config.get("read_only") == s.read_only:
-        return nullcontext()
-    return config.scoped(**wanted)
 
 
 # -- query -----------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ import numpy as np
 from .. import config
 from ..hashing import FunctionId
 from ..store.local import LocalStore, current_store, store_for
+from .compute import compute
 from .explain import code_changes
 from .names import function_matches
 from .replay import NotReplayable, import_task_memo, job_from_record, task_key
-from .resolver import compute, has_result
+from .resolver import has_result
 from .results import load_result
 from .settings import CallSettings
 from .task import Job, Task
