@@ -890,7 +890,7 @@ def _e_namedtuple(e: Encoder, v: tuple) -> None:
         e.active.discard(i)
 
 
-def _e_function_id(e: Encoder, fid: Any) -> None:
+def encode_function_id(e: Encoder, fid: Any) -> None:
     e.out += b"K"
     e.enc(fid.name)
     e.enc(fid.code_hash)
@@ -918,53 +918,21 @@ BUILTIN_CALLABLES = (
 )
 
 
+#: Encodes a callable by identity, or returns False if it is no callable it knows. Function
+#: identity sits above this module (it hashes globals with ``hash_value``), so hashing/callables.py
+#: installs the encoder when the hashing package is imported: canonical.py never imports upward.
+CALLABLE_ENCODER: list[Callable[[Encoder, Any], bool]] = []
+
+
+def install_callable_encoder(encode: Callable[[Encoder, Any], bool]) -> None:
+    """Make ``encode`` the encoder of callables (hashing/callables.py calls this once)."""
+    CALLABLE_ENCODER[:] = [encode]
+
+
 def _e_callable(e: Encoder, v: Any) -> bool:
-    """Functions by identity (name + code hash), never by repr; False if ``v`` is no callable we know."""
-    from kachery_tasks.hashing.functions import class_id, function_id, library_callable
-
-    if isinstance(v, functools.partial):
-        e.out += b"p"
-        i = e.enter(v)
-        try:
-            e.child(v.func, ".func")
-            e.child(v.args, ".args")
-            e.child(v.keywords, ".keywords")
-        finally:
-            e.active.discard(i)
-    elif isinstance(v, types.MethodType):
-        e.out += b"m"
-        e.child(v.__func__, ".__func__")
-        e.child(v.__self__, ".__self__")
-    elif isinstance(v, types.FunctionType):
-        _e_function_id(e, _fid_or_path_error(function_id, v))
-    elif isinstance(v, BUILTIN_CALLABLES):
-        self_ = getattr(v, "__self__", None)
-        if self_ is not None and not isinstance(self_, (types.ModuleType, type)):
-            e.out += b"m"
-            e.out += b"k"
-            e.enc(builtin_name(v))
-            e.child(self_, ".__self__")
-        else:
-            e.out += b"k"
-            e.enc(builtin_name(v))
-    elif library_callable(v):
-        e.out += b"k"
-        e.enc(f"{v.__module__}.{v.__qualname__}")
-    elif isinstance(v, type):
-        e.out += b"C"
-        cid = _fid_or_path_error(class_id, v)
-        e.enc(cid.name)
-        e.enc(cid.code_hash)
-    else:
-        return False
-    return True
-
-
-def _fid_or_path_error(fn: Callable[[Any], Any], v: Any) -> Any:
-    try:
-        return fn(v)
-    except UnhashableArgument as err:
-        raise PathError("cannot hash {path}: " + str(err).replace("{", "{{").replace("}", "}}")) from err
+    if not CALLABLE_ENCODER:
+        raise RuntimeError("no callable encoder installed: import kachery_tasks.hashing, not canonical.py alone")
+    return CALLABLE_ENCODER[0](e, v)
 
 
 def _enc_other(e: Encoder, v: Any) -> None:
@@ -976,7 +944,7 @@ def _enc_other(e: Encoder, v: Any) -> None:
         return
     fid = getattr(v, "__kachery_function_id__", None)
     if fid is not None and callable(fid) and not isinstance(v, type):
-        _e_function_id(e, fid())
+        encode_function_id(e, fid())
         return
     fn = _registered(t)
     if fn is not None:
