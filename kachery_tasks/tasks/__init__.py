@@ -2,12 +2,12 @@
 
 from .decorators import action, pure, query
 from .explain import Explanation, explain
-from .memory import MEMORY
 from .recording import TaskFailed
 from .resolver import has_result, resolve
 from .settings import CallSettings
 from .stats import STATS
 from .task import ActionResult, Job, Task
+from .tiers.memory import MEMORY
 
 __all__ = [
     "MEMORY",

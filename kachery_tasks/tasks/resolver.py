@@ -17,12 +17,12 @@ from ..errors import StaleResultWarning, UserError
 from ..store.local import LocalStore, store_for
 from .compute import compute
 from .lease import TaskLock
-from .memory import MEMORY
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
 from .results import IncompleteRecord, Loaded, check_complete, from_memo, load_result
 from .stats import STATS
 from .task import Job
+from .tiers.memory import MEMORY
 
 log = logging.getLogger("kachery_tasks")
 
