@@ -1,8 +1,9 @@
 """Resolving a job to its result: the tiers, single flight, queries' fallback.
 
-Order for a pure job (first hit wins): memory → local store → compute here. The tier list is the
-config key ``tiers``; buckets and channels will add theirs behind ``local``. A pure id is computed at
-most once per store: concurrent callers wait on the task's lock (see lease.py) and find the record.
+Order for a pure job (first hit wins): the tiers in force (config key ``tiers``: memory, then the
+local store, by default; tiers/ has one module per tier and the resolver names none of them), then
+compute here. A pure id is computed at most once per store: concurrent callers wait on the task's
+lock (see lease.py) and find the record.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .. import config
-from ..errors import StaleResultWarning, UserError
+from ..errors import StaleResultWarning
 from ..store.local import LocalStore, store_for
 from .compute import compute
 from .lease import TaskLock
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
-from .results import IncompleteRecord, Loaded, check_complete, from_memo, load_result
 from .stats import STATS
 from .task import Job
-from .tiers.memory import MEMORY
+from .tiers import Hit, tiers_for
 
 log = logging.getLogger("kachery_tasks")
 
@@ -44,78 +43,36 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
 
 
 # -- lookups ---------------------------------------------------------------------------------------
-def lookup(job: Job, store: LocalStore | None = None) -> Any:
-    """The job's result from the memory tier or the local store (the home's, unless given), or
-    ``MISS``."""
-    settings = job.settings
-    task_id = job.id
-    tiers = _tiers()
-    if "memory" in tiers:
-        memo = MEMORY.get(settings.home, task_id)
-        if memo is not None:
-            STATS.count("hit_memory")
-            return from_memo(memo)
-    if "local" not in tiers:
-        return MISS
-    if store is None:  # looked up only now: a memory hit needs no store
-        store = store_for(settings.home)
-    loaded = _load_record(store, task_id)
-    if loaded is None:
-        return MISS
-    STATS.count("hit_store")
-    MEMORY.put(settings.home, task_id, loaded.memo, loaded.nbytes, config.get("memory_cache_bytes"))
-    return loaded.value
+def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None) -> Hit | None:
+    """The first hit for ``task_id`` among the tiers in force for ``home``, or None.
+
+    The one rule of copying: what a tier found is put into every tier before it, nearest first (a
+    bucket hit lands in the local store, then in memory), so the next call finds it sooner.
+    ``misses`` collects ``(tier name, reason)`` for each record a tier found and did not use
+    (``explain`` shows them)."""
+    tiers = tiers_for(home)
+    for i, tier in enumerate(tiers):
+        found = tier.get(task_id)
+        if type(found) is Hit:
+            STATS.count(tier.hit_stat)
+            for earlier in reversed(tiers[:i]):
+                earlier.put(task_id, found)
+            return found
+        if misses is not None and found.reason is not None:
+            misses.append((tier.name, found.reason))
+    return None
 
 
-KNOWN_TIERS = ("memory", "local")
-
-
-_checked_tiers: tuple[int, list[str]] | None = None
-
-
-def _tiers() -> list[str]:
-    """The tiers in force, checked once per configuration change (this is on the hit path)."""
-    global _checked_tiers
-    generation = config.generation()
-    if _checked_tiers is not None and _checked_tiers[0] == generation:
-        return _checked_tiers[1]
-    tiers = config.get("tiers")
-    for tier in tiers:
-        if tier not in KNOWN_TIERS:
-            raise UserError(
-                f"unknown resolution tier {tier!r} in config 'tiers'; this version has {', '.join(KNOWN_TIERS)} "
-                "(bucket and channel tiers come with the network layer)"
-            )
-    _checked_tiers = (generation, tiers)
-    return tiers
-
-
-def _load_record(store: LocalStore, task_id: str) -> Loaded | None:
-    record = store.records.read(task_id)
-    if record is None or record.get("status") != "succeeded":
-        return None
-    try:
-        return load_result(record["result"], store.blobs)
-    except (IncompleteRecord, KeyError) as exc:
-        log.warning("record %s is incomplete (%s); recomputing", task_id, exc)
-        store.records.quarantine(store.records.path(task_id), "incomplete")
-        return None
+def lookup(job: Job, store: object = None) -> Any:
+    """The job's result from the tiers in force for its home, or ``MISS``."""
+    hit = find(job.settings.home, job.id)
+    return MISS if hit is None else hit.value
 
 
 def has_result(job: Job) -> bool:
     """True if resolving ``job`` now would be a hit, without loading the result."""
-    settings = job.settings
-    if MEMORY.get(settings.home, job.id) is not None:
-        return True
-    store = store_for(settings.home)
-    record = store.records.read(job.id)
-    if record is None or record.get("status") != "succeeded":
-        return False
-    try:
-        check_complete(record["result"], store.blobs)
-    except IncompleteRecord:
-        return False
-    return True
+    task_id = job.id
+    return any(not tier.missing((task_id,)) for tier in tiers_for(job.settings.home))
 
 
 # -- pure ------------------------------------------------------------------------------------------
@@ -123,9 +80,9 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
     settings = job.settings
     task_id = job.id  # an unhashable argument fails here, before anything runs
     if settings.cache and not settings.force and not missed:
-        found = lookup(job)
-        if found is not MISS:
-            return found
+        hit = find(settings.home, task_id)
+        if hit is not None:
+            return hit.value
     store = store_for(settings.home)
     if settings.cache and not settings.force and settings.cache_errors:
         _raise_recorded_failure(store, task_id)
@@ -136,10 +93,10 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
     done = False
     try:
         if not settings.force:
-            found = lookup(job, store)
-            if found is not MISS:
+            hit = find(settings.home, task_id)
+            if hit is not None:
                 STATS.count("waited")
-                return found
+                return hit.value
         value, done = _compute_and_record(job, store, upstream)
         return value
     finally:
@@ -177,10 +134,8 @@ def _resolve_query(job: Job, allow_stale: bool, upstream: Mapping[str, Any] | No
             record_failure(job, store, exc, measure)
         if not settings.cache:
             raise
-        loaded = _load_record(store, task_id)
-        if loaded is None:
-            raise
-        if not allow_stale:
+        hit = find(settings.home, task_id)
+        if hit is None or not allow_stale:
             raise
         warnings.warn(
             StaleResultWarning(
@@ -189,7 +144,7 @@ def _resolve_query(job: Job, allow_stale: bool, upstream: Mapping[str, Any] | No
             stacklevel=4,
         )
         STATS.count("stale")
-        return loaded.value
+        return hit.value
     if settings.cache and not settings.read_only:
         record_success(job, store, value, measure)
     return value

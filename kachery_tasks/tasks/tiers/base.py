@@ -75,6 +75,12 @@ class Tier(ABC):
 
     #: The name the config key ``tiers`` uses for this kind of tier.
     name: str = ""
+    #: The counter of its hits in ``STATS`` (``hit_<name>``), made once per class.
+    hit_stat: str = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.hit_stat = f"hit_{cls.name}"
 
     @abstractmethod
     def get(self, task_id: str) -> Hit | Miss:

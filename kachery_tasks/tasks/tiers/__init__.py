@@ -1,0 +1,50 @@
+"""Resolution tiers: the places a result may already be, in the order the config key ``tiers``
+names them (see base.py for the protocol, one module per tier).
+
+:func:`tiers_for` builds a home's tier objects once per configuration generation; the resolver
+asks them in order and knows none of them by name. A new tier is a module here and one line in
+:data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ... import config
+from ...errors import UserError
+from .base import ABSENT, Hit, Miss, Tier
+from .local import LocalTier
+from .memory import MEMORY, MemoryTier
+
+#: The tiers this version has, by the name the config key ``tiers`` uses; each made for one home.
+KINDS: dict[str, Callable[[str], Tier]] = {"memory": MemoryTier, "local": LocalTier}
+
+_built: dict[str, tuple[object, tuple[Tier, ...]]] = {}
+
+
+def tiers_for(home: str) -> tuple[Tier, ...]:
+    """The tiers in force for ``home``, built once per configuration generation (on the hit path)."""
+    generation = config.generation()
+    found = _built.get(home)
+    if found is not None and found[0] == generation:
+        return found[1]
+    names = config.get("tiers")
+    unknown = [n for n in names if n not in KINDS]
+    if unknown:
+        raise UserError(
+            f"unknown resolution tier {unknown[0]!r} in config 'tiers'; this version has {', '.join(KINDS)} "
+            "(bucket and channel tiers come with the network layer)"
+        )
+    tiers = tuple(_named(KINDS[name](home), name) for name in names)
+    _built[home] = (generation, tiers)
+    return tiers
+
+
+def _named(tier: Tier, name: str) -> Tier:
+    """The tier under the name the configuration gives it (its hits are counted under that name,
+    and ``explain`` names it so)."""
+    tier.name, tier.hit_stat = name, f"hit_{name}"
+    return tier
+
+
+__all__ = ["ABSENT", "KINDS", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]
