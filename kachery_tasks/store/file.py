@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .api import load_bytes, load_file
 from .uris import FileURI, parse_file_uri
 
 
@@ -35,16 +36,12 @@ class File:
     @property
     def path(self) -> Path:
         """The verified local copy (see ``load_file``)."""
-        from .api import load_file
-
         return load_file(self.uri)
 
     def __fspath__(self) -> str:
         return str(self.path)
 
     def read_bytes(self) -> bytes:
-        from .api import load_bytes
-
         return load_bytes(self.uri)
 
     def __kachery_canon__(self) -> str:
