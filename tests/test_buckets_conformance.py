@@ -43,6 +43,17 @@ def one_line(e: BaseException) -> str:
     return text
 
 
+def start_together(go: Path, procs: list[subprocess.Popen]) -> None:
+    """Wait until every worker has opened the bucket and waits for ``go``; then create it."""
+    deadline = time.monotonic() + 60
+    while len(list(go.parent.glob(f"{go.name}.ready.*"))) < len(procs):
+        for p in procs:
+            assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.01)
+    go.touch()
+
+
 # -- round trips -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [0, 1, 5 * MiB + 7])
 def test_round_trip(bucket: Bucket, size: int) -> None:
@@ -156,6 +167,7 @@ from bucket_fixtures import open_test_bucket
 from kachery_tasks.buckets import PreconditionFailed
 uri, key, k, go = sys.argv[1:5]
 b = open_test_bucket(uri)
+open(f"{go}.ready.{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
 done = conflicts = 0
@@ -179,8 +191,7 @@ def test_concurrent_cas_from_processes(bucket: Bucket, bucket_uri: str, subproce
     procs = [subprocess.Popen([sys.executable, "-c", CAS_WORKER, bucket_uri, "counter", str(k), str(go)],
                               env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
-    time.sleep(0.3)
-    go.touch()
+    start_together(go, procs)
     conflicts = 0
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -195,6 +206,7 @@ from bucket_fixtures import open_test_bucket
 from kachery_tasks.buckets import AlreadyExists
 uri, key, me, go = sys.argv[1:5]
 b = open_test_bucket(uri)
+open(f"{go}.ready.{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
 try:
@@ -212,8 +224,7 @@ def test_concurrent_create_if_absent_one_wins(bucket: Bucket, bucket_uri: str, s
     procs = [subprocess.Popen([sys.executable, "-c", CREATE_WORKER, bucket_uri, "claims/task", name, str(go)],
                               env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in names]
-    time.sleep(0.3)
-    go.touch()
+    start_together(go, procs)
     results = {}
     for name, p in zip(names, procs, strict=True):
         out, err = p.communicate(timeout=120)

@@ -245,8 +245,10 @@ class GCSBucket(Bucket):
         existing = self.stat(key)
         if existing is not None:
             raise precondition_failed(self.uri, key, 0, existing)
+        # No size given: the library would send up to 8 MiB of known size as one multipart upload
+        # whatever chunk_size says; unsized, a large write is always a resumable one.
         stream = io.BytesIO(head) if rest is None else _BlockReader(head, rest)
-        return self._put(key, stream, 0, "write", size=len(head) if rest is None else None)
+        return self._put(key, stream, 0, "write")
 
     def write_if_generation(self, key: str, data: bytes, generation: int | None) -> ObjectInfo:
         self._check_writable(key)
@@ -256,15 +258,14 @@ class GCSBucket(Bucket):
                              "upload); keep large data in content-addressed objects")
         return self._put(key, data, generation or 0, "replace" if generation else "write")
 
-    def _put(self, key: str, data: bytes | io.IOBase, generation: int, action: str,
-             size: int | None = None) -> ObjectInfo:
+    def _put(self, key: str, data: bytes | io.IOBase, generation: int, action: str) -> ObjectInfo:
         blob = self._bucket.blob(self.prefix + key, chunk_size=self.chunk_size)
         write_id = uuid.uuid4().hex
         blob.metadata = {WRITE_ID: write_id}
-        if isinstance(data, bytes):
+        if isinstance(data, bytes):  # one multipart upload (the size is at most simple_max)
             stream, size = io.BytesIO(data), len(data)
-        else:
-            stream = data
+        else:  # a resumable upload in chunk_size pieces
+            stream, size = data, None
         try:
             with self._errors(key, action):
                 blob.upload_from_file(stream, size=size, if_generation_match=generation,
