@@ -27,9 +27,11 @@ from kachery_tasks.buckets import (
     BucketError,
     BucketUnavailable,
     NotFound,
+    PermissionDenied,
     PreconditionFailed,
     open_bucket,
 )
+from kachery_tasks.errors import UserError
 
 
 # -- directory -----------------------------------------------------------------------------------------
@@ -110,9 +112,10 @@ class FlakyProxy:
     """An HTTP proxy to fake-gcs-server that answers 503 or 429 to every ``every``-th request,
     some of them *after* forwarding it (the server did the work; the answer is lost)."""
 
-    def __init__(self, target: str, every: int = 3):
+    def __init__(self, target: str, every: int = 3, status: int | None = None):
         self.target = urlsplit(target)
         self.every = every
+        self.status = status
         self.count = 0
         self.injected = {"before": 0, "after": 0}
         self.lock = threading.Lock()
@@ -134,7 +137,8 @@ class FlakyProxy:
                 after = fail and (n // proxy.every) % 2 == 0 and self.command in ("POST", "PUT")
                 if fail and not after:
                     proxy.injected["before"] += 1
-                    return self.reply(503 if n % 2 else 429, {}, b'{"error": {"code": 503}}')
+                    code = proxy.status or (503 if n % 2 else 429)
+                    return self.reply(code, {}, b'{"error": {"code": %d, "message": "injected"}}' % code)
                 conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -196,6 +200,19 @@ def test_gcs_retries_server_errors_and_lost_answers(flaky_gcs: FlakyProxy) -> No
     assert b.delete("big")
     b.close()
     assert flaky_gcs.injected["before"] >= 5 and flaky_gcs.injected["after"] >= 2, flaky_gcs.injected
+
+
+def test_gcs_forbidden_names_the_role(fake_gcs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = FlakyProxy(fake_gcs, every=1, status=403)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    try:
+        with pytest.raises(PermissionDenied) as e:
+            open_bucket(f"gs://{GCS_BUCKET}/forbidden")
+    finally:
+        proxy.close()
+    text = str(e.value)
+    assert "\n" not in text and f"gs://{GCS_BUCKET}/forbidden" in text and "roles/storage.objectViewer" in text
+    assert isinstance(e.value, UserError)
 
 
 def test_gcs_unreachable_gives_up_within_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:

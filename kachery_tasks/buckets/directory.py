@@ -196,7 +196,8 @@ class DirectoryBucket(Bucket):
                     write_atomic(self.root / key, data, mode=0o444, overwrite=True, tmp_dir=self.tmp_dir)
                 new = current.generation + 1
                 self._write_side(key, new, self._open_stat(key).st_ino)
-        return ObjectInfo(key, len(data), new)
+            st = self._open_stat(key)
+        return ObjectInfo(key, len(data), new, None if st is None else st.st_mtime)
 
     def delete(self, key: str) -> bool:
         self._check_writable(key)
