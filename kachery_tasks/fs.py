@@ -123,7 +123,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes], *, mode
                 os.fchmod(fd, mode)
         finally:
             os.close(fd)
-        place = os.replace if overwrite else os.link
+        place = os.replace if overwrite else _link
         try:
             place(tmp, path)
         except FileNotFoundError:  # the target's directory is new
@@ -137,6 +137,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | Iterable[bytes], *, mode
         raise
     if fsync:
         fsync_dir(os.path.dirname(os.fspath(path)) or ".")
+
+
+def _link(tmp: str, path: str | os.PathLike) -> None:
+    """``os.link`` that also knows its own success on NFS, where a retransmitted LINK whose first
+    reply was lost fails with EEXIST: if the temp file has two links, the name is ours."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if os.stat(tmp).st_nlink < 2:
+            raise
 
 
 def remove_stale_files(directory: Path, older_than_s: float, prefix: str = "") -> int:

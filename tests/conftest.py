@@ -61,3 +61,8 @@ def kachery(env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
                               cwd=REPO)
 
     return run
+
+
+# --- buckets (issue 21): fixtures for the bucket conformance suite live in bucket_fixtures.py -----
+pytest_plugins = ["bucket_fixtures"]
+# --- end buckets ----------------------------------------------------------------------------------
