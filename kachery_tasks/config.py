@@ -101,14 +101,27 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _parse_env(key: str, raw: str) -> Any:
+    return parse_text(key, raw, f"environment variable {ENV_PREFIX}{key.upper()}={raw!r}")
+
+
+def parse_text(key: str, raw: str, where: str) -> Any:
+    """A value written as text (an environment variable, ``kachery config set``): YAML (``true``,
+    ``5``, ``[memory, local]``), except for string keys, which are taken as they are."""
     default = DEFAULTS[key]
     if isinstance(default, str) or default is None and key in {"shared_group"}:
         return raw
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"environment variable {ENV_PREFIX}{key.upper()}={raw!r} is not valid: {exc}") from None
+        raise ConfigError(f"{where} is not valid: {exc}") from None
     return value
+
+
+def checked(key: str, value: Any, where: str) -> Any:
+    """``value`` as ``key`` holds it, or a :class:`ConfigError` naming ``where`` (what every layer
+    does with a value before it takes it)."""
+    check_key(key, where=where)
+    return _validate(key, value, where=where)
 
 
 def read_home_file(home: str | os.PathLike) -> dict[str, Any]:
@@ -123,7 +136,7 @@ def read_home_file(home: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of option: value; fix or remove it")
     for key in loaded:
-        _check_key(key, where=str(path))
+        check_key(key, where=str(path))
     return dict(loaded)
 
 
@@ -150,7 +163,8 @@ def refresh(environ: Mapping[str, str] | None = None) -> None:
     _load_error = None
 
 
-def _check_key(key: str, where: str = "config.set") -> None:
+def check_key(key: str, where: str = "config.set") -> None:
+    """Raise a :class:`ConfigError` naming the closest valid key unless ``key`` is one."""
     if key in DEFAULTS:
         return
     close = difflib.get_close_matches(key.replace("-", "_"), DEFAULTS, n=1)
@@ -234,7 +248,7 @@ def get(key: str) -> Any:
     if _load_error is not None:
         raise ConfigError(str(_load_error))
     if key not in DEFAULTS:
-        _check_key(key, where="config.get")
+        check_key(key, where="config.get")
     local = _scoped.get()
     if local is not None and key in local[1]:
         return local[1][key]
@@ -252,7 +266,7 @@ def scoped(**values: Any) -> Iterator[None]:
     inside the block do not inherit these values (``set`` is for that)."""
     checked = {}
     for key, value in values.items():
-        _check_key(key)
+        check_key(key)
         checked[key] = _validate(key, value)
     outer = _scoped.get()
     merged = {**outer[1], **checked} if outer is not None else checked
@@ -271,7 +285,7 @@ def set(**values: Any) -> Iterator[None]:  # noqa: A001 - mirrors dask.config.se
     """
     checked = {}
     for key, value in values.items():
-        _check_key(key)
+        check_key(key)
         checked[key] = _validate(key, value)
     global _generation
     with _config.set(checked):

@@ -213,6 +213,29 @@ def test_config_commands(kachery) -> None:
     assert_user_error(kachery("config", "get", "inline_max_byte"), "did you mean 'inline_max_bytes'")
 
 
+def test_config_set_and_unset_write_the_home_file_checked(kachery, home) -> None:
+    (home / "config.yaml").write_text("shared_group: null\nnamespace: lab\n")
+    ok(kachery("config", "set", "inline_max_bytes", "1MiB"))
+    ok(kachery("config", "set", "tiers", "[memory]"))
+    written = yaml.safe_load((home / "config.yaml").read_text())
+    assert written == {"inline_max_bytes": 2**20, "tiers": ["memory"], "shared_group": None, "namespace": "lab"}
+    rows = {r["key"]: r for r in json.loads(ok(kachery("config", "show", "--json")))}
+    assert rows["inline_max_bytes"]["value"] == 2**20 and rows["inline_max_bytes"]["source"].endswith("config.yaml")
+    # bad keys and values are one line each, and leave the file as it was
+    assert_user_error(kachery("config", "set", "inline_max_byte", "5"), "did you mean 'inline_max_bytes'")
+    assert_user_error(kachery("config", "set", "read_only", "maybe"), "read_only", "true or false")
+    assert_user_error(kachery("config", "set", "tiers", "[memory"), "not valid")
+    assert yaml.safe_load((home / "config.yaml").read_text()) == written
+    ok(kachery("config", "unset", "tiers"))
+    assert "tiers" not in yaml.safe_load((home / "config.yaml").read_text())
+    assert json.loads(ok(kachery("config", "get", "tiers"))) == kt.config.DEFAULTS["tiers"]
+    assert "nothing to do" in ok(kachery("config", "unset", "tiers"))
+    assert_user_error(kachery("config", "unset", "tires"), "did you mean 'tiers'")
+    # the environment outranks the file: said, not silently ignored
+    proc = kachery("config", "set", "read_only", "true", extra_env={"KACHERY_TASKS_READ_ONLY": "false"})
+    assert proc.returncode == 0 and b"outranks" in proc.stderr
+
+
 def test_bad_env_value_is_one_line(kachery) -> None:
     assert_user_error(kachery("config", "show", extra_env={"KACHERY_TASKS_FORCE": "maybe"}), "force")
 

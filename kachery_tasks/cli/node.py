@@ -12,14 +12,14 @@ import stat
 from pathlib import Path
 
 import click
-import yaml
 
 from .. import config
 from ..errors import UserError
-from ..fs import group_id, write_atomic
+from ..fs import group_id
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
 from ..store import current_store
+from .config_cmd import update_home_file
 from .output import print_mapping
 
 
@@ -39,17 +39,9 @@ def init_cmd(owner: str, label: str | None, shared_group: str | None) -> None:
     gid = group_id(shared_group) if shared_group else None  # refuse an unknown group before any write
     identity = init_node(home, owner, label)
     if shared_group:
-        _write_home_config(home, {"shared_group": shared_group})
+        update_home_file(home, {"shared_group": shared_group})
         share_tree(home, gid)
     click.echo(identity.node_id)
-
-
-def _write_home_config(home: Path, values: dict) -> None:
-    """Merge ``values`` into ``<home>/config.yaml``, keeping whatever else it holds."""
-    path = home / "config.yaml"
-    current = config.read_home_file(home)
-    current.update(values)
-    write_atomic(path, yaml.safe_dump(current, sort_keys=True).encode())
 
 
 def share_tree(home: Path, gid: int) -> None:
