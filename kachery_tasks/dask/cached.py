@@ -189,8 +189,7 @@ def graph_jobs(dsk: Mapping[Any, GraphNode], min_seconds: float,
         for i, dep in enumerate(deps):
             args[f"d{i}"] = jobs[dep]
         name = key_split(key) or "node"
-        job = Job(node_task(name, len(deps)), args, data_settings if is_data else settings)
-        job._id = jid
+        job = Job(node_task(name, len(deps)), args, data_settings if is_data else settings, id=jid)
         jobs[key] = by_id[jid] = job
     return jobs
 

@@ -103,18 +103,14 @@ def _stub(job: Job, stubs: dict[str, Job]) -> Job:
     jid = job.id
     stub = stubs.get(jid)
     if stub is None:
-        stub = Job(job.task, {}, job.settings)
-        stub._id = jid
-        stubs[jid] = stub
+        stub = stubs[jid] = Job(job.task, {}, job.settings, id=jid)
     return stub
 
 
 def shallow(job: Job, stubs: dict[str, Job]) -> Job:
     """``job`` with every upstream job replaced by a stub; same id."""
-    out = Job(job.task, substitute_jobs(job.args, lambda up: _stub(up, stubs)), job.settings)
-    out._id = job.id
-    out.action_key = job.action_key
-    return out
+    return Job(job.task, substitute_jobs(job.args, lambda up: _stub(up, stubs)), job.settings,
+               id=job.id, action_key=job.action_key)
 
 
 def build_graph(roots: Iterable[Job], *, has_result: Any = None) -> tuple[dict[str, GraphNode], dict[str, int]]:
