@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..hashing import FunctionId, bind_arguments, function_id, task_id
 from ..hashing.canonical import register_identity_type
 from ..store.codecs import check_codec
+from .dask_layer import dask_layer
 from .settings import CallSettings, check_call_options
 
 KINDS = ("pure", "query", "action")
@@ -150,7 +151,8 @@ class Task:
         return Job(self, job.args, job.settings, action_key=key).result(retry=retry)
 
     def delayed(self, *args: Any, **kwargs: Any):
-        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask).
+        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask, which the
+        task engine reaches through dask_layer.py: it sits above, and is imported on first use).
 
         Python's cyclic collector is paused while the node is declared. Why: declaring a pipeline
         allocates a few tracked objects per node (job, arguments, delayed object) that all live
@@ -166,10 +168,10 @@ class Task:
         that window is undone by it, which is why the pause is this narrow.
         """
         if not _gc_isenabled():
-            return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+            return dask_layer().delayed(self.job(*args, **kwargs), fresh=True)
         _gc_disable()
         try:
-            return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+            return dask_layer().delayed(self.job(*args, **kwargs), fresh=True)
         finally:
             _gc_enable()
 
@@ -351,15 +353,6 @@ class Job:
 
 
 register_identity_type(Job)  # a job is encoded as its task id: this makes ids Merkle hashes
-
-
-@functools.cache
-def _dask_graph():
-    """The Dask layer, imported on first use (importing dask costs a second; most calls never
-    need it) and then held, since ``delayed`` runs once per node of a graph."""
-    from ..dask import graph
-
-    return graph
 
 
 def _rebuild_job(task, args, settings, action_key, id_) -> Job:
