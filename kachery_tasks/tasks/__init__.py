@@ -7,7 +7,10 @@ from .recording import TaskFailed
 from .resolver import has_result, resolve
 from .settings import CallSettings
 from .stats import STATS
-from .task import ActionResult, Job, Task
+from .task import ActionResult, Job, Task, wire
+
+# task.py is the bottom of the engine: the resolver and explain import it, and are handed to it here
+wire(resolve=resolve, explain=explain)
 
 __all__ = [
     "MEMORY",

@@ -139,7 +139,7 @@ class Task:
         return self.job(*args, **kwargs).id
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _resolver().resolve(self.job(*args, **kwargs))  # Job.result's own call, one call less
+        return _resolve(self.job(*args, **kwargs))  # Job.result's own call, one call less
 
     def call(self, *args: Any, key: str | None = None, retry: bool = False, **kwargs: Any) -> ActionResult:
         """Run an action with an explicit idempotency ``key``, or settle an unknown one with ``retry``."""
@@ -205,18 +205,24 @@ class Task:
         return (Task, (self.func, self.kind, self.task_options))
 
 
-def _resolver():
-    """The resolver module (it imports this one, so it is looked up on first use; cached because
-    an import statement costs a microsecond on the hit path)."""
-    global _resolver_module
-    if _resolver_module is None:
-        from . import resolver
-
-        _resolver_module = resolver
-    return _resolver_module
+# -- the engine above -----------------------------------------------------------------------------
+def _not_wired(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("a job resolved while kachery_tasks.tasks is still being imported")
 
 
-_resolver_module = None
+#: ``resolver.resolve`` and ``explain.explain``, which Task and Job call. Both modules import this
+#: one (it is the bottom of the task engine), so this one cannot import them: the package
+#: (kachery_tasks/tasks/__init__.py), which imports all three, hands them in (:func:`wire`) before
+#: anything else can reach a task. Module globals: the hit path calls ``_resolve`` directly.
+_resolve: Callable[..., Any] = _not_wired
+_explain: Callable[..., Any] = _not_wired
+
+
+def wire(*, resolve: Callable[..., Any], explain: Callable[..., Any]) -> None:
+    """Give Task and Job the resolver's ``resolve`` and explain's ``explain`` (kachery_tasks.tasks)."""
+    global _resolve, _explain
+    _resolve = resolve
+    _explain = explain
 
 
 def _simple_parameters(signature: inspect.Signature) -> tuple[tuple[str, Any], ...] | None:
@@ -326,12 +332,10 @@ class Job:
 
     def result(self, *, allow_stale: bool = True, retry: bool = False) -> Any:
         """Resolve the job: memory, then the local store, then compute (see docs/tasks.md)."""
-        return _resolver().resolve(self, allow_stale=allow_stale, retry=retry)
+        return _resolve(self, allow_stale=allow_stale, retry=retry)
 
     def explain(self):
-        from .explain import explain
-
-        return explain(self)
+        return _explain(self)
 
     def upstream(self) -> list[Job]:
         """The jobs among this job's arguments (at any depth of lists, tuples and dicts)."""
