@@ -1,8 +1,8 @@
 """``cached(collection)``: any Dask collection, keyed by content and cached in the store.
 
 Every node of the (optimized) graph whose content can be identified (identify.py) becomes a job of
-a small generic runner task, with its Merkle id as task id; the jobs then go through the same
-pruning graph builder as ``f.delayed`` (graph.py), so recorded nodes are loaded and their upstream
+a small generic runner task, with its Merkle id as task id (jobs.py); the jobs then go through the
+same pruning graph builder as ``f.delayed`` (graph.py), so recorded nodes are loaded and their upstream
 dropped, and results are written by the task engine's own record machinery (same record format,
 codecs, single flight). Nodes that cannot be identified, and everything downstream of them, stay as
 they were, and a debug log line says why. The collection keeps its type, chunks and metadata: its
