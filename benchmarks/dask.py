@@ -32,7 +32,8 @@ import dask
 
 import kachery_tasks as kt
 from kachery_tasks import config
-from kachery_tasks.dask.graph import JobDelayed, build_graph
+from kachery_tasks.dask.delayed import JobDelayed
+from kachery_tasks.dask.graph import build_graph
 
 from ._common import json_from, peer_python, row
 

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 
+from .dask import stats
 from .tasks import pure
 
 SAMPLE_RATE = 30_000.0
@@ -102,10 +104,6 @@ class RunReport:
 
 def run_batch(client: Any, label: str, num_recordings: int, thresholds: dict[int, float],
               duration_s: float) -> RunReport:
-    import dask
-
-    from .dask import stats
-
     before = stats(client)
     started = time.perf_counter()
     (summaries,) = dask.compute(pipeline(num_recordings, thresholds, duration_s))

@@ -17,7 +17,8 @@ from dask.utils import key_split
 from execution_log import note, runs
 
 from kachery_tasks.dask import cached, progress
-from kachery_tasks.dask.graph import LoadTask, RunTask, build_graph
+from kachery_tasks.dask.graph import build_graph
+from kachery_tasks.dask.nodes import LoadTask, RunTask
 from kachery_tasks.tasks import pure
 
 

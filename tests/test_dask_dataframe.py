@@ -19,7 +19,7 @@ from execution_log import note, runs
 
 from kachery_tasks import config
 from kachery_tasks.dask import cached
-from kachery_tasks.dask.graph import LoadTask, RunTask
+from kachery_tasks.dask.nodes import LoadTask, RunTask
 
 pd = pytest.importorskip("pandas")
 dd = pytest.importorskip("dask.dataframe")

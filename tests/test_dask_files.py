@@ -21,8 +21,8 @@ from execution_log import note, runs
 
 from kachery_tasks import config
 from kachery_tasks.dask import cached
-from kachery_tasks.dask.graph import LoadTask, RunTask
 from kachery_tasks.dask.identify import REMOTE, InputChanged, graph_ids
+from kachery_tasks.dask.nodes import LoadTask, RunTask
 from kachery_tasks.errors import UserError
 from kachery_tasks.store.file_hashes import RACY_NS, cache_path, content_sha256
 

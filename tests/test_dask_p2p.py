@@ -20,8 +20,8 @@ from distributed.shuffle._core import P2PBarrierTask  # noqa: E402
 from execution_log import note, runs  # noqa: E402
 
 from kachery_tasks.dask import cached  # noqa: E402
-from kachery_tasks.dask.graph import LoadTask, RunTask  # noqa: E402
 from kachery_tasks.dask.identify import graph_ids, keyed_by_name  # noqa: E402
+from kachery_tasks.dask.nodes import LoadTask, RunTask  # noqa: E402
 
 DATA = np.arange(64.0).reshape(8, 8)
 META = np.empty((0, 0))  # given, so that map_blocks never calls a step to guess it

@@ -330,7 +330,7 @@ def test_a_node_whose_value_has_no_encoding_is_computed_not_recorded():
 def test_jobs_of_different_settings_in_threads_do_not_leak_their_settings():
     import threading
 
-    from kachery_tasks.dask.graph import entered
+    from kachery_tasks.dask.worker import entered
 
     @kt.pure
     def ident(x):
@@ -368,7 +368,7 @@ def test_dataframe_disk_shuffle_is_correct_and_what_follows_is_cached():
     pd = pytest.importorskip("pandas")
     import dask.dataframe as dd
 
-    from kachery_tasks.dask.graph import LoadTask, RunTask
+    from kachery_tasks.dask.nodes import LoadTask, RunTask
 
     def total(n):
         frame = pd.DataFrame({"k": [i % 5 for i in range(n)], "x": range(n)})

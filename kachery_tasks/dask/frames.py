@@ -25,7 +25,9 @@ from ..errors import UserError
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job
 from ._compat import GraphNode, convert_legacy_graph, dataframe_expr
-from .graph import JobDelayed, around_jobs, build_graph
+from .delayed import JobDelayed
+from .graph import around_jobs, build_graph
+from .jobs import graph_jobs
 
 
 def cached_frame(collection: Any, min_seconds: float) -> Any:
@@ -34,8 +36,6 @@ def cached_frame(collection: Any, min_seconds: float) -> Any:
         raise UserError(f"cached() does not take {type(collection).__name__} collections: of dask's "
                         "expression collections it takes DataFrame, Series, Index and Scalar; "
                         "go through to_delayed()")
-    from .cached import graph_jobs
-
     new_collection, DelayedsExpr, FromDelayed = dataframe_expr()
 
     opt = collection.optimize()

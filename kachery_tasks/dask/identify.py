@@ -31,6 +31,7 @@ from ..hashing import hash_value
 from ..hashing.canonical import BUILTIN_CALLABLES, builtin_name
 from ..hashing.functions import module_kind, package_version
 from ..hashing.memo import IdentityMemo
+from ..store.file_hashes import content_sha256
 from ._compat import (
     Alias,
     DataNode,
@@ -41,7 +42,7 @@ from ._compat import (
     execute_subgraph,
     p2p_barrier_type,
 )
-from .graph import JobTask
+from .nodes import JobTask
 
 #: Bump when the way nodes are identified changes: every cached() id changes with it.
 SCHEME = "kt1-dask-1"
@@ -263,7 +264,8 @@ def _library(obj: Any) -> tuple[str, str]:
 def _local_file(fs: Any, path: Any) -> str:
     """The content hash of ``path`` on ``fs`` if ``fs`` is the local file system; raises
     Unidentifiable for any other (remote, in memory, wrapped) file system."""
-    from fsspec.implementations.local import LocalFileSystem  # dask's readers all go through fsspec
+    # dask's readers all go through fsspec; imported here, where one is met, to keep import time low
+    from fsspec.implementations.local import LocalFileSystem
 
     if type(fs) is not LocalFileSystem:
         protocol = getattr(fs, "protocol", None)
@@ -271,8 +273,6 @@ def _local_file(fs: Any, path: Any) -> str:
         raise Unidentifiable(f"{REMOTE} ({protocol or type(fs).__qualname__}://{path})")
     if not isinstance(path, str):
         raise Unidentifiable(f"reads a file given as {type(path).__qualname__}, not a path")
-    from ..store.file_hashes import content_sha256
-
     try:
         digest = content_sha256(path)
     except UserError as exc:
@@ -295,8 +295,6 @@ def check_inputs(inputs: Iterable[tuple[str, str]]) -> None:
     """Raise :class:`InputChanged` unless every file still has the content hashed when the graph
     was identified. Run before and after a node computes: its result is recorded under an id made
     from those contents, so a file changed in between would record the new data under the old id."""
-    from ..store.file_hashes import content_sha256
-
     for path, digest in inputs:
         try:
             now = content_sha256(path)
@@ -388,7 +386,7 @@ def _parquet_identity(node: Task, ids: Mapping[Any, str]) -> _Canon:
 def _read_block_identity(node: Task, ids: Mapping[Any, str]) -> _Canon:
     """``read_block_from_file(file, offset, length, delimiter)``: the bytes of a block of a local
     file, by the file's content, how it is opened (mode, compression, encoding) and the block."""
-    from fsspec.core import OpenFile
+    from fsspec.core import OpenFile  # fsspec: imported where a read_csv is met (import time)
 
     if node.kwargs or len(node.args) != 4 or type(node.args[0]) is not OpenFile:
         raise Unidentifiable("a read_block_from_file of a form not recognised here")

@@ -23,7 +23,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from .. import config
 from ..errors import UserError
 from ..store.durability import GROUP_COMMIT
-from .graph import PLUGIN_NAME, TOPIC
+from .nodes import PLUGIN_NAME, TOPIC, JobTask
 
 log = logging.getLogger("kachery_tasks.dask")
 
@@ -32,7 +32,7 @@ NAME = "kachery"
 
 class KacheryWorkerPlugin(WorkerPlugin):
     """Enters the kachery configuration for the worker's life; jobs of another home are refused
-    there (graph.py ``cluster_home``)."""
+    there (worker.py ``check_cluster_home``)."""
 
     idempotent = True
 
@@ -105,8 +105,6 @@ class KacheryPlugin(SchedulerPlugin):
 
     # -- counting ----------------------------------------------------------------------------------
     def update_graph(self, scheduler: Any, *, keys: Any = (), tasks: Any = (), **kwargs: Any) -> None:
-        from .graph import JobTask
-
         ours = []
         for key in tasks:
             ts = scheduler.tasks.get(key)

@@ -14,7 +14,8 @@ from typing import Any
 
 from dask.callbacks import Callback
 
-from .graph import LoadTask, RunTask
+from .nodes import LoadTask, RunTask
+from .plugin import stats
 
 
 def _kind(node: Any) -> str:
@@ -69,7 +70,5 @@ def progress(client: Any = None, *, show: bool = True, console: Any = None) -> A
     """A progress context for the local schedulers, or, given a ``distributed.Client``, the
     cluster's cache counts (``stats(client)``)."""
     if client is not None:
-        from .plugin import stats
-
         return stats(client)
     return CacheProgress(show=show, console=console)

@@ -6,8 +6,11 @@ from .recording import TaskFailed
 from .resolver import has_result, resolve
 from .settings import CallSettings
 from .stats import STATS
-from .task import ActionResult, Job, Task
+from .task import ActionResult, Job, Task, TaskOptions, wire
 from .tiers.memory import MEMORY
+
+# task.py is the bottom of the engine: the resolver and explain import it, and are handed to it here
+wire(resolve=resolve, explain=explain)
 
 __all__ = [
     "MEMORY",
@@ -18,6 +21,7 @@ __all__ = [
     "Job",
     "Task",
     "TaskFailed",
+    "TaskOptions",
     "action",
     "explain",
     "has_result",

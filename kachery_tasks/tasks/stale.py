@@ -20,6 +20,7 @@ from .. import config
 from ..hashing import FunctionId
 from ..store.local import LocalStore, current_store, store_for
 from .compute import compute
+from .dask_layer import dask_layer
 from .explain import code_changes
 from .names import function_matches
 from .replay import NotReplayable, import_task_memo, job_from_record, task_key
@@ -203,11 +204,7 @@ def rerun(task_ids: list[str], store: LocalStore | None = None, *, use_dask: boo
     if use_dask is None:
         use_dask = len(jobs) > 8
     if use_dask:
-        import dask
-
-        from ..dask.graph import job_delayed  # many calls: let Dask run independent branches in parallel
-
-        dask.compute(*[job_delayed(j) for j in jobs])
+        dask_layer().run_many(jobs)  # many calls: let Dask run independent branches in parallel
     else:
         for job in jobs:
             job.result()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from gc import disable as _gc_disable
 from gc import enable as _gc_enable
 from gc import isenabled as _gc_isenabled
@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..hashing import FunctionId, bind_arguments, function_id, task_id
 from ..hashing.canonical import register_identity_type
 from ..store.codecs import check_codec
+from .dask_layer import dask_layer
 from .settings import CallSettings, check_call_options
 
 KINDS = ("pure", "query", "action")
@@ -40,49 +41,74 @@ class ActionResult:
         return self.ok
 
 
-class Task:
-    """A function with a kind and caching options. See docs/tasks.md."""
+@dataclass(frozen=True)
+class TaskOptions:
+    """A task's options, as ``@pure(...)``, ``@query(...)`` and ``@action(...)`` take them.
 
-    def __init__(
-        self,
-        func: Callable,
-        kind: str,
-        *,
-        version: str | None = None,
-        name: str | None = None,
-        codec: str | None = None,
-        ignore_globals: Iterable[str] = (),
-        rtol: float | None = None,
-        atol: float | None = None,
-        call_options: Mapping[str, Any] | None = None,
-    ):
+    Frozen: a task with other options is a new task, ``Task(func, kind, replace(options, ...))``
+    (``dataclasses.replace``, which checks the new values as the constructor does).
+    ``call_options`` are the per-call cache options ``f.options(...)`` adds (``force``, ``cache``,
+    ...): they go into every job's settings, not into the function's identity."""
+
+    version: str | None = None
+    name: str | None = None  # the task's name instead of <module>.<qualname>
+    codec: str | None = None
+    ignore_globals: tuple[str, ...] = ()  # any iterable; kept sorted (function_id's cache key)
+    rtol: float | None = None
+    atol: float | None = None
+    call_options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # kept as a dict
+
+    def __post_init__(self) -> None:
+        if self.version is not None and not isinstance(self.version, str):
+            raise UserError(f"version= takes a string such as '2', not {self.version!r}")
+        check_codec(self.codec)
+        object.__setattr__(self, "ignore_globals", tuple(sorted(self.ignore_globals)))
+        object.__setattr__(self, "call_options", dict(self.call_options or {}))
+
+
+def _option(name: str) -> property:
+    return property(lambda task: getattr(task.task_options, name),
+                    doc=f"The task's ``{name}`` option (read-only: see :class:`TaskOptions`).")
+
+
+class Task:
+    """A function with a kind and caching options. See docs/tasks.md.
+
+    ``Task(func, kind, version="2", codec="npy")`` or ``Task(func, kind, TaskOptions(...))``; the
+    options are ``task.task_options``, and each is also an attribute (``task.version``, ...)."""
+
+    def __init__(self, func: Callable, kind: str, options: TaskOptions | None = None, **fields: Any):
         if kind not in KINDS:
             raise UserError(f"unknown task kind {kind!r}; use one of {', '.join(KINDS)}")
         if not callable(func):
             raise UserError(f"@{kind} decorates a function, not {type(func).__name__}")
         if inspect.iscoroutinefunction(func) or inspect.isgeneratorfunction(func):
             raise UserError(f"@{kind} cannot decorate {func.__qualname__}: async and generator functions have no single result")
-        if version is not None and not isinstance(version, str):
-            raise UserError(f"version= takes a string such as '2', not {version!r}")
-        check_codec(codec)
-        if kind == "action" and codec is not None:
+        if options is None:
+            options = TaskOptions(**fields)
+        elif fields:
+            options = replace(options, **fields)
+        if kind == "action" and options.codec is not None:
             raise UserError("an action returns only success or failure: it takes no codec=")
         functools.update_wrapper(self, func)
         self.func = func
         self.kind = kind
-        self.version = version
-        self.name_override = name
-        self.codec = codec
-        self.ignore_globals = tuple(sorted(ignore_globals))  # sorted: function_id's cache key
-        self.rtol = rtol
-        self.atol = atol
-        self.call_options = dict(call_options or {})
+        self.task_options = options
         self.signature = inspect.signature(func)
         self._simple = _simple_parameters(self.signature)
 
+    version = _option("version")
+    name_override = _option("name")
+    codec = _option("codec")
+    ignore_globals = _option("ignore_globals")
+    rtol = _option("rtol")
+    atol = _option("atol")
+    call_options = _option("call_options")
+
     # -- identity --------------------------------------------------------------------------------
     def __kachery_function_id__(self) -> FunctionId:
-        return function_id(self.func, version=self.version, name=self.name_override, ignore_globals=self.ignore_globals)
+        o = self.task_options
+        return function_id(self.func, version=o.version, name=o.name, ignore_globals=o.ignore_globals)
 
     @property
     def function_id(self) -> FunctionId:
@@ -90,15 +116,14 @@ class Task:
 
     @property
     def name(self) -> str:
-        return self.name_override or f"{self.func.__module__}.{self.func.__qualname__}"
+        return self.task_options.name or f"{self.func.__module__}.{self.func.__qualname__}"
 
     # -- calls -----------------------------------------------------------------------------------
     def options(self, **options: Any) -> Task:
         """This task with per-call cache options (``force``, ``cache``, ``read_only``, ``namespace``,
         ``cache_errors``); they cannot clash with the function's own parameter names."""
-        merged = {**self.call_options, **check_call_options(options)}
-        return Task(self.func, self.kind, version=self.version, name=self.name_override, codec=self.codec,
-                    ignore_globals=self.ignore_globals, rtol=self.rtol, atol=self.atol, call_options=merged)
+        merged = {**self.task_options.call_options, **check_call_options(options)}
+        return Task(self.func, self.kind, replace(self.task_options, call_options=merged))
 
     def job(self, *args: Any, **kwargs: Any) -> Job:
         """Bind arguments (defaults applied) into a job; nothing runs."""
@@ -108,13 +133,13 @@ class Task:
                 bound = bind_arguments(self.func, args, kwargs)
             except TypeError as exc:
                 raise UserError(f"{self.name}: {exc}") from None
-        return Job(self, bound, CallSettings.current(self.call_options))
+        return Job(self, bound, CallSettings.current(self.task_options.call_options))
 
     def task_id(self, *args: Any, **kwargs: Any) -> str:
         return self.job(*args, **kwargs).id
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _resolver().resolve(self.job(*args, **kwargs))  # Job.result's own call, one call less
+        return _resolve(self.job(*args, **kwargs))  # Job.result's own call, one call less
 
     def call(self, *args: Any, key: str | None = None, retry: bool = False, **kwargs: Any) -> ActionResult:
         """Run an action with an explicit idempotency ``key``, or settle an unknown one with ``retry``."""
@@ -123,11 +148,11 @@ class Task:
         if key is not None and (not isinstance(key, str) or not key):
             raise UserError(f"an idempotency key is a non-empty string, not {key!r}")
         job = self.job(*args, **kwargs)
-        job.action_key = key
-        return job.result(retry=retry)
+        return Job(self, job.args, job.settings, action_key=key).result(retry=retry)
 
     def delayed(self, *args: Any, **kwargs: Any):
-        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask).
+        """A ``dask.delayed`` object keyed ``<name>-<task id>`` (see kachery_tasks.dask, which the
+        task engine reaches through dask_layer.py: it sits above, and is imported on first use).
 
         Python's cyclic collector is paused while the node is declared. Why: declaring a pipeline
         allocates a few tracked objects per node (job, arguments, delayed object) that all live
@@ -143,10 +168,10 @@ class Task:
         that window is undone by it, which is why the pause is this narrow.
         """
         if not _gc_isenabled():
-            return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+            return dask_layer().delayed(self.job(*args, **kwargs), fresh=True)
         _gc_disable()
         try:
-            return _dask_graph().job_delayed(self.job(*args, **kwargs), fresh=True)
+            return dask_layer().delayed(self.job(*args, **kwargs), fresh=True)
         finally:
             _gc_enable()
 
@@ -176,26 +201,28 @@ class Task:
         if exposed is self:
             return self.func.__qualname__
         if exposed is not None:  # f.options(...): the exposed task by reference, plus the options
-            return (_with_options, (exposed, self.call_options))
-        return (
-            _rebuild_task,
-            (self.func, self.kind, self.version, self.name_override, self.codec, self.ignore_globals,
-             self.rtol, self.atol, self.call_options),
-        )
+            return (_with_options, (exposed, self.task_options.call_options))
+        return (Task, (self.func, self.kind, self.task_options))
 
 
-def _resolver():
-    """The resolver module (it imports this one, so it is looked up on first use; cached because
-    an import statement costs a microsecond on the hit path)."""
-    global _resolver_module
-    if _resolver_module is None:
-        from . import resolver
-
-        _resolver_module = resolver
-    return _resolver_module
+# -- the engine above -----------------------------------------------------------------------------
+def _not_wired(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("a job resolved while kachery_tasks.tasks is still being imported")
 
 
-_resolver_module = None
+#: ``resolver.resolve`` and ``explain.explain``, which Task and Job call. Both modules import this
+#: one (it is the bottom of the task engine), so this one cannot import them: the package
+#: (kachery_tasks/tasks/__init__.py), which imports all three, hands them in (:func:`wire`) before
+#: anything else can reach a task. Module globals: the hit path calls ``_resolve`` directly.
+_resolve: Callable[..., Any] = _not_wired
+_explain: Callable[..., Any] = _not_wired
+
+
+def wire(*, resolve: Callable[..., Any], explain: Callable[..., Any]) -> None:
+    """Give Task and Job the resolver's ``resolve`` and explain's ``explain`` (kachery_tasks.tasks)."""
+    global _resolve, _explain
+    _resolve = resolve
+    _explain = explain
 
 
 def _simple_parameters(signature: inspect.Signature) -> tuple[tuple[str, Any], ...] | None:
@@ -260,12 +287,8 @@ class BoundTask:
 
 
 def _with_options(task: Task, call_options: dict[str, Any]) -> Task:
-    return task.options(**call_options)
-
-
-def _rebuild_task(func, kind, version, name, codec, ignore_globals, rtol, atol, call_options) -> Task:
-    return Task(func, kind, version=version, name=name, codec=codec, ignore_globals=ignore_globals,
-                rtol=rtol, atol=atol, call_options=call_options)
+    """The exposed ``task`` with the call options of the task pickled (checked when it was made)."""
+    return Task(task.func, task.kind, replace(task.task_options, call_options=call_options))
 
 
 class Job:
@@ -274,12 +297,16 @@ class Job:
     __kachery_type__ = "kachery_tasks.Job"
     __slots__ = ("task", "args", "settings", "action_key", "_id")
 
-    def __init__(self, task: Task, args: dict[str, Any], settings: CallSettings):
+    def __init__(self, task: Task, args: dict[str, Any], settings: CallSettings, *,
+                 id: str | None = None, action_key: str | None = None):
+        """``id``: the task id when the caller knows it already (a copy of a job, a job of a Dask
+        graph node identified by content), else computed on first use. ``action_key``: an
+        action's idempotency key (``f.call(key=...)``), else its task id."""
         self.task = task
         self.args = args
         self.settings = settings
-        self.action_key: str | None = None
-        self._id: str | None = None
+        self.action_key = action_key
+        self._id = id
 
     @property
     def id(self) -> str:
@@ -305,12 +332,10 @@ class Job:
 
     def result(self, *, allow_stale: bool = True, retry: bool = False) -> Any:
         """Resolve the job: memory, then the local store, then compute (see docs/tasks.md)."""
-        return _resolver().resolve(self, allow_stale=allow_stale, retry=retry)
+        return _resolve(self, allow_stale=allow_stale, retry=retry)
 
     def explain(self):
-        from .explain import explain
-
-        return explain(self)
+        return _explain(self)
 
     def upstream(self) -> list[Job]:
         """The jobs among this job's arguments (at any depth of lists, tuples and dicts)."""
@@ -334,20 +359,8 @@ class Job:
 register_identity_type(Job)  # a job is encoded as its task id: this makes ids Merkle hashes
 
 
-@functools.cache
-def _dask_graph():
-    """The Dask layer, imported on first use (importing dask costs a second; most calls never
-    need it) and then held, since ``delayed`` runs once per node of a graph."""
-    from ..dask import graph
-
-    return graph
-
-
 def _rebuild_job(task, args, settings, action_key, id_) -> Job:
-    job = Job(task, args, settings)
-    job.action_key = action_key
-    job._id = id_
-    return job
+    return Job(task, args, settings, id=id_, action_key=action_key)
 
 
 def _short(value: Any) -> str:
