@@ -67,7 +67,7 @@ def records() -> list[dict]:
 def computed_by_stage(before: list[dict], after: list[dict]) -> Counter:
     """Records written between two snapshots (new ids or rewritten ones), by stage name."""
     old = {r["task_id"]: r["created"] for r in before}
-    return Counter(r["function"]["name"].rsplit(".", 1)[-1] for r in after
+    return Counter(r.function.name.rsplit(".", 1)[-1] for r in after
                    if old.get(r["task_id"]) != r["created"])
 
 

@@ -2,7 +2,7 @@
 
 Order for a pure job (first hit wins): memory → local store → compute here. The tier list is the
 config key ``tiers``; buckets and channels will add theirs behind ``local``. A pure id is computed at
-most once per store: concurrent callers wait on the task's lock (see lease.py) and find the record.
+most once per store: concurrent callers wait on the task's lock (store/flight.py) and find the record.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from .. import config
 from ..errors import StaleResultWarning, UserError
 from ..store.local import LocalStore, store_for
 from .compute import compute
-from .lease import TaskLock
 from .memory import MEMORY
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
@@ -91,14 +90,14 @@ def _tiers() -> list[str]:
 
 
 def _load_record(store: LocalStore, task_id: str) -> Loaded | None:
-    record = store.records.read(task_id)
-    if record is None or record.get("status") != "succeeded":
+    record = store.records.read(task_id)  # a success record, validated, or None
+    if record is None:
         return None
     try:
-        return load_result(record["result"], store.blobs)
-    except (IncompleteRecord, KeyError) as exc:
+        return load_result(record.result, store.blobs)
+    except IncompleteRecord as exc:
         log.warning("record %s is incomplete (%s); recomputing", task_id, exc)
-        store.records.quarantine(store.records.path(task_id), "incomplete")
+        store.records.quarantine(task_id, "incomplete")
         return None
 
 
@@ -108,11 +107,11 @@ def has_result(job: Job) -> bool:
     if MEMORY.get(settings.home, job.id) is not None:
         return True
     store = store_for(settings.home)
-    record = store.records.read(job.id)
-    if record is None or record.get("status") != "succeeded":
+    record = store.records.read(job.id)  # a success record, validated, or None
+    if record is None:
         return False
     try:
-        check_complete(record["result"], store.blobs)
+        check_complete(record.result, store.blobs)
     except IncompleteRecord:
         return False
     return True
@@ -131,7 +130,7 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
         _raise_recorded_failure(store, task_id)
     if settings.read_only or not settings.cache:
         return compute(job, upstream=upstream)
-    lock = TaskLock(store.records.root / "locks", task_id)
+    lock = store.records.lock(task_id)
     lock.acquire()  # waits while another thread or process computes this id
     done = False
     try:
