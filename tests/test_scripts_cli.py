@@ -235,7 +235,7 @@ def test_code_with_no_file_is_named_unreachable_with_the_call_to_use(tmp_path, e
     assert "defined in a notebook cell, which the command line cannot reach" in report["unimportable"]["__main__.cell"]
     assert "kt.stale()" in report["unimportable"]["__main__.cell"]
     assert "python -c" in report["unimportable"]["__main__.typed"]
-    code, out, err = _cli(kachery, "task", "explain", _records("__main__.cell")[0]["task_id"])
+    code, out, err = _cli(kachery, "task", "explain", _records("__main__.cell")[0].task_id)
     assert code == 1 and err.count("\n") == 1
     assert err.startswith("kachery: error: __main__.cell: defined in a notebook cell") and "kt.explain(job)" in err
 

@@ -70,7 +70,6 @@ _NUMBER = frozenset({int, float})
 _hex32 = re.compile(r"[0-9a-f]{32}").fullmatch
 _hex64 = re.compile(r"[0-9a-f]{64}").fullmatch
 _hex128 = re.compile(r"[0-9a-f]{128}").fullmatch
-_code_hash = re.compile(r"[0-9a-f]{32}|version:.*", re.DOTALL).fullmatch
 _blob_uri = re.compile(r"sha256://[0-9a-f]{64}").fullmatch
 
 _REQUIRED = frozenset({"scheme", "task_id", "namespace", "kind", "function", "args", "upstream",
@@ -106,7 +105,7 @@ class FunctionRef(NamedTuple):
     """``function``: what computed the record (its id parts, and where to import it again)."""
 
     name: str
-    code_hash: str  #: 32 hex, or ``version:<v>`` for a task with ``version=``
+    code_hash: str  #: 32 hex (user code), ``<dist>==<version>`` (a library's function), ``version:<v>``
     deps: Mapping[str, str]  #: everything the code hash covers, each with its own hash
     module: str | None
     qualname: str | None
@@ -469,9 +468,8 @@ def _function(function: Any, task_id: str) -> FunctionRef:
     name, code_hash, deps = function["name"], function["code_hash"], function["deps"]
     if type(name) is not str or not name:
         raise _wrong("function.name", name, "a non-empty string", task_id)
-    if type(code_hash) is not str or not _code_hash(code_hash):
-        raise InvalidRecord(f"function.code_hash {code_hash!r} is neither 32 lowercase hex characters nor "
-                            "'version:<v>'", task_id)
+    if type(code_hash) is not str or not code_hash:
+        raise _wrong("function.code_hash", code_hash, "a non-empty string", task_id)
     if type(deps) is not dict:
         raise _wrong("function.deps", deps, "an object", task_id)
     for dep, value in deps.items():
@@ -764,6 +762,8 @@ def _parse_usual(data: dict) -> TaskRecord | None:
         if (fkeys != _FUNCTION_REQUIRED and fkeys != _FUNCTION_KNOWN) or tuple(map(type, fvalues)) not in _FUNCTION_TYPES:
             return None
         name, code_hash, deps, module, qualname, version_ = fvalues
+        if not name or not code_hash:
+            return None
         _join(deps.values())  # TypeError unless all strings
         origin = function.get("origin")
         if origin is not None:
@@ -789,8 +789,6 @@ def _parse_usual(data: dict) -> TaskRecord | None:
                         ids.append(entry["job"])
                     elif "json" not in entry:
                         _join(entry.values())  # pickle, omitted: strings
-        if code_hash[:8] != "version:":
-            ids.append(code_hash)
         if len(node_id) != 64 or len(signature) != 128 or set(map(len, ids)) != _LEN_32:
             return None
         hexes = _join((node_id, signature, *ids))
