@@ -724,6 +724,8 @@ _USUAL_ARG_KEYS = frozenset({"hash", "json", "job", "pickle", "omitted"})
 _PROVENANCE_ORDER = tuple(_PROVENANCE_TYPES)
 _PROVENANCE_VALUES = itemgetter(*_PROVENANCE_ORDER)
 _PROVENANCE_SIGNATURES = frozenset(product(*(_PROVENANCE_TYPES[f] for f in _PROVENANCE_ORDER)))
+#: The allowed types of the top-level, ``function`` and ``provenance`` fields, in one set of tuples.
+_USUAL_TYPES = frozenset(t + f + p for t in _TOP_TYPES for f in _FUNCTION_TYPES for p in _PROVENANCE_SIGNATURES)
 _PACKAGES_AT = _PROVENANCE_ORDER.index("packages")
 _GIT_AT = _PROVENANCE_ORDER.index("git")
 _fromhex = bytes.fromhex
@@ -746,9 +748,11 @@ def _parse_usual(data: dict) -> TaskRecord | None:
     ``_parse`` refuses (tests/test_task_record.py checks both on every kind of invalid record)."""
     try:
         top = _TOP(data)
-        if tuple(map(type, top)) not in _TOP_TYPES:
-            return None
         scheme, task_id, namespace, kind, created, node_id, signature, upstream, function, args, provenance, status = top
+        fvalues = _FUNCTION(function)
+        pvalues = _PROVENANCE_VALUES(provenance)
+        if tuple(map(type, top + fvalues + pvalues)) not in _USUAL_TYPES:  # the types of 31 fields at once
+            return None
         keys = data.keys()
         shapes = _SHAPES[status]
         if (keys != shapes[0] and keys != shapes[1]) or scheme != SCHEME or kind not in KINDS:
@@ -758,8 +762,7 @@ def _parse_usual(data: dict) -> TaskRecord | None:
             return None
 
         fkeys = function.keys()
-        fvalues = _FUNCTION(function)
-        if (fkeys != _FUNCTION_REQUIRED and fkeys != _FUNCTION_KNOWN) or tuple(map(type, fvalues)) not in _FUNCTION_TYPES:
+        if fkeys != _FUNCTION_REQUIRED and fkeys != _FUNCTION_KNOWN:
             return None
         name, code_hash, deps, module, qualname, version_ = fvalues
         if not name or not code_hash:
@@ -795,9 +798,6 @@ def _parse_usual(data: dict) -> TaskRecord | None:
         if _fromhex(hexes).hex() != hexes:  # exactly lowercase hex
             return None
 
-        pvalues = _PROVENANCE_VALUES(provenance)
-        if tuple(map(type, pvalues)) not in _PROVENANCE_SIGNATURES:
-            return None
         _join(pvalues[_PACKAGES_AT].values())
         git = pvalues[_GIT_AT]
         if git is not None and not _git_ok(git):
