@@ -42,7 +42,7 @@ def _populate(home: Path, n: int) -> None:
 
     bench_stale_mod.scaled(-1)
     store = kt.store.current_store()
-    template = next(store.records.iter_records())
+    template = next(store.records.iter_records()).to_json()
     fid = bench_stale_mod.scaled.function_id
     old_fid = type(fid)(fid.name, "0" * 32, {})
     root = store.records.records_dir

@@ -41,6 +41,21 @@ class IntegrityError(KacheryError):
     """Stored bytes no longer match their hash; the bad copy was moved to quarantine."""
 
 
+class InvalidRecord(KacheryError, ValueError):
+    """A task record that does not follow docs/formats.md ("Task records"): a field missing or of the
+    wrong type, an unknown status, a malformed id, a result in two forms, or a record written by a
+    newer kachery-tasks. ``reason`` says what is wrong; ``task_id`` is the record's id when it has
+    a valid one. The local store sets such a record aside and reads it as absent."""
+
+    def __init__(self, reason: str, task_id: str | None = None):
+        super().__init__(f"task record {task_id}: {reason}" if task_id else f"task record: {reason}")
+        self.reason = reason
+        self.task_id = task_id
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.task_id))
+
+
 class ReadOnlyStoreError(UserError):
     """A write was attempted while the configuration says ``read_only``."""
 

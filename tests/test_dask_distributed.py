@@ -15,7 +15,6 @@ from execution_log import note, runs  # noqa: E402
 
 from kachery_tasks.dask import KacheryPlugin, cached, stats  # noqa: E402
 from kachery_tasks.errors import UserError  # noqa: E402
-from kachery_tasks.store.local import store_for  # noqa: E402
 from kachery_tasks.tasks import pure  # noqa: E402
 from kachery_tasks.tasks.resolver import MISS, lookup  # noqa: E402
 
@@ -139,11 +138,10 @@ def test_worker_killed_mid_task_leaves_no_corrupt_record(plugin, tmp_path):
     d = crashy.delayed(4, marker)
     assert plugin.compute(d).result(timeout=60) == 40
     assert os.path.exists(marker)
-    store = store_for(tmp_path)
-    assert lookup(crashy.job(4, marker), store) == 40
+    assert lookup(crashy.job(4, marker)) == 40
     quarantine = tmp_path / "tasks" / "quarantine"
     assert not quarantine.exists() or not list(quarantine.iterdir())
-    assert lookup(crashy.job(5, marker), store) is MISS
+    assert lookup(crashy.job(5, marker)) is MISS
 
 
 def test_a_plugin_home_other_than_the_client_home_is_refused(tmp_path):

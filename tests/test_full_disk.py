@@ -582,11 +582,10 @@ def test_cli_copies_out_to_a_full_disk_are_one_line(tmpfs: TmpfsDisk, tmp_path: 
 def test_a_torn_line_in_the_function_index_costs_no_later_id(home: Path) -> None:
     """An append cut short by a full disk leaves a fragment; the next id appended after it is kept."""
     from kachery_tasks.store import store_for
-    from kachery_tasks.tasks.recording import function_index, function_index_path
 
     store = store_for(home)
-    path = Path(function_index_path(store, "mod.f"))
+    path = Path(store.records.function_index_path("mod.f"))
     path.parent.mkdir(parents=True)
     first, second = "a" * 32, "b" * 32
     path.write_text(f"{first}\n0123abc{second}\n")
-    assert function_index(store, "mod.f") == [first, second]
+    assert store.records.function_task_ids("mod.f") == [first, second]

@@ -39,12 +39,12 @@ def test_provenance_fields(home):
 
     f(1000)
     record = current_store().records.read(f.task_id(1000))
-    p = record["provenance"]
+    p = record.provenance
     for key in ("python", "platform", "host", "user", "pid", "started", "ended", "wall_s", "cpu_s", "peak_rss"):
         assert key in p, key
     assert p["ended"] >= p["started"] and p["peak_rss"] > 1_000_000
     assert p["packages"].get("numpy") == np.__version__
-    assert len(record["signature"]) == 128 and len(record["node_id"]) == 64
+    assert len(record.signature) == 128 and len(record.node_id) == 64 and record.verify_signature()
 
 
 def test_git_commit_and_dirty_flag(tmp_path, home, env):
@@ -60,7 +60,7 @@ def test_git_commit_and_dirty_flag(tmp_path, home, env):
         import gitmod, json
         from kachery_tasks.store import current_store
         gitmod.f(1)
-        print(json.dumps(current_store().records.read(gitmod.f.task_id(1))["provenance"]["git"]))
+        print(json.dumps(current_store().records.read(gitmod.f.task_id(1)).provenance.git))
     """)
     git_state = json.loads(out)
     assert git_state["commit"] == commit and git_state["dirty"] is False
@@ -69,7 +69,7 @@ def test_git_commit_and_dirty_flag(tmp_path, home, env):
         import gitmod, json
         from kachery_tasks.store import current_store
         gitmod.f(2)
-        print(json.dumps(current_store().records.read(gitmod.f.task_id(2))["provenance"]["git"]))
+        print(json.dumps(current_store().records.read(gitmod.f.task_id(2)).provenance.git))
     """)
     assert json.loads(out)["dirty"] is True
 
@@ -118,7 +118,7 @@ def test_stale_lists_dependents_of_an_edited_helper_and_rerun_fixes_them(tmp_pat
     out = _py(tmp_path, env, "import pipe_s\nprint(pipe_s.scaled(pipe_s.load.job(3)))")
     assert out.strip() == "[0, 5, 10]"
     # the old records stay as history
-    names = [r["function"]["name"] for r in current_store().records.iter_records()]
+    names = [r.function.name for r in current_store().records.iter_records()]
     assert names.count("pipe_s.scaled") == 4 and names.count("pipe_s.unrelated") == 1
 
 
@@ -251,5 +251,5 @@ def test_large_arguments_are_kept_by_hash_only(home):
 
     big = np.ones(100_000)  # 800 kB > record_args_max_bytes
     total(big)
-    entry = current_store().records.read(total.task_id(big))["args"]["x"]
+    entry = current_store().records.read(total.task_id(big)).args["x"].to_json()
     assert set(entry) == {"hash", "omitted"} and "800000 bytes" in entry["omitted"]

@@ -108,7 +108,7 @@ def test_the_readme_pipeline_reruns_after_a_helper_changes(tmp_path, env, kacher
     first = _run(env, script)
     assert runs(log) == ["bandpass", "detect"]
     store = current_store()
-    kept = store.records.read(first["bandpass"])["args"]["signal"]
+    kept = store.records.read(first["bandpass"]).args["signal"].to_json()
     assert kept["codec"] == "npy" and kept["size"] == 320_000 + 128 and kept["blob"].startswith("sha256://")
     assert set(kept) == {"hash", "blob", "codec", "size"}
     shown = kachery("task", "show", first["bandpass"][:12], extra_env={"COLUMNS": "300"}).stdout.decode()
@@ -131,7 +131,7 @@ def test_an_argument_above_the_blob_limit_names_both_functions(tmp_path, env, ka
     script, log = _script(tmp_path)
     limit = {config.ENV_PREFIX + "RECORD_ARGS_BLOB_MAX_BYTES": "100000"}
     first = _run(env, script, **limit)
-    assert "omitted" in current_store().records.read(first["bandpass"])["args"]["signal"]
+    assert current_store().records.read(first["bandpass"]).args["signal"].form == "omitted"
 
     _edit(script, "/ 0.6745", "/ 0.675")  # a helper of detect only: bandpass stays a hit
     done = kachery("task", "stale", "--rerun", extra_env=limit)
@@ -170,15 +170,15 @@ def test_the_same_array_passed_to_two_tasks_is_stored_once(run_python):
     mean_of(x)
     peak_of(x.copy())  # another object, the same bytes
     store = current_store()
-    a = store.records.read(mean_of.task_id(x))["args"]["x"]
-    b = store.records.read(peak_of.task_id(x))["args"]["x"]
+    a = store.records.read(mean_of.task_id(x)).args["x"].to_json()
+    b = store.records.read(peak_of.task_id(x)).args["x"].to_json()
     assert a["blob"] == b["blob"]
     assert list(store.blobs.iter_hashes()) == [a["blob"].removeprefix("sha256://")]
     # another process, which has not seen it: stored once still, by its SHA-256
     run_python(f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
                "import numpy as np, test_replay_large_args as t\n"
                f"t.length_of(np.random.default_rng(0).standard_normal({N}))")
-    c = store.records.read(length_of.task_id(x))["args"]["data"]
+    c = store.records.read(length_of.task_id(x)).args["data"].to_json()
     assert c["blob"] == a["blob"] and len(list(store.blobs.iter_hashes())) == 1
 
 
@@ -191,14 +191,14 @@ def test_the_task_id_is_unchanged_and_replay_rebuilds_it():
     for task, value in ((mean_of, x), (length_of, data)):
         task_id = task.task_id(value)
         record = store.records.read(task_id)
-        assert record["task_id"] == task_id
-        (entry,) = record["args"].values()
-        assert entry["codec"] == ("npy" if task is mean_of else "bytes")
+        assert record.task_id == task_id
+        (entry,) = record.args.values()
+        assert entry.codec == ("npy" if task is mean_of else "bytes")
         rebuilt = job_from_record(store, record)
         assert rebuilt.id == task_id  # the value read back hashes as the one passed
         assert type(next(iter(rebuilt.args.values()))) is type(value)
     # a blob that is gone makes the call not replayable, never another call
-    digest = store.records.read(mean_of.task_id(x))["args"]["x"]["blob"].removeprefix("sha256://")
+    digest = store.records.read(mean_of.task_id(x)).args["x"].blob.removeprefix("sha256://")
     os.chmod(store.blobs.path(digest), 0o644)
     store.blobs.path(digest).write_bytes(b"damaged")
     with pytest.raises(NotReplayable, match="mean_of: kept no readable copy of argument 'x' .sha256://.*do not match"):
@@ -261,7 +261,7 @@ def test_an_argument_blob_that_does_not_fit_is_recorded_as_not_kept(tmpfs):
     assert done["mean"] == {"value": expected, "error": None, "warnings": []}
     tmpfs.free()
     with config.set(home=str(tmpfs.home)):
-        entry = current_store().records.read(done["task_id"])["args"]["x"]
+        entry = current_store().records.read(done["task_id"]).args["x"].to_json()
     assert set(entry) == {"hash", "omitted"}
     assert entry["omitted"].startswith("320000 bytes, not stored: ") and str(tmpfs.home) in entry["omitted"]
     assert_store_consistent(tmpfs)

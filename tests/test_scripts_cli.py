@@ -87,7 +87,7 @@ def _stale_json(kachery) -> dict:
 
 
 def _records(name: str) -> list[dict]:
-    return [r for r in current_store().records.iter_records() if r["function"]["name"] == name]
+    return [r for r in current_store().records.iter_records() if r.function.name == name]
 
 
 def test_a_script_tasks_are_checked_explained_and_rerun_from_another_directory(tmp_path, env, kachery):
@@ -96,8 +96,8 @@ def test_a_script_tasks_are_checked_explained_and_rerun_from_another_directory(t
     assert first["result"] == 70
 
     record = current_store().records.read(first["make"])
-    assert record["function"]["name"] == "__main__.make" and record["function"]["module"] == "__main__"
-    assert record["function"]["origin"] == {"kind": "script", "path": str(script), "module": "pipeline"}
+    assert record.function.name == "__main__.make" and record.function.module == "__main__"
+    assert record.function.origin == {"kind": "script", "path": str(script), "module": "pipeline"}
 
     # unchanged script: nothing stale, nothing unreachable, every call hits
     assert _stale_json(kachery) == {"functions": {}, "unimportable": {}}
@@ -138,8 +138,8 @@ def test_a_script_tasks_are_checked_explained_and_rerun_from_another_directory(t
     assert second["result"] == 100
     assert len(list(current_store().records.iter_records())) == count  # all hits
     rerun_record = current_store().records.read(second["make"])
-    assert rerun_record["function"]["origin"] == record["function"]["origin"]
-    assert rerun_record["function"]["module"] == "__main__"
+    assert rerun_record.function.origin == record.function.origin
+    assert rerun_record.function.module == "__main__"
 
 
 def test_the_python_functions_reach_a_script_as_the_command_line_does(tmp_path, env):
@@ -228,14 +228,14 @@ def test_code_with_no_file_is_named_unreachable_with_the_call_to_use(tmp_path, e
     # a Jupyter kernel's cells: __main__ without a file, ipykernel loaded (stood in for here: not installed)
     kernel = "import sys, types\nsys.modules['ipykernel'] = types.ModuleType('ipykernel')\n" + cell.format(name="cell")
     subprocess.run([sys.executable, "-"], input=kernel, text=True, env=env, check=True, timeout=120)
-    assert _records("__main__.cell")[0]["function"]["origin"] == {"kind": "notebook"}
-    assert _records("__main__.typed")[0]["function"]["origin"] == {"kind": "interactive"}
+    assert _records("__main__.cell")[0].function.origin == {"kind": "notebook"}
+    assert _records("__main__.typed")[0].function.origin == {"kind": "interactive"}
 
     report = _stale_json(kachery)
     assert "defined in a notebook cell, which the command line cannot reach" in report["unimportable"]["__main__.cell"]
     assert "kt.stale()" in report["unimportable"]["__main__.cell"]
     assert "python -c" in report["unimportable"]["__main__.typed"]
-    code, out, err = _cli(kachery, "task", "explain", _records("__main__.cell")[0]["task_id"])
+    code, out, err = _cli(kachery, "task", "explain", _records("__main__.cell")[0].task_id)
     assert code == 1 and err.count("\n") == 1
     assert err.startswith("kachery: error: __main__.cell: defined in a notebook cell") and "kt.explain(job)" in err
 
@@ -267,7 +267,7 @@ def test_no_form_of_main_guard_runs_and_python_m_scripts_load_with_their_package
     assert marker.read_text() == "ran"
     marker.unlink()
     [record] = _records("__main__.scaled")
-    assert record["function"]["origin"] == {"kind": "script", "path": str(package / "run.py"), "module": "lab.run"}
+    assert record.function.origin == {"kind": "script", "path": str(package / "run.py"), "module": "lab.run"}
 
     assert _stale_json(kachery) == {"functions": {}, "unimportable": {}}
     assert not marker.exists()

@@ -46,6 +46,7 @@ from spikeinterface.comparison import compare_sorter_to_ground_truth  # noqa: E4
 
 import kachery_tasks as kt  # noqa: E402
 from kachery_tasks.store import current_store  # noqa: E402
+from kachery_tasks.store.task_record import TaskRecord  # noqa: E402
 
 GEN = dict(seed=7, duration_s=3.0, num_channels=4, num_units=3)
 #: What only a computation needs; a cached rerun and a config check must not import them.
@@ -60,15 +61,15 @@ def gen_kwargs(seed=7, duration_s=3.0, num_channels=4, num_units=3):
                 generate_sorting_kwargs={"firing_rates": 15.0, "refractory_period_ms": 4.0})
 
 
-def records() -> list[dict]:
+def records() -> list[TaskRecord]:
     return list(current_store().records.iter_records())
 
 
-def computed_by_stage(before: list[dict], after: list[dict]) -> Counter:
+def computed_by_stage(before: list[TaskRecord], after: list[TaskRecord]) -> Counter:
     """Records written between two snapshots (new ids or rewritten ones), by stage name."""
-    old = {r["task_id"]: r["created"] for r in before}
-    return Counter(r["function"]["name"].rsplit(".", 1)[-1] for r in after
-                   if old.get(r["task_id"]) != r["created"])
+    old = {r.task_id: r.created for r in before}
+    return Counter(r.function.name.rsplit(".", 1)[-1] for r in after
+                   if old.get(r.task_id) != r.created)
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,8 @@ def test_pure_computes_once_and_binds_defaults(home, tmp_path):
     assert add(1) == 3  # from the store
     assert len(runs(log)) == 1
     record = current_store().records.read(add.task_id(1))
-    assert record["status"] == "succeeded" and record["result"]["inline"] == 3
-    assert record["args"]["x"] == {"hash": record["args"]["x"]["hash"], "json": 1}
+    assert record.status == "succeeded" and record.result.form == "inline" and record.result.value == 3
+    assert record.args["x"].to_json() == {"hash": record.args["x"].hash, "json": 1}
 
 
 def test_jobs_are_merkle_and_nothing_runs(home, tmp_path):
@@ -118,7 +118,7 @@ def test_results_of_every_codec_round_trip(home):
     assert as_pickle(3) == {"tuple": (3, 3), "set": {3}}
     assert big_json(10_000)["values"][-1] == 9999
     record = current_store().records.read(big_json.task_id(10_000))
-    assert "uri" in record["result"]  # too large to inline
+    assert record.result.uri is not None  # too large to inline
 
 
 def test_mutating_a_result_does_not_change_the_cache(home):
@@ -182,7 +182,7 @@ def test_record_whose_blob_is_missing_recomputes(home, tmp_path):
 
     f(1000)
     record = current_store().records.read(f.task_id(1000))
-    sha = record["result"]["uri"].split("//")[1]
+    sha = record.result.sha256
     current_store().blobs.path(sha).unlink()
     MEMORY.clear()
     assert f(1000).sum() == 1000
@@ -197,7 +197,7 @@ def test_damaged_blob_is_replaced_by_the_recompute(home, tmp_path):
 
     f(1000)
     record = current_store().records.read(f.task_id(1000))
-    sha = record["result"]["uri"].split("//")[1]
+    sha = record.result.sha256
     blob = current_store().blobs.path(sha)
     os.chmod(blob, 0o644)
     data = bytearray(blob.read_bytes())
@@ -324,8 +324,8 @@ def test_failure_is_recorded_not_served_and_superseded(home, tmp_path):
         fragile(7)
     store = current_store()
     failures = list(store.records.iter_records(failures=True))
-    assert [f["error"]["message"] for f in failures] == ["broken on 7"]
-    assert failures[0]["error"]["type"].endswith("Boom")
+    assert [f.error.message for f in failures] == ["broken on 7"]
+    assert failures[0].error.type.endswith("Boom")
     with pytest.raises(Boom):  # computes again, not served
         fragile(7)
     assert "failed" in str(explain(fragile.job(7)))
@@ -479,7 +479,7 @@ def test_killed_computer_is_taken_over(tmp_path, home, env):
     env = {**env, "CALL_LOG": str(log), "SLEEP": "30"}
     victim = _start_and_wait_until_running("import slowmod2; slowmod2.slow(1)", tmp_path, env, log)
     deadline = time.time() + 15
-    while True:  # a holder shows itself once it has computed for lease.SHOW_AFTER_S
+    while True:  # a holder shows itself once it has computed for flight.SHOW_AFTER_S
         listing = subprocess.run([sys.executable, "-m", "kachery_tasks.cli", "task", "ls", "--running", "--json"],
                                  cwd=tmp_path, env=env, capture_output=True, text=True)
         assert listing.returncode == 0, listing.stderr
@@ -501,7 +501,7 @@ def test_killed_computer_is_taken_over(tmp_path, home, env):
     assert out.strip() == "2"
     assert len(runs(log)) == 2
     records = list(current_store().records.iter_records())
-    assert len(records) == 1 and records[0]["result"]["inline"] == 2
+    assert len(records) == 1 and records[0].result.value == 2
 
 
 # -- actions ---------------------------------------------------------------------------------------
@@ -661,7 +661,7 @@ def test_big_integers_come_back_exact(home):
     MEMORY.clear()
     assert big(30) == expected  # from the store: not turned into floats
     record = current_store().records.read(big.task_id(30))
-    assert record["result"]["codec"] == "pickle"
+    assert record.result.codec == "pickle"
 
 
 def test_methods_are_tasks_bound_to_their_instance(home, tmp_path):

@@ -67,7 +67,7 @@ def test_a_later_tier_hit_is_copied_into_the_tiers_before_it(home, other_home, t
         # copied down: the record and its blob are now in this home's store, and in memory
         record = mine.records.read(task_id)
         assert record is not None
-        digest = record["result"]["uri"].split("//")[1]
+        digest = record.result.sha256
         assert mine.blobs.exists(digest)
         assert MEMORY.get(str(home), task_id) is not None
 
@@ -114,7 +114,7 @@ def test_an_incomplete_record_in_a_later_tier_is_a_miss_that_says_why(home, othe
         ramp(200_000)
     task_id = ramp.job(200_000).id
     theirs = store_for(str(other_home))
-    digest = theirs.records.read(task_id)["result"]["uri"].split("//")[1]
+    digest = theirs.records.read(task_id).result.sha256
     theirs.blobs.path(digest).unlink()  # the blob is gone: the record is incomplete
     misses: list[tuple[str, str]] = []
     MEMORY.clear()

@@ -212,10 +212,10 @@ def test_pure_results_whose_blob_rotted_are_recomputed(home: Path, tmp_path: Pat
     assert numbers(5000)[1234] == 1234
     assert payload(20_000)["payload"] == b"A" * 20_000
     records = current_store().records
-    json_uri = records.read(numbers.task_id(5000))["result"]["uri"]
-    pickle_uri = records.read(payload.task_id(20_000))["result"]["uri"]
-    assert records.read(numbers.task_id(5000))["result"]["codec"] == "json"
-    assert records.read(payload.task_id(20_000))["result"]["codec"] == "pickle"
+    json_uri = records.read(numbers.task_id(5000)).result.uri
+    pickle_uri = records.read(payload.task_id(20_000)).result.uri
+    assert records.read(numbers.task_id(5000)).result.codec == "json"
+    assert records.read(payload.task_id(20_000)).result.codec == "pickle"
     _rot(json_uri, _blob(json_uri).read_bytes().index(b"1234") + 3, xor=0x01, restamp=True)  # 1234 -> 1235
     _rot(pickle_uri, _blob(pickle_uri).read_bytes().index(b"AAAA") + 100, xor=0x01, restamp=True)  # A -> @
     MEMORY.clear()

@@ -17,6 +17,7 @@ import click
 
 from ..errors import UserError
 from ..store.local import current_store
+from ..store.task_record import ArgEntry, TaskRecord
 from ..tasks.names import function_matches
 from .output import print_json, print_listing, print_mapping
 
@@ -33,19 +34,18 @@ def task() -> None:
     pass
 
 
-def _summary(record: dict[str, Any], failed: bool = False) -> dict[str, Any]:
-    provenance = record.get("provenance", {})
+def _summary(record: TaskRecord, failed: bool = False) -> dict[str, Any]:
     row = {
-        "task_id": record["task_id"],
-        "function": record.get("function", {}).get("name"),
-        "kind": record.get("kind"),
-        "status": record.get("status"),
-        "wall_s": provenance.get("wall_s"),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("created", 0))),
-        "namespace": record.get("namespace", ""),
+        "task_id": record.task_id,
+        "function": record.function.name,
+        "kind": record.kind,
+        "status": record.status,
+        "wall_s": record.provenance["wall_s"],  # as recorded (the table and --json print it as it is)
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)),
+        "namespace": record.namespace,
     }
-    if failed:
-        row["error"] = f"{record.get('error', {}).get('type', '').rsplit('.', 1)[-1]}: {record.get('error', {}).get('message', '')}"[:120]
+    if failed and record.error is not None:
+        row["error"] = f"{record.error.type.rsplit('.', 1)[-1]}: {record.error.message}"[:120]
     return row
 
 
@@ -60,16 +60,14 @@ def ls_cmd(pattern: str | None, failed: bool, running: bool, as_json: bool, limi
     """List task records, most costly first."""
     store = current_store()
     if running:
-        from ..tasks.lease import running as running_tasks
-
-        rows = running_tasks(store.records.root / "locks")
+        rows = store.records.running()
         for r in rows:
             r["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("started", 0)))
         print_listing(rows if as_json else _short_ids(rows), ["task_id", "host", "pid", "started"], as_json,
                       title="running tasks")
         return
     rows = [_summary(r, failed) for r in store.records.iter_records(failures=failed)
-            if not pattern or function_matches(r.get("function", {}).get("name") or "", pattern)]
+            if not pattern or function_matches(r.function.name, pattern)]
     if not rows and not failed and _say_failures(store, pattern, as_json) and not as_json:
         return
     rows.sort(key=lambda r: -(r["wall_s"] or 0.0))
@@ -84,14 +82,14 @@ def _say_failures(store: Any, pattern: str | None, as_json: bool) -> bool:
     """With no successful task to list, say how many failed (on stderr under ``--json``), rather
     than leave an empty table that reads as "nothing ran"; returns whether there were any."""
     failures = sum(1 for r in store.records.iter_records(failures=True)
-                   if not pattern or function_matches(r.get("function", {}).get("name") or "", pattern))
+                   if not pattern or function_matches(r.function.name, pattern))
     if failures:
         more = f" --function {shlex.quote(pattern)}" if pattern else ""
         click.echo(f"no successful tasks; {failures} failed (kachery task ls --failed{more})", err=as_json)
     return failures > 0
 
 
-def _record(task_id: str) -> dict[str, Any]:
+def _record(task_id: str) -> TaskRecord:
     from ..tasks.replay import find_record
 
     return find_record(current_store(), task_id)
@@ -104,46 +102,47 @@ def show_cmd(task_id: str, as_json: bool) -> None:
     """Show a record: function, arguments, result, provenance."""
     record = _record(task_id)
     if as_json:
-        print_json(record)
+        print_json(record.to_json())
         return
-    function = record.get("function", {})
-    provenance = record.get("provenance", {})
+    function = record.function
+    provenance = record.provenance
     shown = {
-        "task_id": record["task_id"],
-        "kind": record.get("kind"),
-        "status": record.get("status"),
-        "function": f"{function.get('name')} (code {function.get('code_hash')})",
-        "namespace": record.get("namespace", ""),
-        "arguments": ", ".join(f"{k}={_arg_text(v)}" for k, v in record.get("args", {}).items()),
+        "task_id": record.task_id,
+        "kind": record.kind,
+        "status": record.status,
+        "function": f"{function.name} (code {function.code_hash})",
+        "namespace": record.namespace,
+        "arguments": ", ".join(f"{k}={_arg_text(v)}" for k, v in record.args.items()),
         "result": _result_text(record),
-        "node": record.get("node_id"),
-        "host": f"{provenance.get('user')}@{provenance.get('host')} pid {provenance.get('pid')}",
-        "python": f"{provenance.get('python')} on {provenance.get('platform')}",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(provenance.get("started", 0))),
-        "wall_s / cpu_s": f"{provenance.get('wall_s')} / {provenance.get('cpu_s')}",
-        "peak_rss": provenance.get("peak_rss"),
-        "packages": ", ".join(f"{k}=={v}" for k, v in provenance.get("packages", {}).items()) or "-",
-        "git": _git_text(provenance.get("git")),
-        "depends on": ", ".join(sorted(function.get("deps", {}))) or "-",
+        "node": record.node_id,
+        "host": f"{provenance.user}@{provenance.host} pid {provenance.pid}",
+        "python": f"{provenance.python} on {provenance.platform}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(provenance.started)),
+        "wall_s / cpu_s": f"{provenance['wall_s']} / {provenance['cpu_s']}",
+        "peak_rss": provenance.peak_rss,
+        "packages": ", ".join(f"{k}=={v}" for k, v in provenance.packages.items()) or "-",
+        "git": _git_text(provenance.git),
+        "depends on": ", ".join(sorted(function.deps)) or "-",
     }
     print_mapping(shown, False, title="task record")
 
 
-def _arg_text(entry: dict[str, Any]) -> str:
-    for key in ("json", "file", "job"):
-        if key in entry:
-            return f"{key}:{entry[key]!r}" if key != "json" else repr(entry[key])[:60]
-    if "blob" in entry:  # a large argument kept in the store (tasks/arg_blobs.py)
-        return f"{entry.get('codec', '?')} {entry.get('size', '?')} bytes {entry['blob']}"
-    return "<pickled>" if "pickle" in entry else f"<{entry.get('omitted', 'not kept')}>"
+def _arg_text(entry: ArgEntry) -> str:
+    form = entry.form
+    if form == "json":
+        return repr(entry.value)[:60]
+    if form in ("file", "job"):
+        return f"{form}:{entry.value!r}"
+    if form == "blob":  # a large argument kept in the store (tasks/arg_blobs.py)
+        return f"{entry.codec} {entry.size} bytes {entry.value}"
+    return "<pickled>" if form == "pickle" else f"<{entry.value}>"
 
 
-def _result_text(record: dict[str, Any]) -> str:
-    if "error" in record:
-        return f"failed: {record['error'].get('type')}: {record['error'].get('message')}"
-    result = record.get("result", {})
-    where = result.get("uri", "inline")
-    return f"{result.get('codec')} {result.get('size')} bytes {where}"
+def _result_text(record: TaskRecord) -> str:
+    if record.error is not None:
+        return f"failed: {record.error.type}: {record.error.message}"
+    result = record.result
+    return f"{result.codec} {result.size} bytes {result.uri or 'inline'}"
 
 
 def _git_text(git: dict[str, Any] | None) -> str:
@@ -176,8 +175,8 @@ def rm_cmd(task_ids: tuple[str, ...]) -> None:
     store = current_store()
     for task_id in task_ids:
         record = _record(task_id)
-        store.records.delete(record["task_id"])
-        click.echo(f"removed {record['task_id']}")
+        store.records.delete(record.task_id)
+        click.echo(f"removed {record.task_id}")
 
 
 @task.command("stale")
@@ -216,7 +215,7 @@ def rerun_cmd(task_ids: tuple[str, ...]) -> None:
     """Rerun recorded calls with the code as it is now, upstream first."""
     from ..tasks.stale import rerun
 
-    ids = [_record(t)["task_id"] for t in task_ids]
+    ids = [_record(t).task_id for t in task_ids]
     for old, new in zip(ids, rerun(ids), strict=True):
         click.echo(f"{old} -> {new}")
 
@@ -234,10 +233,10 @@ def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | No
     from ..tasks.stale import recheck
 
     store = current_store()
-    ids = [_record(t)["task_id"] for t in task_ids]
+    ids = [_record(t).task_id for t in task_ids]
     if pattern:
-        ids += [r["task_id"] for r in store.records.iter_records()
-                if function_matches(r["function"]["name"], pattern)]
+        ids += [r.task_id for r in store.records.iter_records()
+                if function_matches(r.function.name, pattern)]
     if not ids:
         raise UserError("nothing to recheck: give task ids or --function PATTERN")
     if sample is not None and sample < len(ids):

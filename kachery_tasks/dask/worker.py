@@ -16,7 +16,7 @@ from ..store.local import store_for
 from ..tasks.compute import compute
 from ..tasks.provenance import Measure
 from ..tasks.recording import record_success
-from ..tasks.resolver import MISS, lookup, resolve
+from ..tasks.resolver import MISS, find, lookup, resolve
 from ..tasks.settings import CallSettings
 from ..tasks.task import Job
 from .nodes import PLUGIN_NAME, TOPIC, job_key, node_spec, prunable
@@ -75,17 +75,15 @@ def load_job(job: Job, pruned: int = 0) -> Any:
     """Load a recorded result (the load node of a pruned graph)."""
     check_cluster_home(job)
     with entered(job):
-        store = store_for(job.settings.home)
-        value = lookup(job, store)
-        if value is MISS:
+        hit = find(job.settings.home, job.id)
+        if hit is None:
             raise KacheryError(
                 f"the record of task {job.id} ({job.task.name}) disappeared between building the "
                 "graph and running it (garbage collection?); compute the graph again to recompute it")
         if in_worker() is not None:
-            record = store.records.read(job.id) or {}
-            saved = float(record.get("provenance", {}).get("wall_s", 0.0) or 0.0)
+            saved = hit.record.provenance.wall_s if hit.record is not None else 0.0
             emit({"event": "hit", "key": job_key(job), "saved_s": saved, "pruned": pruned})
-    return value
+    return hit.value
 
 
 def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
@@ -99,7 +97,7 @@ def run_job(job: Job, ids: tuple[str, ...], *values: Any) -> Any:
     with entered(job):
         missed = False
         if prunable(job):  # recorded since the graph was built (another graph, another cluster)
-            found = lookup(job, store_for(job.settings.home))
+            found = lookup(job)
             if found is not MISS:
                 emit({"event": "late-hit", "key": job_key(job)})
                 return found

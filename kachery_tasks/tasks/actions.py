@@ -33,9 +33,9 @@ from typing import Any
 import xxhash
 
 from ..errors import ReadOnlyStoreError, UserError, as_store_full
+from ..store.flight import FlightLock
 from ..store.local import store_for
 from .compute import compute
-from .lease import TaskLock
 from .recording import warn_store_full
 from .settings import in_home
 from .task import ActionResult, Job
@@ -104,8 +104,8 @@ class ActionLog:
         self.refresh()
         return body
 
-    def lock(self, key: str) -> TaskLock:
-        return TaskLock(store_for(Path(self.home)).records.root / "locks" / "actions", _key_name(key))
+    def lock(self, key: str) -> FlightLock:
+        return store_for(Path(self.home)).records.action_lock(_key_name(key))
 
     def states(self) -> list[ActionState]:
         """Every key's state; ``started`` becomes ``running`` or ``unknown`` by its lock."""
@@ -195,7 +195,7 @@ def _recorded_text(body: dict[str, Any]) -> str:
     return f"recorded {how} at {_when(body['time'])} ({who}pid {body.get('pid')} on {body.get('host')})"
 
 
-def _take_within(lock: TaskLock, seconds: float) -> bool:
+def _take_within(lock: FlightLock, seconds: float) -> bool:
     """Take ``lock``, waiting up to ``seconds``: a resolve must not wait as long as an action runs."""
     deadline = time.monotonic() + seconds
     while not lock.acquire(blocking=False):

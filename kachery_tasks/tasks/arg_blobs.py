@@ -27,6 +27,7 @@ import orjson
 
 from ..store.blobs import BlobStore
 from ..store.codecs import decode_json, npy_blocks
+from ..store.task_record import ArgEntry
 from ..store.uris import file_uri, parse_file_uri
 from .results import private_array
 
@@ -86,11 +87,11 @@ def _fields(digest: str, codec: str, size: int) -> dict[str, Any]:
     return {"blob": file_uri(digest), "codec": codec, "size": size}
 
 
-def load(entry: dict[str, Any], blobs: BlobStore) -> Any:
-    """The value of a blob argument, read verified. Raises the store's ``NotFoundError`` or
-    ``IntegrityError`` (a damaged blob is quarantined) and ``ValueError`` for an unknown codec."""
-    digest = parse_file_uri(entry["blob"]).sha256
-    codec = entry.get("codec")
+def load(entry: ArgEntry, blobs: BlobStore) -> Any:
+    """The value of a ``blob`` argument entry, read verified. Raises the store's ``NotFoundError``
+    or ``IntegrityError`` (a damaged blob is quarantined) and ``ValueError`` for an unknown codec."""
+    digest = parse_file_uri(entry.blob).sha256
+    codec = entry.codec
     if codec == "npy":
         return private_array(str(blobs.verified_path(digest)))
     if codec not in ("bytes", "bytearray", "json"):

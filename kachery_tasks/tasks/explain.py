@@ -8,12 +8,13 @@ argument, or which upstream job (and, recursively, why that job differs).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..hashing import hash_value
 from ..store.local import store_for
-from .recording import function_index
+from ..store.task_record import TaskRecord
 from .resolver import has_result
 from .task import Job
 
@@ -57,23 +58,22 @@ def explain(job: Job) -> Explanation:
     store = store_for(job.settings.home)
     if has_result(job):
         record = store.records.read(task_id)
-        when = record.get("created") if record else None
+        when = record.created if record else None
         return Explanation(task_id, name, True, f"a record exists (written {_ago(when)})" if when else "in memory")
     failure = store.records.read_failure(task_id)
     if failure is not None:
-        err = failure.get("error", {})
-        return Explanation(task_id, name, False,
-                           f"the last run failed ({err.get('type')}: {err.get('message')}); it runs again")
-    if store.records.path(task_id).exists():
+        err = failure.error
+        return Explanation(task_id, name, False, f"the last run failed ({err.type}: {err.message}); it runs again")
+    if store.records.read(task_id) is not None:
         return Explanation(task_id, name, False, "its record is incomplete (a result blob is missing); it recomputes")
-    candidates = [r for r in (store.records.read(i) for i in function_index(store, name)) if r is not None]
+    candidates = [r for r in map(store.records.read, store.records.function_task_ids(name)) if r is not None]
     if not candidates:
         return Explanation(task_id, name, False, "no earlier record of this function in this store")
     current = _components(job)
-    scored = sorted(candidates, key=lambda r: (len(_differences(current, r)), -r.get("created", 0)))
+    scored = sorted(candidates, key=lambda r: (len(_differences(current, r)), -r.created))
     closest = scored[0]
-    explanation = Explanation(task_id, name, False, f"closest record {closest['task_id']} differs",
-                              closest=closest["task_id"])
+    explanation = Explanation(task_id, name, False, f"closest record {closest.task_id} differs",
+                              closest=closest.task_id)
     for kind, detail in _differences(current, closest):
         explanation.differences.append(detail)
         if kind == "upstream":
@@ -93,33 +93,33 @@ def _components(job: Job) -> dict[str, Any]:
             "args": args, "kind": job.kind}
 
 
-def _differences(current: dict[str, Any], record: dict[str, Any]) -> list[tuple[str, str]]:
+def _differences(current: dict[str, Any], record: TaskRecord) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
-    if record.get("namespace", "") != current["namespace"]:
-        found.append(("namespace", f"namespace: recorded {record.get('namespace')!r}, now {current['namespace']!r}"))
-    if record.get("kind") != current["kind"]:
-        found.append(("kind", f"kind: recorded {record.get('kind')}, now {current['kind']}"))
-    function = record.get("function", {})
-    if function.get("code_hash") != current["code_hash"]:
-        changed = code_changes(function.get("deps", {}), current["deps"])
+    if record.namespace != current["namespace"]:
+        found.append(("namespace", f"namespace: recorded {record.namespace!r}, now {current['namespace']!r}"))
+    if record.kind != current["kind"]:
+        found.append(("kind", f"kind: recorded {record.kind}, now {current['kind']}"))
+    function = record.function
+    if function.code_hash != current["code_hash"]:
+        changed = code_changes(function.deps, current["deps"])
         found.append(("code", "code changed: " + (", ".join(changed) if changed else "the function's own body")))
-    recorded_args = record.get("args", {})
+    recorded_args = record.args
     for arg, now in current["args"].items():
         before = recorded_args.get(arg)
         if before is None:
             found.append(("argument", f"argument {arg!r}: not in the record (new parameter)"))
-        elif before.get("hash") != now["hash"]:
-            if now["job"] and before.get("job"):
-                found.append(("upstream", f"upstream job for argument '{arg}': recorded {before['job']}, now {now['job']}"))
+        elif before.hash != now["hash"]:
+            if now["job"] and before.job:
+                found.append(("upstream", f"upstream job for argument '{arg}': recorded {before.job}, now {now['job']}"))
             else:
-                shown = f" (recorded {before['json']!r})" if "json" in before else ""
+                shown = f" (recorded {before.value!r})" if before.form == "json" else ""
                 found.append(("argument", f"argument {arg!r} differs{shown}"))
     for arg in recorded_args.keys() - current["args"].keys():
         found.append(("argument", f"argument {arg!r}: recorded but no longer a parameter"))
     return found
 
 
-def code_changes(before: dict[str, str], now: dict[str, str]) -> list[str]:
+def code_changes(before: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
     """Which helpers, constants or packages differ between two ``deps`` maps."""
     changes = []
     for name in sorted(before.keys() | now.keys()):

@@ -9,8 +9,6 @@ node's own store), or for a large array, byte string or plain data the file URI 
 from __future__ import annotations
 
 import base64
-import errno
-import functools
 import logging
 import os
 import sys
@@ -22,7 +20,6 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import orjson
-import xxhash
 
 from .. import config
 from ..errors import (
@@ -33,12 +30,12 @@ from ..errors import (
     UnhashableArgument,
     as_store_full,
 )
-from ..fs import make_dirs
 from ..hashing import SCHEME, hash_value
 from ..identity import node_identity, sign_document
 from ..store.codecs import is_plain_json
 from ..store.file import File
 from ..store.local import LocalStore
+from ..store.task_record import RECORD_VERSION, TaskRecord
 from . import arg_blobs
 from .provenance import Measure, packages_of
 from .results import encode_result
@@ -139,6 +136,7 @@ def _base_record(job: Job, measure: Measure | None, store: LocalStore) -> dict[s
     module_file = getattr(getattr(func, "__code__", None), "co_filename", None)
     return {
         "scheme": SCHEME,
+        "record_version": RECORD_VERSION,
         "task_id": job.id,
         "namespace": job.settings.namespace,
         "kind": job.kind,
@@ -158,13 +156,15 @@ def _base_record(job: Job, measure: Measure | None, store: LocalStore) -> dict[s
     }
 
 
-def _sign(store: LocalStore, record: dict[str, Any]) -> dict[str, Any]:
+def _sign(store: LocalStore, record: dict[str, Any]) -> TaskRecord:
+    """The record signed by the home's node key, as a :class:`TaskRecord`: what is written is what
+    every reader will parse (an :class:`~kachery_tasks.errors.InvalidRecord` here is a bug)."""
     identity = node_identity(store.home)
     record["node_id"] = identity.node_id
-    return sign_document(identity.keys, record)
+    return TaskRecord.from_json(sign_document(identity.keys, record))
 
 
-def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | None) -> dict[str, Any] | None:
+def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | None) -> TaskRecord | None:
     """Record a computed value; returns the signed record, or None if the home could not take it.
 
     Every path that records a success goes through here (the resolver, queries, Dask's ``cached()``
@@ -198,7 +198,7 @@ def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | N
         warn_store_full(f"{job.task.name} (task {job.id[:12]}) was computed, but its result was not recorded: "
                         f"{full}. The value is returned; the next call computes it again", full)
         return None
-    _index_by_function(store, record["function"]["name"], job.id)
+    _index_by_function(store, signed.function.name, job.id)
     STATS.count("recorded")
     return signed
 
@@ -236,8 +236,9 @@ def _record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Me
         record["error"]["pickle"] = base64.b64encode(cloudpickle.dumps(exc)).decode()
     except Exception:
         pass
-    store.records.write_failure(_sign(store, record), sync_within=_sync_within(measure))
-    _index_by_function(store, record["function"]["name"], job.id)
+    signed = _sign(store, record)
+    store.records.write_failure(signed, sync_within=_sync_within(measure))
+    _index_by_function(store, signed.function.name, job.id)
     STATS.count("failed")
 
 
@@ -268,61 +269,27 @@ def _sync_within(measure: Measure | None) -> float:
     return window if wall < window else 0.0
 
 
-def rebuild_error(failure: dict[str, Any]) -> BaseException:
+def rebuild_error(failure: TaskRecord) -> BaseException:
     """The exception a recorded failure holds, or :class:`TaskFailed` if it can't be rebuilt."""
-    error = failure.get("error", {})
-    if "pickle" in error:
+    error = failure.error
+    if error is None:
+        return TaskFailed(f"task {failure.task_id} has no recorded failure")
+    if error.pickle is not None:
         try:
-            exc = cloudpickle.loads(base64.b64decode(error["pickle"]))
+            exc = cloudpickle.loads(base64.b64decode(error.pickle))
             if isinstance(exc, BaseException):
                 return exc
         except Exception:
             pass
-    return TaskFailed(f"{error.get('type')}: {error.get('message')} (recorded failure of task {failure['task_id']})")
-
-
-def function_index_path(store: LocalStore, name: str) -> str:
-    return _index_path(str(store.records.root), name)
-
-
-@functools.lru_cache(maxsize=1024)
-def _index_path(records_root: str, name: str) -> str:
-    return f"{records_root}/by_function/{xxhash.xxh64_hexdigest(name.encode())}.txt"
+    return TaskFailed(f"{error.type}: {error.message} (recorded failure of task {failure.task_id})")
 
 
 def _index_by_function(store: LocalStore, name: str, task_id: str) -> None:
-    """Append the id to the function's index (one O_APPEND write: atomic across processes).
-
-    The index only helps ``explain`` find a function's records, so a disk too full for it leaves
-    the record (already written) as it is and logs a line. A short write leaves a torn line, which
-    readers cut back to the complete id that the next append puts after it."""
-    path = function_index_path(store, name)
-    line = f"{task_id}\n".encode()
+    """Add the id to the function's index (RecordStore.index_function). The index only helps
+    ``explain`` find a function's records, so a disk too full for it leaves the record (already
+    written) as it is and logs a line."""
     try:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
-        except FileNotFoundError:  # the first record of this store
-            make_dirs(store.records.root / "by_function")
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
-        try:
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        full = as_store_full(exc, store.home)
-        if full is None:
-            raise
+        store.records.index_function(name, task_id)
+    except StoreFullError as full:
         log.warning("task %s is recorded, but `kachery task explain` will not compare other calls of %s with "
                     "it: %s", task_id[:12], name, full)
-
-
-def function_index(store: LocalStore, name: str) -> list[str]:
-    """Task ids recorded for a function, newest last, without duplicates."""
-    try:
-        with open(function_index_path(store, name)) as fh:
-            # a line longer than an id follows a torn append: its complete id is at the end
-            ids = [line.strip()[-32:] for line in fh if len(line.strip()) >= 32]
-    except FileNotFoundError:
-        return []
-    return list(dict.fromkeys(reversed(ids)))[::-1]

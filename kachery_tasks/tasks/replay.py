@@ -24,6 +24,7 @@ import cloudpickle
 from ..errors import IntegrityError, NotFoundError, UserError
 from ..store.file import File
 from ..store.local import LocalStore
+from ..store.task_record import ArgEntry, TaskRecord
 from . import arg_blobs
 from .scripts import NO_ORIGIN, ScriptUnreachable, main_namespace
 from .settings import CallSettings
@@ -56,15 +57,15 @@ class ArgumentNotKept(NotReplayable):
         self.owner, self.argument, self.why, self.kept = owner, argument, why, kept
 
 
-def import_task(record: dict[str, Any]) -> Task:
+def import_task(record: TaskRecord) -> Task:
     """The task a record was made by, as its code is now."""
-    function = record.get("function", {})
-    name = function.get("name")
-    module_name, qualname = function.get("module"), function.get("qualname")
+    function = record.function
+    name = function.name
+    module_name, qualname = function.module, function.qualname
     if not module_name or not qualname or "<locals>" in qualname:
         raise NotReplayable(f"defined where it cannot be imported ({module_name}.{qualname})", name)
     if module_name == "__main__":
-        origin = function.get("origin")
+        origin = function.origin
         try:
             obj: Any = main_namespace(origin)
         except ScriptUnreachable as exc:
@@ -77,7 +78,7 @@ def import_task(record: dict[str, Any]) -> Task:
         obj = getattr(obj, part, None)
         if obj is None:
             break
-    if module_name == "__main__" and function.get("origin") is None and not isinstance(obj, Task):
+    if module_name == "__main__" and function.origin is None and not isinstance(obj, Task):
         raise NotReplayable(NO_ORIGIN, name)  # looked for in this process's __main__, not there
     if obj is None:
         raise NotReplayable(f"{where} has no {qualname} now", name)
@@ -97,15 +98,15 @@ def _import_module(module_name: str, name: str | None) -> Any:
         raise NotReplayable(f"cannot import module {module_name!r} ({type(exc).__name__}: {message})", name) from None
 
 
-def task_key(record: dict[str, Any]) -> tuple[str | None, ...]:
+def task_key(record: TaskRecord) -> tuple[str | None, ...]:
     """What names a record's function for importing it: module, qualname, and a script's path
     (two scripts' functions are both ``__main__.<name>``)."""
-    function = record.get("function", {})
-    origin = function.get("origin") or {}
-    return (function.get("module"), function.get("qualname"), origin.get("path"))
+    function = record.function
+    origin = function.origin or {}
+    return (function.module, function.qualname, origin.get("path"))
 
 
-def import_task_memo(record: dict[str, Any], tasks: dict[tuple, Task | NotReplayable]) -> Task:
+def import_task_memo(record: TaskRecord, tasks: dict[tuple, Task | NotReplayable]) -> Task:
     """``import_task``, once per function for a batch of records (``stale()`` rebuilds every
     record in a store; importing again per record cost more than reading it). A failure is kept
     too, and raised again for the function's other records."""
@@ -122,7 +123,7 @@ def import_task_memo(record: dict[str, Any], tasks: dict[tuple, Task | NotReplay
     return task
 
 
-def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSettings | None = None,
+def job_from_record(store: LocalStore, record: TaskRecord, settings: CallSettings | None = None,
                     _seen: dict[str, Job] | None = None,
                     _tasks: dict[tuple, Task | NotReplayable] | None = None) -> Job:
     """The call a record describes, rebuilt under the code of now (upstream jobs included).
@@ -130,52 +131,53 @@ def job_from_record(store: LocalStore, record: dict[str, Any], settings: CallSet
     ``_seen`` (jobs by recorded id) and ``_tasks`` (``import_task_memo``) are shared by callers that
     rebuild many records at once."""
     seen = {} if _seen is None else _seen
-    if record["task_id"] in seen:
-        return seen[record["task_id"]]
+    if record.task_id in seen:
+        return seen[record.task_id]
     task = import_task(record) if _tasks is None else import_task_memo(record, _tasks)
     args = {}
-    for name, entry in record.get("args", {}).items():
+    for name, entry in record.args.items():
         args[name] = _argument(store, name, entry, task.name, settings, seen, _tasks)
     if not task.signature.parameters.keys() <= args.keys():
         missing = set(task.signature.parameters) - set(args)
         raise NotReplayable(f"the function now takes {sorted(missing)}, which the record lacks", task.name)
     base = settings or CallSettings.current()
-    namespace = record.get("namespace", "")
+    namespace = record.namespace
     if base.namespace != namespace:
         base = replace(base, namespace=namespace)
     job = Job(task, args, base)
-    seen[record["task_id"]] = job
+    seen[record.task_id] = job
     return job
 
 
-def _argument(store: LocalStore, name: str, entry: dict[str, Any], owner: str, settings, seen, tasks) -> Any:
+def _argument(store: LocalStore, name: str, entry: ArgEntry, owner: str, settings, seen, tasks) -> Any:
     """One argument of ``owner``'s call, from its recorded form (recording.describe_args)."""
-    if "json" in entry:
-        return entry["json"]
-    if "file" in entry:
-        return File(entry["file"])
-    if "blob" in entry:
+    form = entry.form
+    if form == "json":
+        return entry.value
+    if form == "file":
+        return File(entry.value)
+    if form == "blob":
         try:
             return arg_blobs.load(entry, store.blobs)
         except (NotFoundError, IntegrityError, ValueError) as exc:
             raise ArgumentNotKept(owner, name, str(exc), kept="no readable copy") from None
-    if "job" in entry:
-        upstream = store.records.read(entry["job"]) or store.records.read_failure(entry["job"])
+    if form == "job":
+        upstream = store.records.read(entry.value) or store.records.read_failure(entry.value)
         if upstream is None:
-            raise NotReplayable(f"argument {name!r}: upstream task {entry['job']} has no record", owner)
+            raise NotReplayable(f"argument {name!r}: upstream task {entry.value} has no record", owner)
         try:
             return job_from_record(store, upstream, settings, seen, tasks)
         except ArgumentNotKept as exc:
             raise ArgumentNotKept(exc.owner, exc.argument, exc.why, downstream=owner, kept=exc.kept) from None
         except NotReplayable as exc:
-            up = exc.function or upstream.get("function", {}).get("name")
+            up = exc.function or upstream.function.name
             raise NotReplayable(f"its upstream {up} cannot be rebuilt: {exc.reason}", owner) from None
-    if "pickle" in entry:
-        return cloudpickle.loads(base64.b64decode(entry["pickle"]))
-    raise ArgumentNotKept(owner, name, entry.get("omitted", "too large"))
+    if form == "pickle":
+        return cloudpickle.loads(base64.b64decode(entry.value))
+    raise ArgumentNotKept(owner, name, entry.value)  # omitted: the value is why
 
 
-def find_record(store: LocalStore, task_id: str) -> dict[str, Any]:
+def find_record(store: LocalStore, task_id: str) -> TaskRecord:
     """The success (or else failure) record of an id, accepting a unique prefix of 6+ characters."""
     task_id = task_id.strip().lower()
     if len(task_id) < 6 or any(c not in "0123456789abcdef" for c in task_id):
@@ -185,8 +187,8 @@ def find_record(store: LocalStore, task_id: str) -> dict[str, Any]:
         if found is None:
             raise NotFoundError(f"task {task_id} is not found in this node's store")
         return found
-    matches = {r["task_id"]: r for kind in (False, True) for r in store.records.iter_records(failures=kind)
-               if r["task_id"].startswith(task_id)}
+    matches = {r.task_id: r for kind in (False, True) for r in store.records.iter_records(failures=kind)
+               if r.task_id.startswith(task_id)}
     if not matches:
         raise NotFoundError(f"no task id starting with {task_id} in this node's store")
     if len(matches) > 1:

@@ -3,7 +3,7 @@
 Order for a pure job (first hit wins): the tiers in force (config key ``tiers``: memory, then the
 local store, by default; tiers/ has one module per tier and the resolver names none of them), then
 compute here. A pure id is computed at most once per store: concurrent callers wait on the task's
-lock (see lease.py) and find the record.
+lock (store/flight.py) and find the record.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 from ..errors import StaleResultWarning
 from ..store.local import LocalStore, store_for
 from .compute import compute
-from .lease import TaskLock
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
 from .stats import STATS
@@ -63,7 +62,7 @@ def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None) -
     return None
 
 
-def lookup(job: Job, store: object = None) -> Any:
+def lookup(job: Job) -> Any:
     """The job's result from the tiers in force for its home, or ``MISS``."""
     hit = find(job.settings.home, job.id)
     return MISS if hit is None else hit.value
@@ -88,7 +87,7 @@ def _resolve_pure(job: Job, upstream: Mapping[str, Any] | None = None, missed: b
         _raise_recorded_failure(store, task_id)
     if settings.read_only or not settings.cache:
         return compute(job, upstream=upstream)
-    lock = TaskLock(store.records.root / "locks", task_id)
+    lock = store.records.lock(task_id)
     lock.acquire()  # waits while another thread or process computes this id
     done = False
     try:

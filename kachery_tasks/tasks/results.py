@@ -25,7 +25,8 @@ from ..store.codecs import (
     encode_pickle,
     npy_blocks,
 )
-from ..store.uris import file_uri, parse_file_uri
+from ..store.task_record import ResultRef
+from ..store.uris import file_uri
 
 
 class IncompleteRecord(Exception):
@@ -61,34 +62,33 @@ def encode_result(value: Any, codec: str | None, blobs: BlobStore, inline_max: i
     return {"codec": codec, "uri": file_uri(digest), "size": len(data)}
 
 
-def check_complete(result: dict[str, Any], blobs: BlobStore) -> None:
+def check_complete(result: ResultRef, blobs: BlobStore) -> None:
     """Raise :class:`IncompleteRecord` unless the result's blob exists with its recorded size."""
-    uri = result.get("uri")
-    if uri is None:
+    digest = result.sha256
+    if digest is None:  # inline
         return
-    digest = parse_file_uri(uri).sha256
     try:
         size = blobs.size(digest)
     except NotFoundError:
-        raise IncompleteRecord(f"result blob {uri} is missing") from None
-    if size != result.get("size"):
-        raise IncompleteRecord(f"result blob {uri} has {size} bytes, the record says {result.get('size')}")
+        raise IncompleteRecord(f"result blob {result.uri} is missing") from None
+    if size != result.size:
+        raise IncompleteRecord(f"result blob {result.uri} has {size} bytes, the record says {result.size}")
 
 
-def load_result(result: dict[str, Any], blobs: BlobStore) -> Loaded:
+def load_result(result: ResultRef, blobs: BlobStore) -> Loaded:
     """Decode a record's result; any trouble with its blob is :class:`IncompleteRecord`."""
-    codec = result["codec"]
-    if "inline" in result:
+    codec, form = result.codec, result.form
+    if form == "inline":
         # the record was parsed just now, so its value is a fresh object nobody else holds; the
         # memory tier keeps its text and decodes a copy per hit
-        value = result["inline"]
+        value = result.value
         data = orjson.dumps(value)  # it came from orjson.loads of the record: it round-trips
         return Loaded(value, ("json", data), len(data))
-    if "inline_b64" in result:
-        data = base64.b64decode(result["inline_b64"])
+    if form == "inline_b64":
+        data = base64.b64decode(result.value)
         return Loaded(decode_pickle(data), ("pickle", data), len(data))
     check_complete(result, blobs)
-    digest = parse_file_uri(result["uri"]).sha256
+    digest = result.sha256
     try:
         if codec == "npy":
             path = str(blobs.verified_path(digest))

@@ -19,6 +19,7 @@ import numpy as np
 from .. import config
 from ..hashing import FunctionId
 from ..store.local import LocalStore, current_store, store_for
+from ..store.task_record import TaskRecord
 from .compute import compute
 from .dask_layer import dask_layer
 from .explain import code_changes
@@ -85,14 +86,14 @@ def stale(function: str | None = None, store: LocalStore | None = None) -> Stale
 def _stale(function: str | None, store: LocalStore | None) -> StaleReport:
     store = store or current_store()
     namespace = config.get("namespace")
-    records = {r["task_id"]: r for r in store.records.iter_records() if r.get("namespace", "") == namespace}
+    records = {r.task_id: r for r in store.records.iter_records() if r.namespace == namespace}
     scan = _Scan(records)
-    code_hashes = {r["function"].get("code_hash") for r in records.values()}
+    code_hashes = {r.function.code_hash for r in records.values()}
     scanned_here = store_for(scan.settings.home) is store  # has_result looks in the home in force
     report = scan.report
     seen: dict[str, Job] = {}
     for task_id, record in records.items():
-        name = record["function"]["name"]
+        name = record.function.name
         if function and not function_matches(name, function):
             continue
         reason = scan.verdict(task_id)
@@ -119,7 +120,7 @@ class _Scan:
     is a reference cycle, which would keep every record alive until the cyclic collector ran.
     """
 
-    def __init__(self, records: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, records: dict[str, TaskRecord]) -> None:
         self.records = records
         self.settings = CallSettings.current()
         self.report = StaleReport()
@@ -128,14 +129,14 @@ class _Scan:
         self.ids_now: dict[tuple, FunctionId] = {}
         self.reasons: dict[tuple, str] = {}
 
-    def function_now(self, key: tuple, record: dict[str, Any]) -> FunctionId | None:
+    def function_now(self, key: tuple, record: TaskRecord) -> FunctionId | None:
         """The function id now of a record's function, or None (said in ``unimportable``)."""
         found = self.ids_now.get(key)
         if found is None:
             try:
                 task = import_task_memo(record, self.tasks)
             except NotReplayable as exc:
-                self.report.unimportable[record["function"]["name"]] = exc.reason
+                self.report.unimportable[record.function.name] = exc.reason
                 return None
             found = self.ids_now[key] = task.function_id
         return found
@@ -153,11 +154,11 @@ class _Scan:
         fid = self.function_now(key, record)
         if fid is None:
             return None
-        function = record["function"]
-        recorded = function.get("code_hash")
+        function = record.function
+        recorded = function.code_hash
         reason = None
         if fid.code_hash != recorded:
-            deps = function.get("deps", {})
+            deps = function.deps
             memo = (key, recorded, tuple(deps.items()))
             reason = self.reasons.get(memo)
             if reason is None:
@@ -165,15 +166,15 @@ class _Scan:
                 reason = "code: " + (", ".join(changes) if changes else "the function's own body")
                 self.reasons[memo] = reason
         else:
-            for up in record.get("upstream", []):
+            for up in record.upstream:
                 if self.verdict(up):
-                    reason = f"upstream {self.records[up]['function']['name']} {up[:12]} is stale"
+                    reason = f"upstream {self.records[up].function.name} {up[:12]} is stale"
                     break
         verdicts[task_id] = reason
         return reason
 
 
-def _has_result_now(job: Job, fid: FunctionId, records: dict[str, Any], code_hashes: set,
+def _has_result_now(job: Job, fid: FunctionId, records: dict[str, TaskRecord], code_hashes: set,
                     scanned_here: bool) -> bool:
     """Whether the call under the code of now has its record, looked up only where one can be.
 
@@ -225,28 +226,28 @@ def recheck(task_ids: list[str], store: LocalStore | None = None) -> list[Rechec
     results = []
     for task_id in task_ids:
         record = store.records.read(task_id)
-        name = record["function"]["name"] if record else "?"
+        name = record.function.name if record else "?"
         if record is None:
             results.append(RecheckResult(task_id, name, None, "no success record"))
             continue
         try:
             job = job_from_record(store, record)
             upstream = {}
-            for up_id in record.get("upstream", []):
+            for up_id in record.upstream:
                 up = store.records.read(up_id)
                 if up is None:
                     raise NotReplayable(f"upstream {up_id} has no record")
-                upstream[up_id] = load_result(up["result"], store.blobs).value
+                upstream[up_id] = load_result(up.result, store.blobs).value
             # upstream ids under the code of now may differ; map the rebuilt jobs to recorded values
-            for rebuilt, recorded_id in zip(job.upstream(), record.get("upstream", []), strict=False):
+            for rebuilt, recorded_id in zip(job.upstream(), record.upstream, strict=False):
                 upstream[rebuilt.id] = upstream[recorded_id]
-            recorded = load_result(record["result"], store.blobs).value
+            recorded = load_result(record.result, store.blobs).value
             fresh = compute(job, upstream=upstream)
         except NotReplayable as exc:
             results.append(RecheckResult(task_id, name, None, str(exc)))
             continue
         result = _compare(task_id, name, recorded, fresh, job.task.rtol, job.task.atol)
-        if job.task.function_id.code_hash != record["function"].get("code_hash"):
+        if job.task.function_id.code_hash != record.function.code_hash:
             result.detail += " (the code changed since this record; `kachery task stale` lists it)"
         results.append(result)
     return results
@@ -298,5 +299,5 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _wall(record: dict[str, Any]) -> float:
-    return float(record.get("provenance", {}).get("wall_s") or 0.0)
+def _wall(record: TaskRecord) -> float:
+    return record.provenance.wall_s

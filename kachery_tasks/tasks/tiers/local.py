@@ -13,7 +13,7 @@ from collections.abc import Collection
 
 from ...errors import IntegrityError
 from ...store.local import store_for
-from ...store.uris import parse_file_uri
+from ...store.task_record import TaskRecord
 from ..results import IncompleteRecord, check_complete, load_result
 from .base import ABSENT, Hit, Miss, Tier
 
@@ -28,14 +28,14 @@ class LocalTier(Tier):
 
     def get(self, task_id: str) -> Hit | Miss:
         store = self.store
-        record = store.records.read(task_id)
-        if record is None or record.get("status") != "succeeded":
+        record = store.records.read(task_id)  # a success record, validated, or None
+        if record is None:
             return ABSENT
         try:
-            loaded = load_result(record["result"], store.blobs)
-        except (IncompleteRecord, KeyError) as exc:
+            loaded = load_result(record.result, store.blobs)
+        except IncompleteRecord as exc:
             log.warning("record %s is incomplete (%s); recomputing", task_id, exc)
-            store.records.quarantine(store.records.path(task_id), "incomplete")
+            store.records.quarantine(task_id, "incomplete")
             return Miss(f"incomplete: {exc}")
         return Hit(loaded.value, loaded.memo, loaded.nbytes, record, store.blobs)
 
@@ -44,29 +44,31 @@ class LocalTier(Tier):
         absent = set()
         for task_id in task_ids:
             record = store.records.read(task_id)
-            if record is None or record.get("status") != "succeeded":
+            if record is None:
                 absent.add(task_id)
                 continue
             try:
-                check_complete(record["result"], store.blobs)
-            except (IncompleteRecord, KeyError):
+                check_complete(record.result, store.blobs)
+            except IncompleteRecord:
                 absent.add(task_id)
         return absent
 
     def put(self, task_id: str, hit: Hit) -> None:
         """Copy the record of a later tier's hit in, its result blob first: a record is never
         here before its blobs. Blobs are verified as they are written (the store hashes them)."""
-        if hit.record is None or hit.blobs is None or hit.blobs is self.store.blobs:
+        if hit.record is None or hit.blobs is None:
             return
+        if hit.blobs is self.store.blobs and self.store.records.read(task_id) is not None:
+            return  # a hit of this very store: nothing to copy
         for digest in result_blobs(hit.record):
-            if not self.store.blobs.exists(digest):
+            if hit.blobs is not self.store.blobs and not self.store.blobs.exists(digest):
                 got = self.store.blobs.put_stream(hit.blobs.read_verified(digest))
                 if got != digest:
                     raise IntegrityError(f"blob {digest} of task {task_id} arrived as {got}; not kept")
         self.store.records.write(hit.record)
 
 
-def result_blobs(record: dict) -> list[str]:
+def result_blobs(record: TaskRecord) -> list[str]:
     """The digests of the blobs a record's result needs."""
-    uri = record.get("result", {}).get("uri")
-    return [] if uri is None else [parse_file_uri(uri).sha256]
+    digest = record.result.sha256 if record.result is not None else None
+    return [] if digest is None else [digest]

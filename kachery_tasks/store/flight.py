@@ -1,5 +1,8 @@
 """Single flight: one process computes a task id, the others wait for its record.
 
+The store hands out these locks by name (``RecordStore.lock(task_id)``, ``RecordStore.action_lock``);
+the lock files live under ``<home>/tasks/locks/``.
+
 The lock is a kernel lock that its holder cannot outlive: the kernel drops it the moment the
 holding process dies, even by SIGKILL, so a waiter takes over at once, with no clock to trust and no
 heartbeat to miss. On NFSv4 it is held under the protocol's own lease, which expires when the
@@ -15,7 +18,8 @@ Elsewhere (macOS) the lock is an ``flock`` on a file per task.
 
 A computation still running :data:`SHOW_AFTER_S` after it took its lock shows itself in
 ``<locks>/<ab>/<id>.lock`` (pid, host, start time), a file it holds with ``flock`` until it ends: that
-is what ``kachery task ls --running`` lists. Without OFD locks that file is the lock, written at once.
+is what ``kachery task ls --running`` lists (:func:`running`). Without OFD locks that file is the
+lock, written at once.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _byte_of(task_id: str) -> int:
     return xxhash.xxh64_intdigest(task_id.encode()) >> 4
 
 
-class TaskLock:
+class FlightLock:
     def __init__(self, locks_dir: Path, task_id: str):
         self.locks_dir = locks_dir
         self.task_id = task_id
@@ -107,7 +111,7 @@ class TaskLock:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, _byte_of(self.task_id), 1, 0))
         os.close(fd)
 
-    def __enter__(self) -> TaskLock:
+    def __enter__(self) -> FlightLock:
         self.acquire()
         return self
 
@@ -202,10 +206,10 @@ class _Watcher:
 
     def _reset(self) -> None:
         self._cond = threading.Condition()
-        self._queue: collections.deque[tuple[float, TaskLock]] = collections.deque()
+        self._queue: collections.deque[tuple[float, FlightLock]] = collections.deque()
         self._thread: threading.Thread | None = None
 
-    def watch(self, lock: TaskLock) -> None:
+    def watch(self, lock: FlightLock) -> None:
         with self._cond:
             self._queue.append((time.monotonic() + SHOW_AFTER_S, lock))  # deadlines in order
             if self._thread is None or not self._thread.is_alive():

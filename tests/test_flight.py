@@ -1,4 +1,4 @@
-"""Single-flight locks (tasks/lease.py): OFD byte locks, the holders' info files, the flock fallback."""
+"""Single-flight locks (store/flight.py): OFD byte locks, the holders' info files, the flock fallback."""
 
 from __future__ import annotations
 
@@ -9,29 +9,33 @@ import time
 import pytest
 from execution_log import note, runs
 
-from kachery_tasks.store import current_store
-from kachery_tasks.tasks import lease, pure
-from kachery_tasks.tasks.lease import SHOW_AFTER_S, TaskLock, running
+from kachery_tasks.store import current_store, flight
+from kachery_tasks.store.flight import SHOW_AFTER_S, FlightLock
+from kachery_tasks.tasks import pure
 
 
 def _locks_dir():
-    return current_store().records.root / "locks"
+    return current_store().records.locks_dir
+
+
+def running():
+    return current_store().records.running()
 
 
 @pytest.fixture(params=["ofd", "flock"])
 def lock_kind(request, monkeypatch):
-    if request.param == "ofd" and not lease.OFD:
+    if request.param == "ofd" and not flight.OFD:
         pytest.skip("OFD locks are Linux-only")
     if request.param == "flock":
-        monkeypatch.setattr(lease, "OFD", False)  # the path taken where OFD locks are missing
+        monkeypatch.setattr(flight, "OFD", False)  # the path taken where OFD locks are missing
     return request.param
 
 
 def test_a_lock_excludes_other_descriptions_and_is_free_again_after_release(home, lock_kind):
-    first, second = TaskLock(_locks_dir(), "ab" * 16), TaskLock(_locks_dir(), "ab" * 16)
+    first, second = FlightLock(_locks_dir(), "ab" * 16), FlightLock(_locks_dir(), "ab" * 16)
     assert first.acquire()
     assert not second.acquire(blocking=False)  # another thread or process: it waits
-    assert TaskLock(_locks_dir(), "cd" * 16).acquire(blocking=False)  # other ids are not held up
+    assert FlightLock(_locks_dir(), "cd" * 16).acquire(blocking=False)  # other ids are not held up
     first.release(done=True)
     assert second.acquire(blocking=False)
     second.release(done=True)
@@ -56,7 +60,7 @@ def test_threads_compute_once(home, tmp_path, lock_kind):
 
 
 def test_short_computations_create_no_file_per_task(home):
-    if not lease.OFD:
+    if not flight.OFD:
         pytest.skip("without OFD locks the per-task file is the lock")
 
     @pure
@@ -81,11 +85,11 @@ def test_a_long_holder_is_listed_while_it_runs_and_then_gone(home, tmp_path, loc
     worker.start()
     started.wait(10)
     time.sleep(SHOW_AFTER_S + 0.4)
-    listed = running(_locks_dir())
+    listed = running()
     assert [(r["task_id"], r["pid"]) for r in listed] == [(long.task_id(5), os.getpid())]
     assert listed[0]["started"] <= time.time() - SHOW_AFTER_S  # the time it took the lock
     worker.join()
-    assert running(_locks_dir()) == []
+    assert running() == []
     assert not list(_locks_dir().glob("*/*.lock"))
 
 
@@ -93,7 +97,7 @@ def test_a_long_holder_is_listed_while_it_runs_and_then_gone(home, tmp_path, loc
 def test_a_forked_child_does_not_keep_the_lock_after_release(home, lock_kind):
     """A task that forks shares its lock's descriptor with the child: release must unlock, not
     only close, or the child would hold every waiter until it exits."""
-    lock = TaskLock(_locks_dir(), "ef" * 16)
+    lock = FlightLock(_locks_dir(), "ef" * 16)
     lock.acquire()
     pid = os.fork()
     if pid == 0:  # the child: outlives the release, holding a copy of the descriptor
@@ -101,7 +105,7 @@ def test_a_forked_child_does_not_keep_the_lock_after_release(home, lock_kind):
         os._exit(0)
     try:
         lock.release(done=False)
-        assert TaskLock(_locks_dir(), "ef" * 16).acquire(blocking=False)
+        assert FlightLock(_locks_dir(), "ef" * 16).acquire(blocking=False)
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
@@ -117,7 +121,7 @@ def test_lock_files_are_group_writable_whatever_the_umask(home, lock_kind):
         from kachery_tasks import config
 
         with config.set(shared_group=group):
-            lock = TaskLock(_locks_dir(), "12" * 16)
+            lock = FlightLock(_locks_dir(), "12" * 16)
             lock.acquire()
             made = _locks_dir() / "flight.lock" if lock_kind == "ofd" else lock.path
             mode = stat.S_IMODE(made.stat().st_mode)
