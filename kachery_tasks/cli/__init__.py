@@ -5,15 +5,13 @@ into one line on stderr (``kachery: error: ...``) and exit status 1: a user who 
 needs the message, not a traceback. So does a disk that is full, over quota or read-only, whichever
 command was writing (``errors.as_store_full``). Other exceptions are bugs and keep their traceback.
 
-One module per command group. ``feed``, ``task`` and ``demo`` are written separately and joined
-here when their module exists, so each can land on its own.
+One module per command group, each added here; installed plugins add their own groups through the
+``kachery_tasks.cli`` entry point.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
-import importlib.util
 import logging
 import sqlite3
 from typing import Any
@@ -22,9 +20,14 @@ import click
 
 from .. import __version__, config
 from ..errors import KacheryError, as_store_full
+from .config_cmd import config_group
+from .demo import demo
+from .feed import feed
+from .files import cat, info, load, store, verify
+from .mutable import mutable
+from .node import node
+from .task import task
 
-#: Command groups that live in their own modules and are added when present.
-OPTIONAL_GROUPS = ("feed", "task", "demo")
 #: The entry-point group through which installed plugins add command groups.
 PLUGIN_ENTRY_POINTS = "kachery_tasks.cli"
 
@@ -67,19 +70,8 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 
 def _add_groups() -> None:
-    from .config_cmd import config_group
-    from .files import cat, info, load, store, verify
-    from .mutable import mutable
-    from .node import node
-
-    for command in (store, load, cat, info, verify, mutable, node, config_group):
+    for command in (store, load, cat, info, verify, mutable, node, config_group, feed, task, demo):
         main.add_command(command)
-    for name in OPTIONAL_GROUPS:
-        module_name = f"{__name__}.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        main.add_command(getattr(module, name))
     # Installed plugins add their own groups (kachery-spikesort adds `kachery spikesort`).
     for entry in importlib.metadata.entry_points(group=PLUGIN_ENTRY_POINTS):
         try:

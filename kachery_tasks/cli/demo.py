@@ -57,6 +57,7 @@ def demo(recordings: int, duration: float, workers: int, keep: bool) -> None:
 
 
 def _three_runs(console, home: str, recordings: int, duration: float, workers: int) -> list:
+    # here, not at the top: every `kachery` command would otherwise pay for importing distributed
     from distributed import Client, LocalCluster
 
     from ..dask import KacheryPlugin

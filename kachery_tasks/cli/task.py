@@ -9,16 +9,23 @@ any directory (tasks/scripts.py). Tables show task ids by their first 12 hex cha
 
 from __future__ import annotations
 
+import random
 import shlex
 import time
 from typing import Any
 
 import click
 
+from ..config import home_str
 from ..errors import UserError
 from ..store.local import current_store
 from ..store.task_record import ArgEntry, TaskRecord
+from ..tasks.actions import action_log
+from ..tasks.explain import explain
 from ..tasks.names import function_matches
+from ..tasks.replay import find_record, job_from_record
+from ..tasks.stale import recheck, stale
+from ..tasks.stale import rerun as rerun_calls  # `kachery task stale --rerun` names its flag rerun
 from .output import print_json, print_listing, print_mapping
 
 #: Hex characters of a task id shown in tables: 32 would wrap a row over three lines in 80 columns.
@@ -90,8 +97,6 @@ def _say_failures(store: Any, pattern: str | None, as_json: bool) -> bool:
 
 
 def _record(task_id: str) -> TaskRecord:
-    from ..tasks.replay import find_record
-
     return find_record(current_store(), task_id)
 
 
@@ -156,9 +161,6 @@ def _git_text(git: dict[str, Any] | None) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def explain_cmd(task_id: str, as_json: bool) -> None:
     """Rebuild a recorded call under the code of now and say whether it hits, and if not, why."""
-    from ..tasks.explain import explain
-    from ..tasks.replay import job_from_record
-
     record = _record(task_id)
     explanation = explain(job_from_record(current_store(), record))
     if as_json:
@@ -185,9 +187,6 @@ def rm_cmd(task_ids: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def stale_cmd(pattern: str | None, rerun: bool, as_json: bool) -> None:
     """Records computed by code that has changed since, grouped by function."""
-    from ..tasks.stale import rerun as rerun_calls
-    from ..tasks.stale import stale
-
     report = stale(pattern)
     if as_json:
         print_json(report.as_dict())
@@ -213,10 +212,8 @@ def stale_cmd(pattern: str | None, rerun: bool, as_json: bool) -> None:
 @click.argument("task_ids", nargs=-1, required=True)
 def rerun_cmd(task_ids: tuple[str, ...]) -> None:
     """Rerun recorded calls with the code as it is now, upstream first."""
-    from ..tasks.stale import rerun
-
     ids = [_record(t).task_id for t in task_ids]
-    for old, new in zip(ids, rerun(ids), strict=True):
+    for old, new in zip(ids, rerun_calls(ids), strict=True):
         click.echo(f"{old} -> {new}")
 
 
@@ -228,10 +225,6 @@ def rerun_cmd(task_ids: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def recheck_cmd(task_ids: tuple[str, ...], pattern: str | None, sample: int | None, as_json: bool) -> None:
     """Recompute recorded calls in scratch and compare with the recorded results."""
-    import random
-
-    from ..tasks.stale import recheck
-
     store = current_store()
     ids = [_record(t).task_id for t in task_ids]
     if pattern:
@@ -259,9 +252,6 @@ def actions_cmd(as_json: bool, unknown: bool) -> None:
     ``settled`` says how an outcome came to be recorded: by the action's ``run``, by a ``resolve``
     of an unknown outcome, or by an ``override`` of an earlier outcome (named, with the note).
     """
-    from ..config import home_str
-    from ..tasks.actions import action_log
-
     states = action_log(home_str()).states()
     rows = [{"key": s.key, "state": s.state, "settled": s.settled_by, "overrides": _overrides(s.overrides),
              "function": s.function, "task_id": s.task_id,
@@ -300,9 +290,6 @@ def resolve_cmd(key: str, succeeded: bool, failed: bool, note: str | None, overr
     A settled outcome is refused: the action log records what happened to the outside world, and
     is never rewritten. ``--override --note WHY`` appends a correction that names what it replaces.
     """
-    from ..config import home_str
-    from ..tasks.actions import action_log
-
     if succeeded and failed:
         raise click.UsageError("--succeeded and --failed contradict each other: give one")
     if not (succeeded or failed):

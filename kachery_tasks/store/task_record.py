@@ -46,6 +46,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ..errors import InvalidRecord, InvalidURI
+from ..identity.documents import verify_document
 from .uris import parse_file_uri
 
 #: The record format this code writes, and the newest it reads.
@@ -345,8 +346,6 @@ class TaskRecord(NamedTuple):
 
         Records of this node's own store are trusted as they are (a check costs more than a hit);
         records from other nodes must pass this first."""
-        from ..identity.documents import verify_document
-
         try:
             return verify_document(self.to_json(), self.node_id)
         except (ValueError, TypeError):  # not canonical JSON (NaN): not what any node signed

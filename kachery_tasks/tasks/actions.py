@@ -33,6 +33,7 @@ from typing import Any
 import xxhash
 
 from ..errors import ReadOnlyStoreError, UserError, as_store_full
+from ..feeds import local_feed, local_names
 from ..store.flight import FlightLock
 from ..store.local import store_for
 from .compute import compute
@@ -80,8 +81,6 @@ class ActionLog:
         self._seen = 0
         self._lock = threading.Lock()
         with in_home(home):
-            from ..feeds import local_feed
-
             self._subfeed = local_feed(LOG_FEED).subfeed(LOG_SUBFEED)
 
     def refresh(self) -> None:
@@ -230,8 +229,6 @@ def action_log(home: str) -> ActionLog:
 
 def _recorded_without_writing(home: str, key: str) -> dict[str, Any] | None:
     """The latest message of ``key`` in a home that must not be written: no action log is created."""
-    from ..feeds import local_names
-
     with in_home(home):
         if LOG_FEED not in local_names():
             return None

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import StaleResultWarning
 from ..store.local import LocalStore, store_for
+from .actions import run_action
 from .compute import compute
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
@@ -36,8 +37,6 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
         return _resolve_pure(job, upstream, missed)
     if job.kind == "query":
         return _resolve_query(job, allow_stale, upstream)
-    from .actions import run_action
-
     return run_action(job, retry=retry, upstream=upstream)
 
 

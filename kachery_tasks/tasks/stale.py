@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import config
-from ..hashing import FunctionId
+from ..hashing import FunctionId, hash_value
 from ..store.local import LocalStore, current_store, store_for
 from ..store.task_record import TaskRecord
 from .compute import compute
@@ -254,8 +254,6 @@ def recheck(task_ids: list[str], store: LocalStore | None = None) -> list[Rechec
 
 
 def _compare(task_id: str, name: str, recorded: Any, fresh: Any, rtol: float | None, atol: float | None) -> RecheckResult:
-    from ..hashing import hash_value
-
     try:
         same = hash_value(recorded) == hash_value(fresh)
     except Exception:
