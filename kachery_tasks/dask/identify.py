@@ -29,7 +29,7 @@ from dask.utils import itemgetter, methodcaller
 from ..errors import UnhashableArgument, UserError
 from ..hashing import hash_value
 from ..hashing.canonical import BUILTIN_CALLABLES, builtin_name
-from ..hashing.functions import module_kind, package_version
+from ..hashing.function_identity import module_kind, package_version
 from ..hashing.memo import IdentityMemo
 from ..store.file_hashes import content_sha256
 from ._compat import (

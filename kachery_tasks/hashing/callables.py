@@ -1,8 +1,8 @@
 """How callables enter a canonical encoding: by identity (name and code hash), never by repr.
 
-A function argument hashes as its :func:`~kachery_tasks.hashing.functions.function_id`, a class as
+A function argument hashes as its :func:`~kachery_tasks.hashing.function_identity.function_id`, a class as
 its ``class_id``, a builtin or library callable by its qualified name, and partials and bound
-methods by their parts. This sits above both canonical.py (the encoder) and functions.py (which
+methods by their parts. This sits above both canonical.py (the encoder) and function_identity.py (which
 hashes the globals a function reads with the encoder), so neither imports the other upward: the
 encoder calls this through the hook it is given when the hashing package is imported.
 """
@@ -23,7 +23,7 @@ from kachery_tasks.hashing.canonical import (
     encode_function_id,
     install_callable_encoder,
 )
-from kachery_tasks.hashing.functions import class_id, function_id, library_callable
+from kachery_tasks.hashing.function_identity import class_id, function_id, library_callable
 
 
 def encode_callable(e: Encoder, v: Any) -> bool:

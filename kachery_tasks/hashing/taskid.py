@@ -25,7 +25,7 @@ from kachery_tasks.hashing.canonical import (
     PathError,
     int_bytes,
 )
-from kachery_tasks.hashing.functions import FunctionId
+from kachery_tasks.hashing.function_identity import FunctionId
 from kachery_tasks.hashing.memo import IdentityMemo
 
 _SIGNATURES: IdentityMemo[inspect.Signature] = IdentityMemo()

@@ -2,7 +2,9 @@
 
 from typing import Any
 
-from .api import (
+from .blobs import BlobStore
+from .file import File
+from .files import (
     file_info,
     load_bytes,
     load_file,
@@ -13,8 +15,6 @@ from .api import (
     store_json,
     store_npy,
 )
-from .blobs import BlobStore
-from .file import File
 from .local import LocalStore, current_store, store_for
 from .manifest import CHUNK_SIZE, Manifest
 from .uris import FileURI, file_uri, parse_file_uri

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .api import load_bytes, load_file
+from .files import load_bytes, load_file
 from .uris import FileURI, parse_file_uri
 
 

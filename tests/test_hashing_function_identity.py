@@ -62,7 +62,7 @@ def test_deps_name_each_reached_piece(tmp_path):
 
 
 def test_package_callee_counts_by_version(tmp_path, monkeypatch):
-    from kachery_tasks.hashing import functions as F
+    from kachery_tasks.hashing import function_identity as F
 
     mod = load_module(tmp_path, TASK)
     before = function_id(mod.task).code_hash
