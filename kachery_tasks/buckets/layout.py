@@ -233,6 +233,7 @@ class LayoutError(BucketError, UserError):
 
 MARKER = json.dumps({"layout": LAYOUT, "version": VERSION}, separators=(",", ":")).encode()
 _MARKER_READS = 3
+_NOT_JSON = "is not JSON"
 
 _checked: weakref.WeakKeyDictionary[Bucket, bool] = weakref.WeakKeyDictionary()  # bucket -> marker written
 _checked_lock = threading.Lock()
@@ -262,25 +263,25 @@ def check_layout(bucket: Bucket, *, write: bool) -> None:
 
 
 def _read_marker(bucket: Bucket) -> int | None:
-    """The version in the marker (None if there is none), once two reads agree."""
-    answers: list[object] = []
+    """The version in the marker (None if there is none), once two reads agree (a marker that does
+    not parse, as a truncated read, is read again up to the limit)."""
+    answers: list[int | str] = []
     for _ in range(_MARKER_READS + 1):
         try:
             raw = b"".join(bucket.read(MARKER_KEY, 0, 4096))
         except NotFound:
             return None
         answer = _marker_version(raw)
-        if isinstance(answer, int) and answer == VERSION:
-            return answer
-        if answers and answers[-1] == answer:
-            break
+        if answer == VERSION or (answers and answers[-1] == answer and answer != _NOT_JSON):
+            return answer if isinstance(answer, int) else _refuse(bucket, answer)
         answers.append(answer)
     answer = answers[-1]
-    if isinstance(answer, str):
-        raise LayoutError(f"{bucket.uri}: {MARKER_KEY} {answer}; this is not a kachery bucket, or a damaged one "
-                          "(use another bucket, or remove that object if the bucket is yours)", bucket.uri,
-                          MARKER_KEY)
-    return answer  # type: ignore[return-value]
+    return answer if isinstance(answer, int) else _refuse(bucket, answer)
+
+
+def _refuse(bucket: Bucket, answer: str) -> None:
+    raise LayoutError(f"{bucket.uri}: {MARKER_KEY} {answer}; this is not a kachery bucket, or a damaged one "
+                      "(use another bucket, or remove that object if the bucket is yours)", bucket.uri, MARKER_KEY)
 
 
 def _marker_version(raw: bytes) -> int | str:
@@ -288,7 +289,7 @@ def _marker_version(raw: bytes) -> int | str:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return "is not JSON"
+        return _NOT_JSON
     if not isinstance(data, dict) or data.get("layout") != LAYOUT:
         return f"does not say \"layout\": \"{LAYOUT}\""
     version = data.get("version")
