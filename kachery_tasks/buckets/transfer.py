@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IntegrityError, NotFoundError, as_store_full
-from ..fs import make_dirs
+from ..fs import make_dirs, share_fd
 from ..store.blobs import BlobStore, Progress, Stamp
 from ..store.manifest import ChunkHasher
 from ..store.uris import check_sha256_hex
@@ -373,17 +373,24 @@ class _ChunkedDownload:
     def _open(self) -> None:
         """Open (resume) or create the part file and its journal; fill ``self.done``."""
         done = self._journaled()
-        if done is None or not self.part.exists() or self.part.stat().st_size != self.m.size:
+        try:
+            st = self.part.stat()
+        except FileNotFoundError:
+            st = None
+        # Another user's part file (a group-shared home) cannot be made read-only by us at the end.
+        if done is None or st is None or st.st_size != self.m.size or st.st_uid != os.geteuid():
             for p in (self.part, self.journal):
                 with suppress(FileNotFoundError):
                     os.unlink(p)
             done = set()
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         if os.fstat(self.fd).st_size != self.m.size:
+            share_fd(self.fd, 0o644)
             os.ftruncate(self.fd, self.m.size)
         if not done and not self.journal.exists():
             jfd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                share_fd(jfd, 0o664)
                 os.write(jfd, self.header + b"\n")
                 os.fsync(jfd)
             finally:
@@ -584,6 +591,8 @@ def _partial_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
     try:
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            with suppress(OSError):  # another user's lock file (a shared home) keeps its mode
+                share_fd(fd, 0o664)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
