@@ -94,11 +94,38 @@ class BlobStore:
         with open(src, "rb") as fh:
             return self._put_blocks(_read_blocks(fh), progress=progress, total=os.fstat(fh.fileno()).st_size)
 
-    def put_stream(self, blocks: Iterable[bytes], progress: Progress | None = None) -> str:
+    def put_stream(self, blocks: Iterable[bytes], progress: Progress | None = None, *,
+                   expected: str | None = None) -> str:
         """Store the concatenated ``blocks``. If the disk fills, the rest of ``blocks`` is counted
         (not written) so that the error can say how many bytes were needed: meant for streams of
-        data already in memory (arrays), where counting costs nothing."""
-        return self._put_blocks(blocks, progress=progress)
+        data already in memory (arrays), where counting costs nothing.
+
+        With ``expected`` (bytes from elsewhere, as a download), bytes that do not hash to it are
+        discarded, never stored under their own hash, and :class:`IntegrityError` is raised."""
+        return self._put_blocks(blocks, progress=progress, expected=expected)
+
+    def install_file(self, path: Path, sha256: str, manifest: Manifest | None) -> None:
+        """Move the complete file at ``path`` into the store as blob ``sha256``: fsync, make it
+        read-only, rename it into place (unless a sound copy is already there, then ``path`` goes).
+
+        For a writer that assembles a blob itself (a resumed download writing chunks at their
+        offsets) in a directory on the store's file system, and that **has checked** that the bytes
+        of ``path`` hash to ``sha256`` (reading them back from ``path``) and holds it privately
+        meanwhile. ``manifest`` is its c1 manifest (None for a file of at most one chunk)."""
+        check_sha256_hex(sha256)
+        path = Path(path)
+        if manifest is not None and (manifest.sha256 != sha256 or manifest.size != os.stat(path).st_size):
+            raise ValueError(f"the c1 manifest given for {sha256} describes another file")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if not self._valid_existing(sha256):
+                os.fsync(fd)
+                share_fd(fd, 0o444)
+        except OSError as exc:
+            raise self._full(exc, None) from exc
+        finally:
+            os.close(fd)
+        self._install(path, sha256, manifest)
 
     def _new_tmp(self) -> tuple[int, str]:
         # not fs.write_atomic: the name is known only once the stream is hashed, and a duplicate skips the fsync
@@ -106,7 +133,7 @@ class BlobStore:
         return tempfile.mkstemp(dir=self.tmp_dir, prefix="blob-")
 
     def _put_blocks(self, blocks: Iterable[bytes | memoryview], progress: Progress | None,
-                    total: int | None = None) -> str:
+                    total: int | None = None, expected: str | None = None) -> str:
         """Stream ``blocks`` into a temp file, then install it. On any failure the temp file is
         removed; a full, over-quota or read-only disk is a :class:`StoreFullError` (one line)."""
         stream = iter(blocks)
@@ -134,6 +161,9 @@ class BlobStore:
                 if pending is not None:
                     pending.result()
             digest = sha.hexdigest()
+            if expected is not None and digest != expected:
+                raise IntegrityError(f"received {offered} bytes hashing to {digest}, not the expected "
+                                     f"{expected}; discarded")
             # Already stored and sound: drop the temp file unsynced, so a re-store costs no disk flush.
             duplicate = self._valid_existing(digest)
             if not duplicate:
