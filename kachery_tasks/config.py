@@ -40,8 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "cache": True,  # False: compute, store nothing, do not join a concurrent identical call
     "read_only": False,  # use hits, never write
     "cache_errors": False,  # serve recorded failures as results (re-raise them) instead of recomputing
-    # The resolution tiers, first hit wins; buckets and channels add theirs here in later versions.
-    "tiers": ["memory", "local"],
+    # The resolution tiers, first hit wins (tasks/tiers/); the channel adds its tier in a later version.
+    "tiers": ["memory", "local", "bucket"],
     # Memory tier: an LRU bounded in bytes of results held.
     "memory_cache_bytes": 256 * 2**20,
     # Results whose encoding is at most this many bytes are kept inside the task record.
@@ -53,8 +53,17 @@ DEFAULTS: dict[str, Any] = {
     # in the store (deduplicated by content) and referenced from the record, so that ordinary calls
     # on in-memory data stay replayable; 0 keeps none.
     "record_args_blob_max_bytes": 2**30,
-    # Node ids whose pickle results may be unpickled (unpickling runs code). Read by the bucket and
-    # channel tiers; this node's own store is always trusted.
+    # The bucket this node publishes to and reads from (file:///path or gs://bucket/prefix); none:
+    # results stay on this machine.
+    "bucket": None,
+    # Further buckets read after `bucket`, in order, never written (another lab's, a public one).
+    "read_buckets": [],
+    # Never write to `bucket` (a consumer with read access only).
+    "bucket_read_only": False,
+    # Publish every computed pure result (record, result blob, upstream records) to `bucket`.
+    "publish": False,
+    # Node ids, besides this node, whose records a bucket (or channel) tier serves; pickle results
+    # too (unpickling runs code). This node's own store is always trusted.
     "trusted_nodes": [],
     # A Unix group that shares the home: directories setgid and group-writable.
     "shared_group": None,
@@ -75,6 +84,11 @@ DEFAULTS: dict[str, Any] = {
 #: ``256MiB``), from every layer, because a value read from the environment or YAML arrives as text.
 SIZE_KEYS = frozenset(key for key in DEFAULTS if key.endswith("_bytes"))
 _SIZE_FORMS = "a non-negative number of bytes (1000000, 1e6, 1_000_000) or a size with a unit (512k, 1.5GB, 256MiB)"
+
+#: Keys whose value is text or null (their default is None), and those that hold a bucket URI (the
+#: buckets layer parses it when it opens the bucket; here only its shape is checked).
+_TEXT_OR_NONE = frozenset({"shared_group", "bucket"})
+_URI_KEYS = frozenset({"bucket"})
 
 _config = Config("kachery_tasks", defaults=[DEFAULTS], paths=[], env={})
 _sources: dict[str, str] = {}
@@ -108,7 +122,7 @@ def parse_text(key: str, raw: str, where: str) -> Any:
     """A value written as text (an environment variable, ``kachery config set``): YAML (``true``,
     ``5``, ``[memory, local]``), except for string keys, which are taken as they are."""
     default = DEFAULTS[key]
-    if isinstance(default, str) or default is None and key in {"shared_group"}:
+    if isinstance(default, str) or default is None and key in _TEXT_OR_NONE:
         return raw
     try:
         value = yaml.safe_load(raw)
@@ -190,14 +204,26 @@ def _validate(key: str, value: Any, where: str | None = None) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"configuration key {key!r} takes a non-negative number, not {value!r}")
         return value
-    if isinstance(default, str) or key == "shared_group":
+    if key in _URI_KEYS:
+        return None if value == "" else _bucket_uri(key, value)  # "" (an empty variable): no bucket
+    if isinstance(default, str) or key in _TEXT_OR_NONE:
         if not isinstance(value, str | os.PathLike):
             raise ConfigError(f"configuration key {key!r} takes a string, not {value!r}")
         return os.fspath(value)
     if isinstance(default, list):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"configuration key {key!r} takes a list of strings, not {value!r}")
+        if key == "read_buckets":
+            for uri in value:
+                _bucket_uri(key, uri)
         return list(value)
+    return value
+
+
+def _bucket_uri(key: str, value: Any) -> str:
+    if not isinstance(value, str) or "://" not in value:
+        raise ConfigError(f"configuration key {key!r} takes bucket URIs such as file:///shared/kachery "
+                          f"or gs://bucket/prefix, not {value!r}")
     return value
 
 

@@ -25,14 +25,15 @@ def _decorator(kind: str, func: Callable | None, options: dict[str, Any]) -> Any
 def pure(func: Callable) -> Task: ...
 @overload
 def pure(*, version: str | None = ..., name: str | None = ..., codec: str | None = ...,
-         ignore_globals: Iterable[str] = ..., cache_errors: bool | None = ...,
+         ignore_globals: Iterable[str] = ..., cache_errors: bool | None = ..., publish: bool | None = ...,
          rtol: float | None = ..., atol: float | None = ...) -> Callable[[Callable], Task]: ...
 def pure(func=None, *, version=None, name=None, codec=None, ignore_globals=(), cache_errors=None,
-         rtol=None, atol=None):
+         publish=None, rtol=None, atol=None):
     """A deterministic function: its id (code + canonical arguments) maps to one result, computed
     at most once per store. ``rtol``/``atol`` declare how close a recomputation must come for
-    ``kachery task recheck`` to call it reproducible."""
-    call_options = {} if cache_errors is None else {"cache_errors": cache_errors}
+    ``kachery task recheck`` to call it reproducible; ``publish=True`` publishes every result it
+    computes to the configured bucket (as the config key ``publish`` does for every task)."""
+    call_options = {k: v for k, v in (("cache_errors", cache_errors), ("publish", publish)) if v is not None}
     return _decorator("pure", func, dict(version=version, name=name, codec=codec, ignore_globals=ignore_globals,
                                          rtol=rtol, atol=atol, call_options=call_options))
 

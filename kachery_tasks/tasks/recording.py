@@ -38,6 +38,7 @@ from ..store.local import LocalStore
 from ..store.task_record import RECORD_VERSION, TaskRecord
 from . import arg_blobs
 from .provenance import Measure, packages_of
+from .publish import publish_after_record
 from .results import encode_result
 from .scripts import origin_field
 from .stats import STATS
@@ -200,6 +201,8 @@ def record_success(job: Job, store: LocalStore, value: Any, measure: Measure | N
         return None
     _index_by_function(store, signed.function.name, job.id)
     STATS.count("recorded")
+    if job.settings.publish:
+        publish_after_record(job, store)
     return signed
 
 

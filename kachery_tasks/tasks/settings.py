@@ -14,7 +14,7 @@ from .. import config
 from ..errors import UserError
 
 #: Options a call may set with ``f.options(...)``; the same keys exist in the configuration.
-CALL_OPTIONS = ("force", "cache", "read_only", "namespace", "cache_errors")
+CALL_OPTIONS = ("force", "cache", "read_only", "namespace", "cache_errors", "publish")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class CallSettings:
     cache: bool
     read_only: bool
     cache_errors: bool
+    publish: bool  # publish the computed result to the configured bucket (tasks/publish.py)
 
     @classmethod
     def current(cls, overrides: dict[str, Any] | None = None) -> CallSettings:
@@ -35,7 +36,7 @@ class CallSettings:
         if _cached is None or _cached[0] != generation:
             get = config.get
             base = cls(config.home_str(), get("namespace"), get("force"), get("cache"), get("read_only"),
-                       get("cache_errors"))
+                       get("cache_errors"), get("publish"))
             _cached = (generation, base)
         base = _cached[1]
         return replace(base, **overrides) if overrides else base

@@ -13,11 +13,13 @@ from collections.abc import Callable
 from ... import config
 from ...errors import UserError
 from .base import ABSENT, Hit, Miss, Tier
+from .bucket import BucketTier
 from .local import LocalTier
 from .memory import MEMORY, MemoryTier
 
-#: The tiers this version has, by the name the config key ``tiers`` uses; each made for one home.
-KINDS: dict[str, Callable[[str], Tier]] = {"memory": MemoryTier, "local": LocalTier}
+#: The tiers this version has, by the name the config key ``tiers`` uses; each made for one home, or
+#: None where the configuration gives it nothing to ask (no bucket configured: no bucket tier).
+KINDS: dict[str, Callable[[str], Tier | None]] = {"memory": MemoryTier, "local": LocalTier, "bucket": BucketTier.for_home}
 
 _built: dict[str, tuple[object, tuple[Tier, ...]]] = {}
 
@@ -33,9 +35,10 @@ def tiers_for(home: str) -> tuple[Tier, ...]:
     if unknown:
         raise UserError(
             f"unknown resolution tier {unknown[0]!r} in config 'tiers'; this version has {', '.join(KINDS)} "
-            "(bucket and channel tiers come with the network layer)"
+            "(the channel tier comes with the channels)"
         )
-    tiers = tuple(_named(KINDS[name](home), name) for name in names)
+    made = ((name, KINDS[name](home)) for name in names)
+    tiers = tuple(_named(tier, name) for name, tier in made if tier is not None)
     _built[home] = (generation, tiers)
     return tiers
 
@@ -47,4 +50,4 @@ def _named(tier: Tier, name: str) -> Tier:
     return tier
 
 
-__all__ = ["ABSENT", "KINDS", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]
+__all__ = ["ABSENT", "KINDS", "BucketTier", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]

@@ -1,0 +1,76 @@
+"""``kachery publish`` and ``kachery bucket ls | rm``: this node's files and results in its bucket."""
+
+from __future__ import annotations
+
+import click
+import orjson
+
+from .. import config
+from ..buckets import NotFound
+from ..buckets.layout import record_key
+from ..identity import node_identity
+from ..store.local import current_store
+from ..store.task_record import TaskRecord
+from ..tasks.publish import configured_bucket, publish, writable_bucket
+from ..tasks.replay import find_record
+from .output import byte_progress, print_json, print_listing
+
+
+@click.command("publish")
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what was sent as JSON.")
+def publish_cmd(targets: tuple[str, ...], as_json: bool) -> None:
+    """Publish files (sha256:// URIs) and task results (task ids) to the configured bucket.
+
+    A result goes with its blobs and the records of the jobs it consumed; what the bucket already
+    has is not sent again."""
+    store = current_store()
+    total = sum(store.blobs.size(t[9:]) for t in targets if t.startswith("sha256://") and store.blobs.exists(t[9:]))
+    with byte_progress(total, "publishing") as progress:
+        out = publish(*targets, progress=progress)
+    if as_json:
+        print_json({"bucket": out.bucket, "blobs": out.blobs, "records": out.records, "bytes_sent": out.bytes_sent})
+        return
+    new_records = sum(out.records.values())
+    new_blobs = sum(out.blobs.values())
+    click.echo(f"published to {out.bucket}: {len(out.records)} record(s) ({new_records} new), "
+               f"{len(out.blobs)} blob(s) ({new_blobs} new), {out.bytes_sent} bytes sent")
+
+
+@click.group("bucket")
+def bucket() -> None:
+    """This node's results in its bucket (config key `bucket`)."""
+
+
+@bucket.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def ls_cmd(as_json: bool) -> None:
+    """The task records this node published to the bucket, with their functions and result sizes."""
+    target = configured_bucket(write=False)
+    me = node_identity(config.home()).node_id
+    rows = []
+    for info in target.list("records/"):
+        if not info.key.endswith(f"/{me}.json"):
+            continue
+        try:
+            record = TaskRecord.from_json(orjson.loads(b"".join(target.read(info.key))))
+        except (NotFound, ValueError):
+            continue
+        size = record.result.size if record.result is not None else 0
+        rows.append({"task_id": record.task_id, "function": record.function.name, "result_bytes": size,
+                     "record_bytes": info.size})
+    print_listing(rows, ["task_id", "function", "result_bytes", "record_bytes"], as_json,
+                  title=f"published by this node to {target.uri}")
+
+
+@bucket.command("rm")
+@click.argument("task_ids", nargs=-1, required=True)
+def rm_cmd(task_ids: tuple[str, ...]) -> None:
+    """Remove this node's records of TASK_IDS from the bucket (other nodes' records stay)."""
+    target = writable_bucket()
+    me = node_identity(config.home()).node_id
+    store = current_store()
+    for text in task_ids:
+        task_id = find_record(store, text).task_id if len(text) != 32 else text
+        removed = target.delete(record_key(task_id, me))
+        click.echo(f"{'removed' if removed else 'not in the bucket:'} {task_id}")

@@ -1,0 +1,188 @@
+"""Two nodes (separate processes, separate homes) sharing one directory bucket: what one computed and
+published, the other finds, verified and trusted, without computing it again.
+
+Executions are counted through a file each computation appends to (a side channel, not a global).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+PIPELINE = '''
+import os
+import numpy as np
+import kachery_tasks as kt
+
+COUNTER = os.environ["KT_TEST_COUNTER"]
+
+
+def _count(name):
+    with open(COUNTER, "a") as fh:
+        fh.write(name + "\\n")
+
+
+@kt.pure
+def ramp(n):
+    _count("ramp")
+    return np.arange(n, dtype=np.float64) * 2.0
+
+
+@kt.pure
+def total(x):
+    _count("total")
+    return float(x.sum())
+
+
+@kt.pure(codec="pickle")
+def shapes(n):
+    _count("shapes")
+    return {"n": n, "kinds": {"a", "b"}}
+'''
+
+
+class Node:
+    """One node: a home of its own, the shared bucket, and the pipeline module."""
+
+    def __init__(self, tmp: Path, name: str, bucket: Path, counter: Path):
+        self.home = tmp / name
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("KACHERY_TASKS_")}
+        self.env.update({
+            "KACHERY_TASKS_HOME": str(self.home),
+            "KACHERY_TASKS_BUCKET": f"file://{bucket}",
+            "KT_TEST_COUNTER": str(counter),
+            "PYTHONPATH": os.pathsep.join([str(tmp), str(REPO)]),
+        })
+
+    def py(self, code: str, **extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], env={**self.env, **extra}, capture_output=True,
+                              text=True, timeout=120, cwd=self.home.parent)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    def kachery(self, *args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kachery_tasks.cli", *args], env={**self.env, **extra},
+                              capture_output=True, text=True, timeout=120, cwd=self.home.parent)
+
+    @property
+    def node_id(self) -> str:
+        return self.py("from kachery_tasks import config\nfrom kachery_tasks.identity import node_identity\n"
+                       "print(node_identity(config.home()).node_id)")
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    counter = tmp_path / "runs.txt"
+    a = Node(tmp_path, "home-a", bucket, counter)
+    b = Node(tmp_path, "home-b", bucket, counter)
+    return a, b, bucket, counter
+
+
+def runs(counter: Path) -> list[str]:
+    return counter.read_text().split() if counter.exists() else []
+
+
+CALL = "import pipeline\nprint(pipeline.total(pipeline.ramp.job(300_000)))"
+
+
+def test_a_published_result_is_a_hit_for_a_node_that_trusts_its_publisher(lab):
+    a, b, bucket, counter = lab
+    assert a.py(CALL, KACHERY_TASKS_PUBLISH="true") == str(float((2.0 * __import__("numpy").arange(300_000)).sum()))
+    assert runs(counter) == ["ramp", "total"]
+    assert list((bucket / "records").iterdir()), "publishing put records in the bucket"
+
+    # not trusted yet: B computes for itself
+    untrusted = b.py(CALL)
+    assert runs(counter) == ["ramp", "total", "ramp", "total"]
+
+    # trusted: a hit, nothing computed; the record and blob land in B's store
+    counter.unlink()
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    fresh = Node(b.home.parent, "home-c", bucket, counter)
+    assert fresh.py(CALL, **trust) == untrusted
+    assert runs(counter) == [], "a trusted record in the bucket is a hit"
+    assert list((fresh.home / "tasks").rglob("*.json")), "the bucket hit was copied into the local store"
+    # and again without the bucket: served from the local copy
+    assert fresh.py(CALL, KACHERY_TASKS_TIERS="[memory, local]") == untrusted
+    assert runs(counter) == []
+
+
+def test_an_untrusted_pickle_is_never_loaded_and_explain_says_why(lab):
+    a, b, bucket, counter = lab
+    a.py("import pipeline\npipeline.shapes(3)", KACHERY_TASKS_PUBLISH="true")
+    assert runs(counter) == ["shapes"]
+    out = b.py("import pipeline, kachery_tasks as kt\n"
+               "from kachery_tasks.tasks.resolver import find\n"
+               "misses = []\n"
+               "j = pipeline.shapes.job(3)\n"
+               "print(find(j.settings.home, j.id, misses) is None)\n"
+               "print(misses)")
+    assert out.splitlines()[0] == "True"
+    assert "not trusted" in out and a.node_id[:12] in out
+    assert runs(counter) == ["shapes"], "looking is not computing"
+
+
+def _record_file(bucket: Path) -> Path:
+    [task_dir] = [d for d in (bucket / "records").iterdir() if d.is_dir()]
+    [record] = list(task_dir.iterdir())
+    return record
+
+
+def test_a_tampered_record_in_the_bucket_is_refused_and_recomputed(lab):
+    a, b, bucket, counter = lab
+    code = "import pipeline\nprint(pipeline.shapes(7))"
+    a.py(code, KACHERY_TASKS_PUBLISH="true")
+    path = _record_file(bucket)
+    record = orjson.loads(path.read_bytes())
+    record["created"] += 1.0  # any change after signing
+    os.chmod(path, 0o644)
+    path.write_bytes(orjson.dumps(record))
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    out = b.py("import pipeline\nfrom kachery_tasks.tasks.resolver import find\nmisses = []\n"
+               "j = pipeline.shapes.job(7)\nfind(j.settings.home, j.id, misses)\nprint(misses)", **trust)
+    assert "bad signature" in out
+    b.py(code, **trust)
+    assert runs(counter) == ["shapes", "shapes"], "a tampered record is never served"
+
+
+def test_a_record_whose_blob_is_gone_is_incomplete_and_recomputed(lab):
+    a, b, bucket, counter = lab
+    a.py("import pipeline\npipeline.ramp(300_000)", KACHERY_TASKS_PUBLISH="true")
+    for blob in (bucket / "sha256").rglob("*"):
+        if blob.is_file():
+            blob.unlink()
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    out = b.py("import pipeline\nfrom kachery_tasks.tasks.resolver import find\nmisses = []\n"
+               "j = pipeline.ramp.job(300_000)\nprint(find(j.settings.home, j.id, misses) is None, misses)", **trust)
+    assert out.startswith("True") and "not in the bucket" in out
+    b.py("import pipeline\npipeline.ramp(300_000)", **trust)
+    assert runs(counter) == ["ramp", "ramp"]
+
+
+def test_publish_by_command_then_hit_elsewhere(lab):
+    a, b, bucket, counter = lab
+    task_id = a.py("import pipeline\nj = pipeline.ramp.job(1000)\nj.result()\nprint(j.id)")
+    assert not (bucket / "records").exists()
+    proc = a.kachery("publish", task_id)
+    assert proc.returncode == 0, proc.stderr
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    b.py("import pipeline\npipeline.ramp(1000)", **trust)
+    assert runs(counter) == ["ramp"]
+
+
+def test_publishing_without_a_bucket_is_one_line(lab):
+    a, _, _, _ = lab
+    proc = a.kachery("publish", "0" * 32, KACHERY_TASKS_BUCKET="")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
