@@ -130,6 +130,8 @@ def test_an_untrusted_pickle_is_never_loaded_and_explain_says_why(lab):
                "print(misses)")
     assert out.splitlines()[0] == "True"
     assert "not trusted" in out and a.node_id[:12] in out
+    said = b.py("import pipeline, kachery_tasks as kt\nprint(kt.explain(pipeline.shapes.job(3)))")
+    assert "not used: bucket:" in said and "not trusted" in said
     assert runs(counter) == ["shapes"], "looking is not computing"
 
 

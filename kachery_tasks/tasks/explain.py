@@ -15,7 +15,7 @@ from typing import Any
 from ..hashing import hash_value
 from ..store.local import store_for
 from ..store.task_record import TaskRecord
-from .resolver import has_result
+from .resolver import find, has_result
 from .task import Job
 
 
@@ -28,6 +28,7 @@ class Explanation:
     differences: list[str] = field(default_factory=list)
     closest: str | None = None
     upstream: dict[str, Explanation] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)  # records a tier found and did not use, and why
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +39,7 @@ class Explanation:
             "differences": self.differences,
             "closest": self.closest,
             "upstream": {k: v.as_dict() for k, v in self.upstream.items()},
+            "rejected": self.rejected,
         }
 
     def __str__(self) -> str:
@@ -46,6 +48,7 @@ class Explanation:
     def _lines(self, depth: int) -> list[str]:
         pad = "  " * depth
         lines = [f"{pad}{self.function} {self.task_id}: {'hit' if self.hit else 'miss'}: {self.reason}"]
+        lines += [f"{pad}  - not used: {r}" for r in self.rejected]
         lines += [f"{pad}  - {d}" for d in self.differences]
         for explanation in self.upstream.values():
             lines += explanation._lines(depth + 1)
@@ -53,6 +56,15 @@ class Explanation:
 
 
 def explain(job: Job) -> Explanation:
+    explanation = _explain(job)
+    if not explanation.hit:
+        misses: list[tuple[str, str]] = []
+        if find(job.settings.home, job.id, misses) is None:  # what a tier found and refused, and why
+            explanation.rejected = [f"{tier}: {why}" for tier, why in misses]
+    return explanation
+
+
+def _explain(job: Job) -> Explanation:
     task_id = job.id
     name = job.task.function_id.name
     store = store_for(job.settings.home)
