@@ -42,6 +42,12 @@ def total(x):
     return float(x.sum())
 
 
+@kt.pure
+def report(totals, tag):
+    _count("report")
+    return {"tag": tag, "sum": sum(totals)}
+
+
 @kt.pure(codec="pickle")
 def shapes(n):
     _count("shapes")
@@ -188,3 +194,36 @@ def test_publishing_without_a_bucket_is_one_line(lab):
     proc = a.kachery("publish", "0" * 32, KACHERY_TASKS_BUCKET="")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+DASK_RERUN = '''
+import dask, json
+import kachery_tasks as kt
+import pipeline
+from kachery_tasks.buckets.directory import DirectoryBucket
+
+calls = {"exists_many": 0, "list": 0}
+for name in calls:
+    original = getattr(DirectoryBucket, name)
+    def counted(self, *args, _name=name, _original=original, **kwargs):
+        calls[_name] += 1
+        return _original(self, *args, **kwargs)
+    setattr(DirectoryBucket, name, counted)
+
+import os
+totals = [pipeline.total.delayed(pipeline.ramp.delayed(1000 + i)) for i in range(20)]
+value = pipeline.report.delayed(totals, os.environ["KT_TAG"]).compute(scheduler="sync")
+print(json.dumps({"sum": value["sum"], "calls": calls}))
+'''
+
+
+def test_a_dask_pipeline_rerun_elsewhere_computes_only_what_changed_after_batched_lookups(lab):
+    a, b, bucket, counter = lab
+    first = json.loads(a.py(DASK_RERUN + "", KACHERY_TASKS_PUBLISH="true", KT_TAG="a"))
+    assert len(runs(counter)) == 41
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    again = json.loads(b.py(DASK_RERUN, KT_TAG="b", **trust))  # a new report over the same 20 totals
+    assert again["sum"] == first["sum"]
+    assert runs(counter)[41:] == ["report"], "the other node computed only the changed root"
+    # one batched check for the root's level, one for the 20 totals (their ramps are never visited)
+    assert again["calls"]["exists_many"] == 2, again["calls"]

@@ -40,43 +40,49 @@ def shallow(job: Job, stubs: dict[str, Job]) -> Job:
                id=job.id, action_key=job.action_key)
 
 
-def build_graph(roots: Iterable[Job], *, has_result: Any = None) -> tuple[dict[str, GraphNode], dict[str, int]]:
+def build_graph(roots: Iterable[Job]) -> tuple[dict[str, GraphNode], dict[str, int]]:
     """The pruned graph that computes ``roots``, and counts: loads, runs, data, pruned.
 
-    Top-down and iterative (no recursion limit), memoized by task id: a diamond's shared job
-    appears once. ``has_result`` (for tests and benchmarks) replaces the store check.
+    Top-down, one level of the graph at a time (no recursion limit), memoized by task id: a
+    diamond's shared job appears once. The jobs of a level are looked up together
+    (``resolver.have_results``: one batched check per tier, so a bucket is asked once per level, not
+    once per node); a job found is loaded and nothing upstream of it is visited.
     """
-    if has_result is None:
-        has_result = resolver.has_result
     dsk: dict[str, GraphNode] = {}
     seen: dict[str, str] = {}
     stubs: dict[str, Job] = {}
     loaded: list[Job] = []
     counts = {"loads": 0, "runs": 0, "data": 0, "pruned": 0}
-    stack = list(roots)
-    while stack:
-        job = stack.pop()
-        jid = job.id
-        if jid in seen:
-            continue
-        key = seen[jid] = job_key(job)
-        spec = node_spec(job)
-        if spec is not None and spec.is_data:
-            dsk[key] = DataNode(key, spec.node.value)
-            counts["data"] += 1
-            continue
-        if prunable(job) and has_result(job):
-            loaded.append(job)
-            dsk[key] = None  # filled below, once the pruned upstream is counted
-            counts["loads"] += 1
-            continue
-        ups: dict[str, Job] = {}
-        for up in job.upstream():
-            ups.setdefault(up.id, up)
-        dsk[key] = RunTask(key, run_job, shallow(job, stubs), tuple(ups),
-                           *(TaskRef(job_key(up)) for up in ups.values()), full=job)
-        counts["runs"] += 1
-        stack.extend(ups.values())
+    level = list(roots)
+    while level:
+        fresh: list[Job] = []
+        for job in level:
+            jid = job.id
+            if jid in seen:
+                continue
+            seen[jid] = job_key(job)
+            spec = node_spec(job)
+            if spec is not None and spec.is_data:
+                dsk[seen[jid]] = DataNode(seen[jid], spec.node.value)
+                counts["data"] += 1
+                continue
+            fresh.append(job)
+        found = resolver.have_results([job for job in fresh if prunable(job)])
+        level = []
+        for job in fresh:
+            key = seen[job.id]
+            if job.id in found:
+                loaded.append(job)
+                dsk[key] = None  # filled below, once the pruned upstream is counted
+                counts["loads"] += 1
+                continue
+            ups: dict[str, Job] = {}
+            for up in job.upstream():
+                ups.setdefault(up.id, up)
+            dsk[key] = RunTask(key, run_job, shallow(job, stubs), tuple(ups),
+                               *(TaskRef(job_key(up)) for up in ups.values()), full=job)
+            counts["runs"] += 1
+            level.extend(ups.values())
     for job in loaded:
         pruned = _count_pruned(job, seen)
         counts["pruned"] += pruned

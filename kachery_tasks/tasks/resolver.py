@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import StaleResultWarning
@@ -69,8 +69,25 @@ def lookup(job: Job) -> Any:
 
 def has_result(job: Job) -> bool:
     """True if resolving ``job`` now would be a hit, without loading the result."""
-    task_id = job.id
-    return any(not tier.missing((task_id,)) for tier in tiers_for(job.settings.home))
+    return job.id in have_results([job])
+
+
+def have_results(jobs: Iterable[Job]) -> set[str]:
+    """The ids of those ``jobs`` that a tier holds a complete result for, without loading any: each
+    tier in force is asked once, for the ids the tiers before it lack (one batched existence check
+    of a bucket for a whole level of a Dask graph, not one round trip per job)."""
+    by_home: dict[str, set[str]] = {}
+    for job in jobs:
+        by_home.setdefault(job.settings.home, set()).add(job.id)
+    found: set[str] = set()
+    for home, ids in by_home.items():
+        left = ids
+        for tier in tiers_for(home):
+            if not left:
+                break
+            left = left & tier.missing(left)
+        found |= ids - left
+    return found
 
 
 # -- pure ------------------------------------------------------------------------------------------
