@@ -227,3 +227,24 @@ def test_a_dask_pipeline_rerun_elsewhere_computes_only_what_changed_after_batche
     assert runs(counter)[41:] == ["report"], "the other node computed only the changed root"
     # one batched check for the root's level, one for the 20 totals (their ramps are never visited)
     assert again["calls"]["exists_many"] == 2, again["calls"]
+
+
+def test_a_file_published_by_one_node_is_loaded_by_another_verified(lab, tmp_path):
+    a, b, bucket, _ = lab
+    data = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit
+    (tmp_path / "rec.dat").write_bytes(data)
+    uri = a.kachery("store", str(tmp_path / "rec.dat")).stdout.strip()
+    assert b.kachery("cat", uri).returncode == 1, "not there before it is published"
+    proc = a.kachery("publish", uri)
+    assert proc.returncode == 0, proc.stderr
+    path = b.kachery("load", uri).stdout.strip()
+    assert Path(path).read_bytes() == data and str(b.home) in path
+    # a damaged copy in the bucket is refused with one line, never handed out
+    [obj] = [p for p in (bucket / "sha256").rglob("*") if p.is_file()]
+    os.chmod(obj, 0o644)
+    obj.write_bytes(data[:-1] + b"X")
+    c = Node(tmp_path, "home-c", bucket, tmp_path / "runs.txt")
+    proc = c.kachery("cat", uri)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    kept = [p for p in (c.home / "store" / "sha256").rglob("*") if p.is_file()] if (c.home / "store").exists() else []
+    assert kept == [], "damaged bytes never enter the store"

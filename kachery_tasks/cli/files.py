@@ -16,6 +16,7 @@ import click
 from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError, human_bytes
 from ..fs import write_atomic
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
+from ..store.files import local_blobs
 from .output import byte_progress, print_json, print_listing, print_mapping
 
 
@@ -64,7 +65,7 @@ def _copy(sha256: str, target: Path) -> None:
     The bytes are hashed as they are copied, so a damaged blob leaves no file at all."""
     if not target.parent.is_dir():
         raise UserError(f"cannot write {str(target)!r}: directory {str(target.parent)!r} does not exist")
-    blobs = current_store().blobs
+    blobs = local_blobs(sha256)  # fetched from the configured buckets if missing here
     size = blobs.size(sha256)
     try:
         with byte_progress(size, f"copying to {target.name}") as progress:
@@ -92,8 +93,8 @@ def _umask() -> int:
 @click.argument("uri")
 def cat(uri: str) -> None:
     """Write URI's bytes to stdout, each block hashed before it is written (see docs/files.md)."""
-    blobs = current_store().blobs
     sha256 = parse_file_uri(uri).sha256
+    blobs = local_blobs(sha256)  # fetched from the configured buckets if missing here
     out = sys.stdout.buffer
     written = 0
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from .. import config
 from ..errors import CodecError, NotFoundError, ReadOnlyStoreError, UserError
-from .blobs import Progress
+from .blobs import BlobStore, Progress
 from .codecs import encode_json, is_plain_json, npy_blocks
 from .local import current_store
 from .uris import file_uri, parse_file_uri
@@ -81,16 +82,36 @@ def store_npy(array: np.ndarray, label: str | None = None) -> str:
     return file_uri(_writable().put_stream(npy_blocks(np.asanyarray(array))), label)
 
 
+#: Sources of blobs missing from the store, asked in order: each takes (sha256, the store's blobs)
+#: and returns True once it has put the blob there, verified. The buckets layer adds the configured
+#: buckets (buckets/fetch.py); the store itself knows no remote.
+FETCHERS: list[Callable[[str, BlobStore], bool]] = []
+
+
+def local_blobs(sha256: str) -> BlobStore:
+    """The store's blobs, with ``sha256`` fetched into them first if it is missing and a source
+    (a configured bucket) has it; a blob nowhere stays missing (the read then says so)."""
+    blobs = current_store().blobs
+    if not blobs.exists(sha256):
+        for fetch in FETCHERS:
+            if fetch(sha256, blobs):
+                break
+    return blobs
+
+
 def load_file(uri: str) -> Path:
     """Path of the verified local copy of ``uri`` (read it, never write to it): hashed unless its
-    verified stamp still matches."""
-    return current_store().blobs.verified_path(parse_file_uri(uri).sha256)
+    verified stamp still matches. A file missing here is fetched from the configured buckets."""
+    sha256 = parse_file_uri(uri).sha256
+    return local_blobs(sha256).verified_path(sha256)
 
 
 def load_bytes(uri: str) -> bytes:
     """The bytes of ``uri``, hashed as they are read; :class:`IntegrityError` (the blob quarantined)
-    if they do not match, whatever the stamp says."""
-    return current_store().blobs.read_bytes(parse_file_uri(uri).sha256)
+    if they do not match, whatever the stamp says. A file missing here is fetched from the
+    configured buckets."""
+    sha256 = parse_file_uri(uri).sha256
+    return local_blobs(sha256).read_bytes(sha256)
 
 
 def load_json(uri: str) -> Any:
@@ -115,7 +136,7 @@ def load_npy(uri: str, mmap: bool = True) -> np.ndarray:
 def file_info(uri: str) -> dict[str, Any]:
     """What the store knows of ``uri``: size, path, chunk manifest (without re-hashing)."""
     parsed = parse_file_uri(uri)
-    blobs = current_store().blobs
+    blobs = local_blobs(parsed.sha256)
     if not blobs.exists(parsed.sha256):
         raise NotFoundError(f"{uri} is not found in this node's store; store it first with `kachery store`")
     manifest = blobs.manifest(parsed.sha256)
