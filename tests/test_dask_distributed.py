@@ -59,9 +59,17 @@ def plugin(client, tmp_path):
     return client
 
 
-def test_bucket_is_refused():
-    with pytest.raises(UserError, match="bucket"):
-        KacheryPlugin(home="/tmp/x", bucket="s3://b")
+def test_the_plugin_gives_workers_the_sources_of_results_in_force_here(tmp_path):
+    from kachery_tasks import config
+    from kachery_tasks.errors import ConfigError
+
+    trusted = ["ab" * 32]
+    with config.set(bucket=f"file://{tmp_path}", trusted_nodes=trusted, tiers=["memory", "local", "bucket"]):
+        settings = KacheryPlugin().worker_settings
+    assert settings["bucket"] == f"file://{tmp_path}" and settings["trusted_nodes"] == trusted
+    assert KacheryPlugin(bucket="gs://lab-results/kachery").worker_settings["bucket"] == "gs://lab-results/kachery"
+    with pytest.raises(ConfigError, match="bucket"):
+        KacheryPlugin(bucket="lab-results")
 
 
 def test_workers_use_the_plugin_home(plugin, tmp_path):

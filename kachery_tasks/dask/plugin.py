@@ -28,6 +28,8 @@ from .nodes import PLUGIN_NAME, TOPIC, JobTask
 log = logging.getLogger("kachery_tasks.dask")
 
 NAME = "kachery"
+#: The configuration keys that decide where results come from: the workers get the client's values.
+RESULT_SOURCES = ("tiers", "bucket", "read_buckets", "bucket_read_only", "trusted_nodes")
 
 
 class KacheryWorkerPlugin(WorkerPlugin):
@@ -58,7 +60,10 @@ class KacheryPlugin(SchedulerPlugin):
     in force here: jobs record in the home they were made in (and the client prunes by looking
     there), so a plugin with another home would leave the cluster recording where the client is,
     not where the plugin says. The home must be one path on every machine (a shared filesystem).
-    ``bucket``: reserved for remote stores (a later version); must be None. ``settings``: other
+    ``bucket``: the bucket the workers read and publish to (default: the one in force here); the
+    other keys that decide where results come from (``tiers``, ``read_buckets``,
+    ``bucket_read_only``, ``trusted_nodes``) go to the workers as they are here, so a graph the
+    client pruned against a bucket loads from that bucket on the workers. ``settings``: other
     configuration keys to set on the workers (``namespace``, ``read_only``, ...).
     """
 
@@ -67,8 +72,7 @@ class KacheryPlugin(SchedulerPlugin):
 
     def __init__(self, home: str | None = None, bucket: str | None = None, **settings: Any):
         if bucket is not None:
-            raise UserError("KacheryPlugin(bucket=...) is not supported yet: buckets come in a later "
-                            "version; use a home on a filesystem the workers share")
+            settings["bucket"] = bucket
         with config.set(**settings):  # validates the keys and values here, not on the workers
             pass
         here = config.home_str()
@@ -80,7 +84,8 @@ class KacheryPlugin(SchedulerPlugin):
                     f"KacheryPlugin(home={str(home)!r}) differs from the home in force here ({here}): "
                     "jobs record in the home they are made in, so make it the home here too "
                     f"(kt.config.set(home={str(home)!r}) or KACHERY_TASKS_HOME) or leave home= out")
-        self.worker_settings = {"home": here, **settings}
+        sources = {key: config.get(key) for key in RESULT_SOURCES}
+        self.worker_settings = {"home": here, **sources, **settings}
         self._scheduler: Any = None
         self._reset()
 
