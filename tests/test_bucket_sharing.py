@@ -187,6 +187,15 @@ def test_publish_by_command_then_hit_elsewhere(lab):
     trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
     b.py("import pipeline\npipeline.ramp(1000)", **trust)
     assert runs(counter) == ["ramp"]
+    listed = json.loads(a.kachery("bucket", "ls", "--json").stdout)
+    assert [row["task_id"] for row in listed] == [task_id] and listed[0]["function"] == "pipeline.ramp"
+    assert json.loads(b.kachery("bucket", "ls", "--json").stdout) == [], "B published nothing"
+    assert "not in the bucket" in b.kachery("bucket", "rm", task_id).stdout, "B cannot remove A's record"
+    assert a.kachery("bucket", "rm", task_id[:10]).returncode == 0
+    assert json.loads(a.kachery("bucket", "ls", "--json").stdout) == []
+    c = Node(b.home.parent, "home-c", bucket, counter)
+    c.py("import pipeline\npipeline.ramp(1000)", **trust)
+    assert runs(counter) == ["ramp", "ramp"], "a removed record is no longer a hit"
 
 
 def test_publishing_without_a_bucket_is_one_line(lab):
