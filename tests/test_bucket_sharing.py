@@ -58,12 +58,12 @@ def shapes(n):
 class Node:
     """One node: a home of its own, the shared bucket, and the pipeline module."""
 
-    def __init__(self, tmp: Path, name: str, bucket: Path, counter: Path):
+    def __init__(self, tmp: Path, name: str, bucket: Path | str, counter: Path):
         self.home = tmp / name
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("KACHERY_TASKS_")}
         self.env.update({
             "KACHERY_TASKS_HOME": str(self.home),
-            "KACHERY_TASKS_BUCKET": f"file://{bucket}",
+            "KACHERY_TASKS_BUCKET": bucket if isinstance(bucket, str) else bucket.as_uri(),
             "KT_TEST_COUNTER": str(counter),
             "PYTHONPATH": os.pathsep.join([str(tmp), str(REPO)]),
         })
@@ -257,3 +257,20 @@ def test_a_file_published_by_one_node_is_loaded_by_another_verified(lab, tmp_pat
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     kept = [p for p in (c.home / "store" / "sha256").rglob("*") if p.is_file()] if (c.home / "store").exists() else []
     assert kept == [], "damaged bytes never enter the store"
+
+
+@pytest.mark.parametrize("bucket_kind", ["gcs"])
+def test_sharing_through_google_cloud_storage(tmp_path, bucket_uri):
+    """The same sharing through fake-gcs-server (the real google-cloud-storage client on both nodes)."""
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    counter = tmp_path / "runs.txt"
+    a = Node(tmp_path, "home-a", bucket_uri, counter)
+    b = Node(tmp_path, "home-b", bucket_uri, counter)
+    first = a.py(CALL, KACHERY_TASKS_PUBLISH="true")
+    assert runs(counter) == ["ramp", "total"]
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    assert b.py(CALL, **trust) == first
+    assert runs(counter) == ["ramp", "total"], "a trusted record in the GCS bucket is a hit"
+    c = Node(tmp_path, "home-c", bucket_uri, counter)  # trusts nobody
+    said = c.py("import pipeline, kachery_tasks as kt\nprint(kt.explain(pipeline.ramp.job(300_000)))")
+    assert "not trusted" in said and a.node_id[:12] in said
