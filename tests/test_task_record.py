@@ -170,6 +170,17 @@ def _resigned(data: dict) -> dict:
     return sign_document(node_identity(current_store().home).keys, data)
 
 
+def test_an_integer_stays_an_integer(home):
+    inline_json(12)
+    data = _raw(inline_json.task_id(12))
+    data["created"] = int(data["created"])  # a number may be an integer: not read back as 1796...0
+    data["provenance"]["wall_s"] = 0
+    data = _resigned(data)
+    record = TaskRecord.from_bytes(orjson.dumps(data))
+    assert type(record.created) is int and orjson.dumps(record.to_json()) == orjson.dumps(data)
+    assert record.verify_signature()
+
+
 def test_unknown_fields_survive_a_round_trip_and_the_signature_still_verifies(home):
     inline_json(6)
     data = _raw(inline_json.task_id(6))
@@ -179,11 +190,25 @@ def test_unknown_fields_survive_a_round_trip_and_the_signature_still_verifies(ho
     data["result"]["compression"] = None
     data["provenance"]["gpu"] = "none"
     data = _resigned(data)
-    record = TaskRecord.from_json(copy.deepcopy(data))
-    assert record.extra == {"lineage": {"from": "a newer writer"}}
-    assert record.function.extra == {"entry_point": "pkg:main"}
-    assert record.to_json() == data
-    assert record.verify_signature()
+    for record in (TaskRecord.from_json(copy.deepcopy(data)), TaskRecord.from_bytes(orjson.dumps(data))):
+        assert record.extra == {"lineage": {"from": "a newer writer"}}
+        assert record.function.extra == {"entry_point": "pkg:main"}
+        assert record.args["x"].extra == {"shape_hint": [1]} and record.args["scale"].extra == {}
+        assert record.result.extra == {"compression": None}
+        assert record.provenance["gpu"] == "none" and "gpu" in record.provenance and record.provenance.wall_s >= 0
+        assert record.to_json() == data  # the same fields; a newer writer's may come back in another order
+        assert record.verify_signature()
+
+
+def test_unknown_fields_of_a_failure_survive_too(home):
+    with pytest.raises(ValueError):
+        fails(2)
+    data = _raw(fails.task_id(2), failure=True)
+    data["error"]["cause"] = "ValueError"
+    data = _resigned(data)
+    record = TaskRecord.from_bytes(orjson.dumps(data))
+    assert record.error.extra == {"cause": "ValueError"} and record.extra == {}
+    assert record.to_json() == data and record.verify_signature()
 
 
 def test_a_tampered_record_fails_its_signature(home):
@@ -215,22 +240,39 @@ def good(home) -> dict:
 INVALID = {
     "missing field": (lambda d: d["function"].pop("code_hash"), "missing field 'function.code_hash'"),
     "missing top-level field": (lambda d: d.pop("created"), "missing field 'created'"),
-    "wrong type": (lambda d: d.update(created="yesterday"), "created is a string ('yesterday'), not a number"),
-    "wrong nested type": (lambda d: d["provenance"].update(wall_s=None), "provenance.wall_s is null, not a number"),
+    "wrong type": (lambda d: d.update(created="yesterday"), "created: expected `int | float`, got `str`"),
+    "wrong nested type": (lambda d: d["provenance"].update(wall_s=None),
+                          "provenance.wall_s: expected `int | float`, got `null`"),
+    "wrong type in an entry": (lambda d: d["args"]["x"].update(pickle=3) or d["args"]["x"].pop("json"),
+                               "args['x'].pickle: expected `str`, got `int`"),
     "unknown status": (lambda d: d.update(status="done"), "unknown status 'done' (succeeded or failed)"),
-    "malformed task id": (lambda d: d.update(task_id="ABC123"), "task_id 'ABC123' is not 32 lowercase hex"),
+    "malformed task id": (lambda d: d.update(task_id="ABC123"), "task_id is not 32 lowercase hex"),
+    "uppercase task id": (lambda d: d.update(task_id=d["task_id"].upper()), "is not 32 lowercase hex"),
+    "malformed upstream": (lambda d: d.update(upstream=["A" * 32]), "upstream 'AAAA"),
+    "malformed job": (lambda d: d["args"]["x"].update(job="z" * 32) or d["args"]["x"].pop("json"), "args['x'].job 'zzzz"),
+    "unknown scheme": (lambda d: d.update(scheme="kt2"), "unknown scheme 'kt2'"),
+    "unknown kind": (lambda d: d.update(kind="daily"), "unknown kind 'daily'"),
     "malformed arg hash": (lambda d: d["args"]["x"].update(hash="x" * 32), "args['x'].hash 'xxxx"),
     "two result forms": (lambda d: d["result"].update(uri="sha256://" + "a" * 64),
                          "result has 2 forms (inline and uri); a result has exactly one"),
     "two arg forms": (lambda d: d["args"]["x"].update(pickle="gAU="), "args['x'] has 2 forms (json and pickle)"),
+    "codec without a blob": (lambda d: d["args"]["x"].update(codec="npy"), "args['x'] has codec or size"),
+    "blob without codec": (lambda d: d["args"]["x"].update(blob="sha256://" + "a" * 64) or d["args"]["x"].pop("json"),
+                           "missing field \"args['x'].codec\""),
+    "inline npy": (lambda d: d["result"].update(codec="npy"), "result.inline holds json, not npy"),
+    "bad result uri": (lambda d: d["result"].update(uri="sha256://abc") or d["result"].pop("inline"), "result.uri"),
+    "bad origin": (lambda d: d["function"].update(origin={"kind": "cloud"}), "function.origin.kind 'cloud'"),
     "no arg form": (lambda d: d["args"]["x"].pop("json"), "args['x'] has no value form"),
     "result of a failure": (lambda d: d.update(status="failed"), "missing field 'error'"),
-    "unknown codec": (lambda d: d["result"].update(codec="msgpack"), "result.codec 'msgpack' is not one of"),
+    "unknown codec": (lambda d: d["result"].update(codec="msgpack"), "result.codec: invalid enum value 'msgpack'"),
     "newer version": (lambda d: d.update(record_version=RECORD_VERSION + 1),
                       f"written by a newer kachery-tasks (record_version {RECORD_VERSION + 1}; this one reads up to "
                       f"{RECORD_VERSION}): upgrade kachery-tasks"),
+    "newer version, other shape": (lambda d: d.update(record_version=RECORD_VERSION + 1, status=3),
+                                   f"written by a newer kachery-tasks (record_version {RECORD_VERSION + 1}"),
+    "an unknown field and an error": (lambda d: d.update(lineage=1, created="x"), "created: expected"),
     "bad signature text": (lambda d: d.update(signature="zz"), "signature is not 128 lowercase hex"),
-    "not an object": (lambda d: d.update(args=[]), "args is a list, not an object"),
+    "not an object": (lambda d: d.update(args=[]), "args: expected `object`, got `array`"),
 }
 
 
@@ -239,21 +281,36 @@ def test_each_kind_of_invalid_record_is_refused_naming_the_problem(good, case):
     change, message = INVALID[case]
     data = _broken(change, good)
     with pytest.raises(InvalidRecord) as caught:
-        TaskRecord.from_json(data)
+        TaskRecord.from_json(copy.deepcopy(data))
     assert message in str(caught.value), str(caught.value)
-    # the fast path for usual records never accepts what the field-by-field check refuses
-    assert task_record_module._parse_usual(data) is None
+    # the bytes the store reads are refused the same way (msgspec decodes them, no dict first)
+    with pytest.raises(InvalidRecord) as from_bytes:
+        TaskRecord.from_bytes(orjson.dumps(data))
+    assert from_bytes.value.reason == caught.value.reason
 
 
-def test_the_fast_and_the_thorough_parse_agree_on_real_records(home):
+@pytest.mark.parametrize("text", [b"", b"{", b"[1, 2]", b"null", b'"kt1"'])
+def test_what_is_no_json_object_is_refused(text):
+    with pytest.raises(InvalidRecord, match="not JSON|a task record is a JSON object"):
+        TaskRecord.from_bytes(text)
+
+
+def test_the_fast_and_the_slow_path_agree_on_real_records(home):
     inline_json(9)
     array_of(9)
     total(array_of.job(9))
-    for record in current_store().records.iter_records():
-        data = record.to_json()
-        fast = task_record_module._parse_usual(data)
-        assert fast is None or fast == task_record_module._parse(data)
-    assert task_record_module._parse_usual(_raw(inline_json.task_id(9))) is not None  # the hit's path is fast
+    with pytest.raises(ValueError):
+        fails(9)
+    records = current_store().records
+    seen = 0
+    for record in [*records.iter_records(), *records.iter_records(failures=True)]:
+        path = records.failure_path(record.task_id) if record.status == "failed" else records.path(record.task_id)
+        text = path.read_bytes()
+        fast = task_record_module._decode(text)  # the usual record decodes in one pass, no slow path
+        task_record_module._check(fast)
+        assert fast == record == TaskRecord.from_json(orjson.loads(text)) == task_record_module._parse(orjson.loads(text))
+        seen += 1
+    assert seen == 4
 
 
 def test_an_invalid_record_on_disk_is_quarantined_and_the_task_recomputes(home, tmp_path):
