@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-import orjson
 
 from .. import config
 from ..buckets import NotFound
@@ -53,7 +52,7 @@ def ls_cmd(as_json: bool) -> None:
         if not info.key.endswith(f"/{me}.json"):
             continue
         try:
-            record = TaskRecord.from_json(orjson.loads(b"".join(target.read(info.key))))
+            record = TaskRecord.from_bytes(b"".join(target.read(info.key)))
         except (NotFound, ValueError):
             continue
         size = record.result.size if record.result is not None else 0

@@ -30,8 +30,6 @@ import logging
 from collections.abc import Collection
 from pathlib import Path
 
-import orjson
-
 from ... import config
 from ...buckets import Bucket, NotFound, open_bucket
 from ...buckets.layout import record_key, records_prefix
@@ -111,7 +109,7 @@ class BucketTier(Tier):
         key = record_key(task_id, node)
         where = f"{bucket.uri}/{key}"
         try:
-            record = TaskRecord.from_json(orjson.loads(b"".join(bucket.read(key))))
+            record = TaskRecord.from_bytes(b"".join(bucket.read(key)))
         except NotFound:
             return None  # deleted since the listing
         except (InvalidRecord, ValueError) as exc:
