@@ -9,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import InvalidURI, UserError
 from .base import Bucket
+from .directory import DirectoryBucket
 
 _FORMS = "file:///absolute/path or gs://bucket-name/optional/prefix"
 _GCS_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -23,8 +24,6 @@ def open_bucket(uri: str, *, read_only: bool = False, **options: Any) -> Bucket:
         raise InvalidURI(f"{uri!r} is not a bucket URI; use {_FORMS}")
     scheme = uri.partition("://")[0].lower()
     if scheme == "file":
-        from .directory import DirectoryBucket
-
         return DirectoryBucket(_file_path(uri), read_only=read_only, **options)
     if scheme == "gs":
         name = uri[len("gs://"):].partition("/")[0]
@@ -32,7 +31,7 @@ def open_bucket(uri: str, *, read_only: bool = False, **options: Any) -> Bucket:
             raise InvalidURI(f"{uri!r}: {name!r} is not a Google Cloud Storage bucket name (3-222 lowercase "
                              "letters, digits, '-', '_', '.'); use gs://bucket-name/optional/prefix")
         try:
-            from .gcs import GCSBucket
+            from .gcs import GCSBucket  # here: google-cloud-storage is an optional extra, and slow to import
         except ImportError:
             raise UserError(f"{uri} needs google-cloud-storage: pip install 'kachery-tasks[gcs]'") from None
         return GCSBucket(uri, read_only=read_only, **options)

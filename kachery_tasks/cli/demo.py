@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from .. import config
+from ..identity import node_identity
 from .output import print_table, stdout_console
 
 
@@ -71,7 +72,6 @@ def _runs(console, home: str, shared: str, recordings: int, duration: float, wor
 
     from ..dask import KacheryPlugin
     from ..demo import run_batch
-    from ..identity import node_identity
 
     bucket_dir = Path(shared) / "bucket"
     bucket_dir.mkdir()

@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import multiprocessing.util
 import os
 import sys
 import threading
@@ -150,8 +151,6 @@ class GroupCommit:
 def _flush_at_process_exit(commit: GroupCommit) -> None:
     """Worker processes of multiprocessing (Dask's process pool, distributed's nannies) end with
     ``os._exit``, which skips atexit but runs multiprocessing's own finalizers: flush there too."""
-    import multiprocessing.util
-
     multiprocessing.util.Finalize(commit, commit.flush, exitpriority=100)
 
 
