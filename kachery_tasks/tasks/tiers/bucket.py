@@ -18,7 +18,13 @@ A hit is then the record with its blob already in the local store; the resolver'
 the record into the local store and memory, so the next call is a local hit.
 
 Several records of one id (nodes that computed the same call) are tried in trust order: this node
-first, then ``trusted_nodes`` as listed. ``missing`` answers many ids with one batched existence
+first, then ``trusted_nodes`` as listed.
+
+A lookup that found no record of a task at all is remembered for :data:`MISS_MEMORY_S` seconds (as
+Nix caches negative lookups, for far longer): a call that misses looks again under its single-flight
+lock, and that second look costs no round trip. A result another node publishes in that window is
+computed here instead of loaded: time, never a wrong answer. A lookup that found records and refused
+them is not remembered, so ``explain`` can say why. ``missing`` answers many ids with one batched existence
 check per bucket (of every trusted node's record key), which is what prunes a Dask graph; records
 are published after their blobs (publish.py), so a trusted record in the bucket names blobs that were
 there when it was written.
@@ -27,6 +33,7 @@ there when it was written.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -39,9 +46,13 @@ from ...identity import node_identity
 from ...store.local import store_for
 from ...store.task_record import TaskRecord
 from ..results import IncompleteRecord, load_result
-from .base import Hit, Miss, Tier
+from .base import ABSENT, Hit, Miss, Tier
 
 log = logging.getLogger("kachery_tasks")
+
+#: How long a miss in the buckets is believed without asking them again.
+MISS_MEMORY_S = 30.0
+_MISS_MEMORY_MAX = 1_000_000
 
 
 class BucketTier(Tier):
@@ -52,6 +63,7 @@ class BucketTier(Tier):
         self.buckets = buckets
         self.trusted = trusted  # in trust order: this node first
         self._trusted_set = frozenset(trusted)
+        self._missed: dict[str, float] = {}  # task id -> when the buckets were last found without it
 
     @classmethod
     def for_home(cls, home: str) -> BucketTier | None:
@@ -67,6 +79,9 @@ class BucketTier(Tier):
 
     # -- the protocol ----------------------------------------------------------------------------
     def get(self, task_id: str) -> Hit | Miss:
+        missed = self._missed.get(task_id)
+        if missed is not None and time.monotonic() - missed < MISS_MEMORY_S:
+            return ABSENT
         reasons: list[str] = []
         for bucket in self.buckets:
             publishers = self._publishers(bucket, task_id)
@@ -79,10 +94,13 @@ class BucketTier(Tier):
             if strangers:
                 reasons.append(f"{bucket.uri} has records of it by node(s) not trusted here: "
                                f"{', '.join(s[:12] for s in strangers)} (add a node id to trusted_nodes to use its results)")
-        return Miss("; ".join(reasons) if reasons else None)
+        if not reasons:
+            self._remember_missing((task_id,))
+            return ABSENT
+        return Miss("; ".join(reasons))
 
     def missing(self, task_ids: Collection[str]) -> set[str]:
-        left = set(task_ids)
+        left = set(task_ids)  # asked afresh: one round trip per bucket for them all
         for bucket in self.buckets:
             if not left:
                 break
@@ -90,6 +108,13 @@ class BucketTier(Tier):
             found = bucket.exists_many(list(keys))
             left -= {keys[k] for k in found}
         return left
+
+    def _remember_missing(self, task_ids: Collection[str]) -> None:
+        if len(self._missed) > _MISS_MEMORY_MAX:
+            self._missed.clear()
+        now = time.monotonic()
+        for task_id in task_ids:
+            self._missed[task_id] = now
 
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: what is published goes through publish.py, by the node's own choice."""
