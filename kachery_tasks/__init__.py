@@ -46,6 +46,7 @@ from .store import (
 )
 from .tasks import ActionResult, Job, Task, TaskFailed, action, explain, pure, query
 from .tasks.dask_layer import register_loader
+from .tasks.publish import publish
 from .tasks.stale import recheck, rerun, stale
 
 try:
@@ -89,6 +90,7 @@ __all__ = [
     "load_json",
     "load_npy",
     "local_feed",
+    "publish",
     "pure",
     "query",
     "recheck",
