@@ -15,15 +15,18 @@ of one writer racing therefore lose nothing; segments uploaded by an attempt tha
 stay unreferenced (harmless, content-addressed).
 
 **Reading** (:func:`pull_feed`, what ``kt.load_feed(uri)`` does through ``feeds.sources``): the head's
-signature must verify against the feed id; the segments needed (from the last message this home
-holds on) are read whole and each checked against the SHA-256 in its name before a line is parsed;
+signature must verify against the feed id; the segments needed (those past what this home
+already holds) are read whole and each checked against the SHA-256 in its name before a line is parsed;
 every line must be in canonical form, well formed, at its seq, validly signed by the feed key and
-chained by ``prev``; the last one must be the head's ``last``. Only when every subfeed passed is
-anything stored: first the message at this home's last seq (an exact duplicate, or fork evidence),
-then the new ones through :meth:`Subfeed.ingest`, then the head's checkpoint through
-:meth:`Subfeed.ingest_checkpoints` (whose Merkle root must match the messages). A failure raises
-:class:`FeedObjectTampered` naming the object; a validly signed other history raises
-:class:`ForkedFeedError` with the evidence recorded, and nothing of it is stored.
+chained by ``prev``; the last one must be the head's ``last``. Against this home: where the head
+holds no more than this home, its ``last`` must be the hash of this home's line at that seq; where
+it holds more, only the segments from this home's count on are read, and the first new message must
+chain to this home's last. Only when every subfeed passed is anything stored: a head of another
+history records its first differing message as fork evidence (:class:`ForkedFeedError`, the feed
+frozen, nothing else stored); otherwise the new messages go through :meth:`Subfeed.ingest`, then
+the head's checkpoint through :meth:`Subfeed.ingest_checkpoints` (its Merkle root must match the
+messages, which also makes it consistent with any checkpoint this home held). A failed check raises
+:class:`FeedObjectTampered` naming the bucket object, and nothing of the copy is stored.
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ class _Plan:
     lines: list[bytes]  # verified lines, seq ``first`` on
     first: int
     checkpoint: dict | None
+    forked: bool = False  # the head's history is not this home's
 
 
 def _fetch_lines(bucket: Bucket, feed_id: str, stem: str, entry: dict, lo: int, hi: int) -> list[bytes]:
@@ -248,21 +252,22 @@ def _apply_head(feed_id: str, bucket: Bucket, head: dict[str, Any]) -> dict[str,
                 continue
             lo, hi = count - 1, count  # a different message at a seq both hold: fetched as evidence
         else:
-            lo, hi = max(n - 1, 0), count
-        plans.append(_Plan(name, n, _fetch_lines(bucket, feed_id, stem, entry, lo, hi), lo, entry["checkpoint"]))
+            lo, hi = n, count
+        lines = _fetch_lines(bucket, feed_id, stem, entry, lo, hi)
+        forked = lo < n or (n > 0 and json.loads(lines[0])["prev"] != _sha(sub.lines(n - 1, n)[0]))  # type: ignore[union-attr]
+        plans.append(_Plan(name, n, lines, lo, entry["checkpoint"], forked))
     if not plans:
         return {}
     feed = local if local is not None else load_feed(feed_id, create=True, pull=False)
-    # first the messages at seqs this home holds: exact duplicates, or evidence of a fork
+    # another history first, before anything is stored: its first message is the evidence
     for p in plans:
-        if p.lines and p.first < p.local:
+        if p.forked:
             result = feed.subfeed(p.name).ingest(p.lines[:1])
-            if result.forked:
-                _raise_fork(feed, bucket, p.name, p.first)
+            _raise_fork(feed, bucket, p.name, result.forks[0] if result.forks else p.first)
     added: dict[str, int] = {}
     for p in plans:
         sub = feed.subfeed(p.name)
-        new = p.lines[1:] if p.first < p.local else p.lines
+        new = p.lines
         if new:
             result = sub.ingest(new)
             if result.forked:
