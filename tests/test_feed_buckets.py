@@ -314,32 +314,35 @@ def test_a_forked_copy_is_reported_never_merged(tmp_path):
     fid = uri[7:]
     assert a.kachery("feed", "publish", uri).returncode == 0
 
-    # C holds a copy of the same key and signs another history of "notes"
+    # C holds a copy of the same key and signs another history of "other" (short of a checkpoint, so
+    # only the chain and the head's last hash can tell the histories apart)
     c = Node(tmp_path, "c", b2.as_uri())
     (c.home / "keys" / "feeds").mkdir(parents=True)
     shutil.copy(a.home / "keys" / "feeds" / f"{fid}.pem", c.home / "keys" / "feeds")
     c.py(f"""
         from kachery_tasks.feeds import load_feed
         f = load_feed({uri!r}, create=True)
-        f.subfeed("notes").append_many([{{"fork": i}} for i in range(11)])
+        f.subfeed("other").append_many([{{"fork": i}} for i in range(2)])
     """)
     assert c.kachery("feed", "publish", uri).returncode == 0  # into its own, empty bucket
 
-    # B holds A's history, then also reads bucket2: the fork is reported, nothing of C's is stored
+    # B holds A's history, then also reads bucket2 (which holds more of "other" than B): the fork is
+    # reported, nothing of C's is stored
     b = Node(tmp_path, "b", b1.as_uri())
-    assert b.json(f'print(len(kt.load_feed({uri!r}).subfeed("notes")))') == 10
+    assert b.json(f'print(len(kt.load_feed({uri!r}).subfeed("other")))') == 1
     b.env["KACHERY_TASKS_READ_BUCKETS"] = json.dumps([b2.as_uri()])
     failed = b.py(f"kt.load_feed({uri!r})", ok=False)
     assert "ForkedFeedError" in failed.stderr and "another history signed by the same key" in failed.stderr
     with config.set(home=str(b.home)):
         f = load_feed(uri, pull=False)
         [evidence] = f.forks()
-        assert evidence["subfeed"] == "notes" and evidence["remote"]["body"] == {"fork": 10}
-        assert evidence["local"]["body"] == {"i": 9}
-        f.resolve_fork(keep="local")  # only now readable again: A's ten, none of C's
-        assert [m["body"] for m in f.subfeed("notes").messages()] == [{"i": i} for i in range(10)]
+        assert evidence["subfeed"] == "other" and evidence["remote"]["body"] == {"fork": 1}
+        assert evidence["local"]["body"] == {"x": "first"}
+        f.resolve_fork(keep="local")  # only now readable again: A's messages, none of C's
+        assert [m["body"] for m in f.subfeed("other").messages()] == [{"x": "first"}]
+        assert len(f.subfeed("notes")) == 10
 
-    # C publishing into A's bucket: refused, A's head untouched
+    # C publishing into A's bucket (whose head holds less of "other" than C): refused, head untouched
     with open_test_bucket(b1.as_uri()) as bucket1:
         before = read_head(bucket1, fid)
         c.env["KACHERY_TASKS_BUCKET"] = b1.as_uri()
@@ -347,9 +350,11 @@ def test_a_forked_copy_is_reported_never_merged(tmp_path):
         assert refused.returncode == 1 and "another history" in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
         assert read_head(bucket1, fid) == before
-        assert len(_segment_keys(bucket1, fid, "notes")) == 1
+        assert len(_segment_keys(bucket1, fid, "other")) == 1
     with config.set(home=str(c.home)):
-        assert stored_feed(uri).forks()  # C's feed is frozen with the evidence
+        forked = stored_feed(uri)
+        assert forked.forks()  # C's feed is frozen with the evidence
+        assert forked.subfeeds() == ["other"]  # and took none of A's "notes" on the way
 
 
 def test_load_feed_of_a_feed_no_bucket_has(tmp_path, bucket_uri):
