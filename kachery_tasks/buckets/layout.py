@@ -125,7 +125,7 @@ def records_prefix(task_id: str) -> str:
 
 
 def feed_prefix(feed_id: str) -> str:
-    """``feeds/<feed id>/``: where a feed's objects live (reserved for the bucket tier)."""
+    """``feeds/<feed id>/``: where a feed's objects live (head and segments: buckets/feeds.py)."""
     return f"feeds/{_check_id(feed_id, 'feed id')}/"
 
 
