@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from . import feeds as _feeds  # noqa: F401  registers the configured buckets as a source of feeds
 from . import fetch as _fetch  # noqa: F401  registers the configured buckets as a source of missing files
 from .base import (
     AlreadyExists,

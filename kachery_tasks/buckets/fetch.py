@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 
 from .. import config
+from ..errors import UserError
 from ..store.blobs import BlobStore
 from ..store.files import FETCHERS
 from .base import Bucket, NotFound
+from .layout import check_layout
 from .transfer import download_blob
 from .uri import open_bucket
 
@@ -32,6 +34,24 @@ def configured_buckets() -> list[Bucket]:
                 bucket = _opened[uri] = open_bucket(uri, read_only=True)
         found.append(bucket)
     return found
+
+
+def configured_bucket(*, write: bool) -> Bucket:
+    """The bucket of the config key ``bucket`` (its layout checked), or a one-line error."""
+    uri = config.get("bucket")
+    if not uri:
+        raise UserError("no bucket is configured; set one with "
+                        "`kachery config set bucket file:///shared/kachery` (or gs://bucket/prefix)")
+    if write and config.get("bucket_read_only"):
+        raise UserError(f"bucket {uri} is configured read-only (bucket_read_only: true); nothing is written to it")
+    bucket = open_bucket(uri, read_only=not write)
+    check_layout(bucket, write=write)
+    return bucket
+
+
+def write_bucket() -> Bucket:
+    """The bucket of the config key ``bucket``, opened for writing (what publishing writes to)."""
+    return configured_bucket(write=True)
 
 
 def fetch_from_buckets(sha256: str, blobs: BlobStore) -> bool:

@@ -6,7 +6,8 @@
     sha256/<ab>/<cd>/<64 hex>                a file of at most 16 MiB, or one chunk of a larger one
     manifests/<ab>/<cd>/<64 hex>.json        the s1 manifest of a file over 16 MiB
     records/<task id>/<node id>.json         a task record, one object per publishing node (reserved)
-    feeds/<feed id>/...                      a feed's objects (reserved)
+    feeds/<feed id>/head.json                the feed's signed head: what the bucket holds (CAS only)
+    feeds/<feed id>/<stem>/<start>-<end>-<sha256>.jsonl   messages start..end-1 of a subfeed (immutable)
 
 **Marker.** ``kachery-bucket.json`` is created (create-if-absent) the first time a node writes to
 the bucket. A node refuses a bucket whose marker names a higher version ("written by a newer
@@ -37,8 +38,24 @@ and the whole-file check refuses the result).
 
 **Reserved** (key functions only, used by the bucket tier): task records under
 ``records/<task id>/<node id>.json``, one object per publishing node, so an untrusted node cannot
-squat a task id by writing first (readers pick the records whose signer they trust); feeds under
-``feeds/<feed id>/``.
+squat a task id by writing first (readers pick the records whose signer they trust).
+
+**Feeds** (``buckets/feeds.py``). A published feed is its **segments** and its **head**. A segment
+holds messages ``start <= seq < end`` of one subfeed (``<stem>`` is the SHA-256 of the subfeed name,
+as on disk), exactly as stored locally: the canonical JSON of each signed message followed by
+``\n``; its key names its range and the SHA-256 of its bytes, so it is written create-if-absent and
+never rewritten. The head is the canonical JSON of::
+
+    {"type": "kachery-feed-head/1", "feed": "<feed id>", "timestamp": <ms>,
+     "subfeeds": {"<stem>": {"name": "<subfeed name>", "count": <messages>,
+                             "last": "<SHA-256 of the last stored line, or 64 zeros>",
+                             "segments": [{"start": 0, "end": 10, "sha256": "<hex>"}, ...],
+                             "checkpoint": <the latest signed checkpoint of size <= count> | null}},
+     "signature": "<Ed25519 of the feed key over the rest>"}
+
+Segments of a subfeed are contiguous from 0 to ``count``. The head is written only by
+``write_if_generation`` (compare-and-swap) after the segments it names, so a head in a bucket names
+segments that were there when it was written.
 """
 
 from __future__ import annotations
@@ -108,15 +125,30 @@ def records_prefix(task_id: str) -> str:
 
 
 def feed_prefix(feed_id: str) -> str:
-    """``feeds/<feed id>/``: where a feed's objects live (reserved for the bucket tier)."""
+    """``feeds/<feed id>/``: where a feed's objects live (head and segments: buckets/feeds.py)."""
     return f"feeds/{_check_id(feed_id, 'feed id')}/"
 
 
 def feed_key(feed_id: str, name: str) -> str:
-    """``feeds/<feed id>/<name>`` (reserved; ``name`` is a relative key under the feed)."""
+    """``feeds/<feed id>/<name>`` (``name`` is a relative key under the feed)."""
     if not isinstance(name, str) or not name or name.startswith("/"):
         raise ValueError(f"{name!r} is not a relative name under a feed")
     return feed_prefix(feed_id) + name
+
+
+def feed_head_key(feed_id: str) -> str:
+    """``feeds/<feed id>/head.json``: the signed head of a published feed, moved only by CAS."""
+    return feed_key(feed_id, "head.json")
+
+
+def feed_segment_key(feed_id: str, stem: str, start: int, end: int, sha256: str) -> str:
+    """``feeds/<feed id>/<stem>/<start>-<end>-<sha256>.jsonl``: messages ``start <= seq < end`` of
+    the subfeed whose name hashes to ``stem``, one stored line each; immutable, create-if-absent."""
+    _check_hex(stem)
+    _check_hex(sha256)
+    if not (_is_int(start) and _is_int(end) and 0 <= start < end):
+        raise ValueError(f"a segment spans 0 <= start < end, not {start!r}..{end!r}")
+    return feed_key(feed_id, f"{stem}/{start}-{end}-{sha256}.jsonl")
 
 
 # -- manifests --------------------------------------------------------------------------------------
@@ -308,8 +340,10 @@ __all__ = [
     "blob_key",
     "check_layout",
     "chunk_spans",
+    "feed_head_key",
     "feed_key",
     "feed_prefix",
+    "feed_segment_key",
     "manifest_key",
     "record_key",
     "records_prefix",

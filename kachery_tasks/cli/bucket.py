@@ -6,11 +6,12 @@ import click
 
 from .. import config
 from ..buckets import NotFound
+from ..buckets.fetch import configured_bucket
 from ..buckets.layout import record_key
 from ..identity import node_identity
 from ..store.local import current_store
 from ..store.task_record import TaskRecord
-from ..tasks.publish import configured_bucket, publish, writable_bucket
+from ..tasks.publish import publish, writable_bucket
 from ..tasks.replay import find_record
 from .output import byte_progress, print_json, print_listing
 

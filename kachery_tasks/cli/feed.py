@@ -1,4 +1,4 @@
-"""`kachery feed ...`: create, list, append to, show, follow and verify signed feeds.
+"""`kachery feed ...`: create, list, append to, show, follow, verify, publish and pull signed feeds.
 
 Errors are raised as :class:`kachery_tasks.errors.KacheryError` subclasses; the main group prints
 them as one line on stderr with exit code 1.
@@ -14,9 +14,20 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..buckets.feeds import publish_feed
 from ..errors import UserError
-from ..feeds import create_feed, list_feeds, resolve_feed
+from ..feeds import (
+    Feed,
+    create_feed,
+    is_feed_id,
+    list_feeds,
+    load_feed,
+    parse_feed_id,
+    resolve_feed,
+    stored_feed,
+)
 from ..feeds.errors import FeedTamperError
+from ..feeds.ids import PREFIX
 
 feed = click.Group("feed", help="Signed append-only feeds: create, append, show, tail, verify.\n\n"
                    "FEED is feed://<id>, the bare id, a local name, or a label only one feed has.")
@@ -144,3 +155,41 @@ def resolve_cmd(feed_ref: str, subfeed: str | None, keep: str) -> None:
     """Settle recorded fork evidence and unfreeze the feed."""
     cleared = resolve_feed(feed_ref).resolve_fork(subfeed, keep=keep)
     click.echo(f"resolved {len(cleared)} fork record(s), kept {keep} history")
+
+
+@feed.command("publish")
+@click.argument("feed_ref", metavar="FEED")
+@click.option("--json", "as_json", is_flag=True, help="Print what was sent as JSON.")
+def publish_cmd(feed_ref: str, as_json: bool) -> None:
+    """Upload FEED's new messages and checkpoints to the configured bucket and move its head there
+    (compare-and-swap); another node then reads it with load_feed(feed://<id>) or `kachery feed pull`."""
+    out = publish_feed(resolve_feed(feed_ref))
+    if as_json:
+        click.echo(json.dumps({"bucket": out.bucket, "feed": out.feed, "subfeeds": out.subfeeds,
+                               "segments_written": out.segments_written, "retries": out.retries,
+                               "generation": out.generation, "changed": out.changed}, indent=1))
+        return
+    parts = ", ".join(f"{name}: {s['messages']} ({s['new']} new)" for name, s in sorted(out.subfeeds.items()))
+    click.echo(f"published {out.feed} to {out.bucket}: {parts or 'no subfeeds'}"
+               + ("" if out.changed else " (the bucket had all of it)"))
+
+
+@feed.command("pull")
+@click.argument("feed_ref", metavar="FEED")
+def pull_cmd(feed_ref: str) -> None:
+    """Fetch FEED from the configured buckets, or bring its new messages, every message verified
+    against the feed id before it is kept (a feed not stored here is named by feed://<id> or id)."""
+    feed_id = parse_feed_id(feed_ref) if feed_ref.startswith(PREFIX) or is_feed_id(feed_ref) else \
+        resolve_feed(feed_ref).feed_id
+    stored = stored_feed(feed_id)
+    before = _count(stored) if stored is not None else 0
+    if stored is None:
+        f = load_feed(feed_id)  # fetches it, or says no bucket has it
+    else:
+        f = stored
+        f.pull()
+    click.echo(f"{f.uri}: {_count(f) - before} new message(s); subfeeds: {', '.join(f.subfeeds()) or 'none'}")
+
+
+def _count(f: Feed) -> int:
+    return sum(len(f.subfeed(name)) for name in f.subfeeds())

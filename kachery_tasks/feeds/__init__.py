@@ -16,6 +16,7 @@ from .registry import (
     local_names,
     parse_feed_uri,
     resolve_feed,
+    stored_feed,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "parse_feed_id",
     "parse_feed_uri",
     "resolve_feed",
+    "stored_feed",
     "verify_consistency",
     "verify_inclusion",
 ]

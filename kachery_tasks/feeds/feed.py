@@ -24,7 +24,7 @@ from .. import config
 from ..errors import UserError
 from ..fs import write_atomic
 from ..identity import KeyPair
-from . import forks
+from . import forks, sources
 from .checkpoints import Checkpoint, ConsistencyProof, InclusionProof
 from .errors import FeedReadOnlyError, ForkedFeedError
 from .log import LogIndex
@@ -144,6 +144,12 @@ class Feed:
             if remote_msgs:
                 sub.ingest(remote_msgs[:1])
         return cleared
+
+    def pull(self) -> int:
+        """Bring new messages of this feed from the configured buckets (verified; see
+        :mod:`.sources`); returns how many were added. :func:`load_feed` does this for a read-only
+        feed on every call."""
+        return sources.fetch(self.feed_id) or 0
 
     def verify(self) -> list[dict[str, Any]]:
         """Re-read and verify every subfeed from disk; raises :class:`FeedTamperError` on the first bad one."""
@@ -294,6 +300,16 @@ class Subfeed:
             end = len(index) if end is None else min(end, len(index))
             lines = index.lines(start, end) if start < end else []
         return [json.loads(line) for line in lines]
+
+    def lines(self, start: int = 0, end: int | None = None) -> list[bytes]:
+        """The stored lines (canonical JSON of the signed messages, no newline) ``start <= seq < end``,
+        verified as :meth:`messages` are: the bytes whose SHA-256 the next message names as ``prev``."""
+        if start < 0 or (end is not None and end < 0):
+            raise UserError("start and end of a message range are non-negative seqs")
+        with self._state.lock:
+            index = self._index()
+            end = len(index) if end is None else min(end, len(index))
+            return index.lines(start, end) if start < end else []
 
     def tail(self, start: int = 0, timeout: float | None = None) -> list[dict[str, Any]]:
         """Messages from ``start`` on, waiting up to ``timeout`` seconds (None: forever) until there

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import NotFoundError, UserError
 from ..identity import KeyPair
+from . import sources
 from .feed import Feed
 from .ids import PREFIX, is_feed_id, parse_feed_id
 from .messages import now_ms
@@ -44,22 +45,38 @@ def create_feed(label: str | None = None) -> Feed:
     return _open(feed_id)
 
 
-def load_feed(uri: str, create: bool = False) -> Feed:
+def load_feed(uri: str, create: bool = False, pull: bool = True) -> Feed:
     """The feed ``feed://<id>`` (or the bare ``<id>``): writable if this node holds its key,
     read-only otherwise.
 
     Only ids, never labels: a program names a feed exactly (:func:`resolve_feed` also takes a name
-    or a label, for people). A feed not stored here raises :class:`NotFoundError`, unless
-    ``create`` (to ingest a feed that another node writes).
+    or a label, for people). A feed not stored here is fetched from the configured buckets
+    (``bucket``, then ``read_buckets``; see :mod:`.sources`), every message verified against the
+    feed id before it is kept; one that no bucket has raises :class:`NotFoundError`, unless
+    ``create`` (to ingest a feed that another node writes). A read-only feed stored here is brought
+    up to date from the buckets on each call (``pull=False``: the local copy only, no bucket read).
     """
     feed_id = parse_feed_id(uri)
     d = feed_dir(feed_id)
     if not d.is_dir():
+        if pull and sources.fetch(feed_id) is not None and d.is_dir():
+            return _open(feed_id)
         if not create:
-            raise NotFoundError(f"feed {PREFIX}{feed_id} is not stored in {feeds_root()}; "
-                                "list feeds with `kachery feed ls`")
+            raise NotFoundError(f"feed {PREFIX}{feed_id} is not stored in {feeds_root()} nor in a configured "
+                                "bucket; list feeds with `kachery feed ls`, or publish it from its writer's node "
+                                "with `kachery feed publish`")
         write_json_atomic(d / "feed.json", {"feed": feed_id, "label": None, "created": now_ms()})
-    return _open(feed_id)
+        return _open(feed_id)
+    feed = _open(feed_id)
+    if pull and not feed.writable:
+        sources.fetch(feed_id)
+    return feed
+
+
+def stored_feed(uri: str) -> Feed | None:
+    """The feed if it is stored in this home, else None; never asks a bucket."""
+    feed_id = parse_feed_id(uri)
+    return _open(feed_id) if feed_dir(feed_id).is_dir() else None
 
 
 def local_feed(name: str) -> Feed:

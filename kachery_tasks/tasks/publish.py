@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from .. import config
-from ..buckets import AlreadyExists, Bucket, BucketError, open_bucket
-from ..buckets.layout import check_layout, record_key
+from ..buckets import AlreadyExists, Bucket, BucketError
+from ..buckets.fetch import write_bucket
+from ..buckets.layout import record_key
 from ..buckets.transfer import upload_blob
 from ..errors import KacheryError, KacheryWarning, NotFoundError, UserError
 from ..store.blobs import Progress
@@ -75,20 +76,7 @@ def publish(*targets: str | File | Job, progress: Progress | None = None) -> Pub
 
 def writable_bucket() -> Bucket:
     """The bucket of the config key ``bucket``, opened for writing, or a one-line error."""
-    return configured_bucket(write=True)
-
-
-def configured_bucket(*, write: bool) -> Bucket:
-    """The bucket of the config key ``bucket`` (its layout checked), or a one-line error."""
-    uri = config.get("bucket")
-    if not uri:
-        raise UserError("no bucket is configured; set one with "
-                        "`kachery config set bucket file:///shared/kachery` (or gs://bucket/prefix)")
-    if write and config.get("bucket_read_only"):
-        raise UserError(f"bucket {uri} is configured read-only (bucket_read_only: true); nothing is written to it")
-    bucket = open_bucket(uri, read_only=not write)
-    check_layout(bucket, write=write)
-    return bucket
+    return write_bucket()
 
 
 def publish_task(store: LocalStore, bucket: Bucket, task_id: str, out: Published,
