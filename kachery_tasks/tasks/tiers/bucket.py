@@ -84,13 +84,12 @@ class BucketTier(Tier):
             return ABSENT
         reasons: list[str] = []
         for bucket in self.buckets:
-            publishers = self._publishers(bucket, task_id)
-            for node in self.trusted:
-                if node in publishers:
-                    hit = self._try(bucket, task_id, node, reasons)
-                    if hit is not None:
-                        return hit
-            strangers = sorted(set(publishers) - self._trusted_set)
+            for node in self.trusted:  # a hit costs one read: the record of a trusted node, by name
+                hit = self._try(bucket, task_id, node, reasons)
+                if hit is not None:
+                    return hit
+            # no usable record: one listing says whether others published it (explain names them)
+            strangers = sorted(self._publishers(bucket, task_id) - self._trusted_set)
             if strangers:
                 reasons.append(f"{bucket.uri} has records of it by node(s) not trusted here: "
                                f"{', '.join(s[:12] for s in strangers)} (add a node id to trusted_nodes to use its results)")
@@ -136,7 +135,7 @@ class BucketTier(Tier):
         try:
             record = TaskRecord.from_bytes(b"".join(bucket.read(key)))
         except NotFound:
-            return None  # deleted since the listing
+            return None
         except (InvalidRecord, ValueError) as exc:
             reasons.append(f"{where} is not a valid record ({exc})")
             return None
