@@ -196,6 +196,19 @@ def _key_problem(key: object, *, prefix: bool) -> str | None:
 
 
 # -- data -------------------------------------------------------------------------------------------
+class CountedBlocks:
+    """The blocks of ``blocks``, passed on as they are, with ``n`` the bytes passed so far."""
+
+    def __init__(self, blocks: Iterable[bytes]):
+        self.blocks = blocks
+        self.n = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for block in self.blocks:
+            self.n += len(block)
+            yield block
+
+
 def iter_data(data: Data, block: int = 2**20) -> Iterator[bytes]:
     """The byte blocks of ``data`` (bytes, an iterable of blocks, or a binary file object)."""
     if isinstance(data, (bytes, bytearray, memoryview)):

@@ -58,6 +58,7 @@ from .base import (
     RESERVED_PART,
     Bucket,
     BucketError,
+    CountedBlocks,
     Data,
     NotFound,
     ObjectInfo,
@@ -167,7 +168,7 @@ class DirectoryBucket(Bucket):
     # -- writing -----------------------------------------------------------------------------------
     def write(self, key: str, data: Data) -> ObjectInfo:
         self._check_writable(key)
-        counted = _Counter(iter_data(data))
+        counted = CountedBlocks(iter_data(data))
         self._link_new(key, counted)
         st = self._open_stat(key)
         gen = 1 if st is None else self._info(key, st, self._read_side(key)).generation
@@ -296,19 +297,6 @@ class DirectoryBucket(Bucket):
             if e.errno in (errno.EACCES, errno.EPERM):
                 raise self._denied(key, action) from None
             raise BucketError(f"{self.uri}: cannot {action} {key}: {e.strerror or e}", self.uri, key) from e
-
-
-class _Counter:
-    """Counts the bytes of the blocks it passes on."""
-
-    def __init__(self, blocks: Iterable[bytes]):
-        self.blocks = blocks
-        self.n = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        for block in self.blocks:
-            self.n += len(block)
-            yield block
 
 
 _lock_files: dict[str, tuple[threading.Lock, int]] = {}

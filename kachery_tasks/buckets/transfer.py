@@ -50,7 +50,7 @@ from ..fs import make_dirs, share_fd
 from ..store.blobs import BlobStore, Progress, Stamp
 from ..store.manifest import ChunkHasher
 from ..store.uris import check_sha256_hex
-from .base import AlreadyExists, Bucket, NotFound
+from .base import AlreadyExists, Bucket, CountedBlocks, NotFound
 from .layout import (
     CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -290,7 +290,7 @@ def _download_one(bucket: Bucket, blobs: BlobStore, sha256: str, report: _Report
     key = blob_key(sha256)
     discarded = 0
     for attempt in range(attempts):
-        counted = _Counted(bucket.read(key))
+        counted = CountedBlocks(bucket.read(key))
         try:
             blobs.put_stream(counted, expected=sha256)
         except IntegrityError:
@@ -301,17 +301,6 @@ def _download_one(bucket: Bucket, blobs: BlobStore, sha256: str, report: _Report
     raise DamagedObject(f"{bucket.uri}: object {key} does not hash to its name (read {attempts} times: "
                         "truncated or damaged in the bucket); delete it there and upload the file again",
                         bucket.uri, key)
-
-
-class _Counted:
-    def __init__(self, blocks: Iterator[bytes]):
-        self.blocks = blocks
-        self.n = 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        for block in self.blocks:
-            self.n += len(block)
-            yield block
 
 
 def read_manifest(bucket: Bucket, sha256: str, attempts: int = ATTEMPTS) -> BucketManifest:
