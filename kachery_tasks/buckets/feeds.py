@@ -49,7 +49,7 @@ from ..feeds.storage import subfeed_stem
 from ..identity import KeyPair, verify
 from ..identity.documents import canonical_json
 from .base import AlreadyExists, Bucket, BucketError, BucketUnavailable, NotFound, PreconditionFailed
-from .fetch import configured_buckets, write_bucket
+from .fetch import configured_bucket, configured_buckets
 from .layout import check_layout, feed_head_key, feed_segment_key
 
 HEAD_TYPE = "kachery-feed-head/1"
@@ -349,7 +349,7 @@ def publish_feed(feed: Feed, bucket: Bucket | None = None) -> PublishedFeed:
     if keys is None:
         raise FeedReadOnlyError(f"feed {feed.feed_id} is read-only here: only its writer's node, which holds "
                                 "its key, publishes it")
-    bucket = write_bucket() if bucket is None else bucket
+    bucket = configured_bucket(write=True) if bucket is None else bucket
     check_layout(bucket, write=True)
     feed.check_not_forked()
     fid = feed.feed_id

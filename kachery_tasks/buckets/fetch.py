@@ -49,11 +49,6 @@ def configured_bucket(*, write: bool) -> Bucket:
     return bucket
 
 
-def write_bucket() -> Bucket:
-    """The bucket of the config key ``bucket``, opened for writing (what publishing writes to)."""
-    return configured_bucket(write=True)
-
-
 def fetch_from_buckets(sha256: str, blobs: BlobStore) -> bool:
     """Download blob ``sha256`` into ``blobs`` from the first configured bucket that has it; False
     if none does (or the store may not be written). A damaged copy raises, naming its bucket key."""

@@ -11,7 +11,7 @@ from ..buckets.layout import record_key
 from ..identity import node_identity
 from ..store.local import current_store
 from ..store.task_record import TaskRecord
-from ..tasks.publish import publish, writable_bucket
+from ..tasks.publish import publish
 from ..tasks.replay import find_record
 from .output import byte_progress, print_json, print_listing
 
@@ -67,7 +67,7 @@ def ls_cmd(as_json: bool) -> None:
 @click.argument("task_ids", nargs=-1, required=True)
 def rm_cmd(task_ids: tuple[str, ...]) -> None:
     """Remove this node's records of TASK_IDS from the bucket (other nodes' records stay)."""
-    target = writable_bucket()
+    target = configured_bucket(write=True)
     me = node_identity(config.home()).node_id
     store = current_store()
     for text in task_ids:

@@ -24,7 +24,7 @@ import orjson
 
 from .. import config
 from ..buckets import AlreadyExists, Bucket, BucketError
-from ..buckets.fetch import write_bucket
+from ..buckets.fetch import configured_bucket
 from ..buckets.layout import record_key
 from ..buckets.transfer import upload_blob
 from ..errors import KacheryError, KacheryWarning, NotFoundError, UserError
@@ -58,7 +58,7 @@ def publish(*targets: str | File | Job, progress: Progress | None = None) -> Pub
     """Publish files (``sha256://`` URIs or :class:`File`) and task results (jobs, or task ids of
     this home's records) to the configured bucket. Returns what was sent."""
     store = store_for(config.home_str())
-    bucket = writable_bucket()
+    bucket = configured_bucket(write=True)
     out = Published(bucket.uri)
     for target in targets:
         if isinstance(target, File):
@@ -72,11 +72,6 @@ def publish(*targets: str | File | Job, progress: Progress | None = None) -> Pub
         else:
             raise UserError(f"kt.publish takes sha256:// URIs, files, jobs and task ids, not {type(target).__name__}")
     return out
-
-
-def writable_bucket() -> Bucket:
-    """The bucket of the config key ``bucket``, opened for writing, or a one-line error."""
-    return write_bucket()
 
 
 def publish_task(store: LocalStore, bucket: Bucket, task_id: str, out: Published,
@@ -133,7 +128,7 @@ def publish_after_record(job: Job, store: LocalStore) -> None:
     """Publish a result just recorded (automatic publishing). Never raises: the value is computed
     and recorded; a bucket that cannot take it gets one warning that says how to publish later."""
     try:
-        bucket = writable_bucket()
+        bucket = configured_bucket(write=True)
         publish_task(store, bucket, job.id, Published(bucket.uri))
     except (KacheryError, BucketError, OSError) as exc:
         warnings.warn(PublishWarning(
