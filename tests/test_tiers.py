@@ -132,3 +132,29 @@ def test_an_unknown_tier_is_one_line_naming_the_tiers_there_are(home):
 
     with config.set(tiers=["memory", "bucket-typo"]), pytest.raises(UserError, match="unknown resolution tier 'bucket-typo'.*memory, local"):
         one()
+
+
+class _RefusesEverything(LocalTier):
+    """A tier that holds nothing and cannot keep anything (a full disk, say)."""
+
+    def get(self, task_id):
+        from kachery_tasks.tasks.tiers import ABSENT
+
+        return ABSENT
+
+    def put(self, task_id, hit):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_hit_stands_when_an_earlier_tier_cannot_keep_it(home, other_home, tmp_path):
+    counter = tmp_path / "runs"
+    ramp = _task(counter)
+    with config.set(home=str(other_home)):
+        expected = ramp(1000)
+    KINDS["full"] = _RefusesEverything
+    try:
+        with config.set(tiers=["full", "other"]):
+            np.testing.assert_array_equal(ramp(1000), expected)
+    finally:
+        del KINDS["full"]
+    assert _count(counter) == 1, "a copy that failed does not turn the hit into a recompute or an error"

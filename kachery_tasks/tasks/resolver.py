@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..errors import StaleResultWarning
+from ..errors import KacheryError, StaleResultWarning
 from ..store.local import LocalStore, store_for
 from .actions import run_action
 from .compute import compute
@@ -54,7 +54,11 @@ def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None) -
         if type(found) is Hit:
             STATS.count(tier.hit_stat)
             for earlier in reversed(tiers[:i]):
-                earlier.put(task_id, found)
+                try:
+                    earlier.put(task_id, found)
+                except (OSError, KacheryError) as exc:  # a full disk, a damaged copy: the hit stands
+                    log.warning("task %s was found in tier %s but not kept in tier %s: %s",
+                                task_id[:12], tier.name, earlier.name, exc)
             return found
         if misses is not None and found.reason is not None:
             misses.append((tier.name, found.reason))

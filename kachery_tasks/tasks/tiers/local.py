@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from ...errors import IntegrityError
 from ...store.local import store_for
 from ...store.task_record import TaskRecord
 from ..results import IncompleteRecord, check_complete, load_result
@@ -62,9 +61,7 @@ class LocalTier(Tier):
             return  # a hit of this very store: nothing to copy
         for digest in result_blobs(hit.record):
             if hit.blobs is not self.store.blobs and not self.store.blobs.exists(digest):
-                got = self.store.blobs.put_stream(hit.blobs.read_verified(digest))
-                if got != digest:
-                    raise IntegrityError(f"blob {digest} of task {task_id} arrived as {got}; not kept")
+                self.store.blobs.put_stream(hit.blobs.read_verified(digest), expected=digest)
         self.store.records.write(hit.record)
 
 
