@@ -38,7 +38,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from ... import config
-from ...buckets import Bucket, NotFound, open_bucket
+from ...buckets import Bucket, NotFound
+from ...buckets.fetch import configured_buckets
 from ...buckets.layout import record_key, records_prefix
 from ...buckets.transfer import download_blob
 from ...errors import IntegrityError, InvalidRecord
@@ -67,12 +68,11 @@ class BucketTier(Tier):
 
     @classmethod
     def for_home(cls, home: str) -> BucketTier | None:
-        """The tier of the buckets the configuration names, or None when it names none."""
-        uris = ([config.get("bucket")] if config.get("bucket") else []) + list(config.get("read_buckets"))
-        if not uris:
+        """The tier of the buckets the configuration names, or None when it names none. The tier
+        only reads, so it asks the buckets this process has opened for reading (buckets/fetch.py)."""
+        buckets = configured_buckets()
+        if not buckets:
             return None
-        write_uri = config.get("bucket")
-        buckets = [open_bucket(uri, read_only=uri != write_uri or config.get("bucket_read_only")) for uri in uris]
         me = node_identity(Path(home)).node_id
         trusted = [me] + [n for n in config.get("trusted_nodes") if n != me]
         return cls(home, buckets, trusted)
@@ -117,10 +117,6 @@ class BucketTier(Tier):
 
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: what is published goes through publish.py, by the node's own choice."""
-
-    def close(self) -> None:
-        for bucket in self.buckets:
-            bucket.close()
 
     # -- one record ------------------------------------------------------------------------------
     def _publishers(self, bucket: Bucket, task_id: str) -> set[str]:
