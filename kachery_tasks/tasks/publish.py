@@ -68,7 +68,7 @@ def publish(*targets: str | File | Job, progress: Progress | None = None) -> Pub
         elif isinstance(target, str) and target.startswith("sha256://"):
             _blob(store, bucket, parse_file_uri(target).sha256, out, progress)
         elif isinstance(target, str):
-            publish_task(store, bucket, _task_id(store, target), out, progress)
+            publish_task(store, bucket, find_record(store, target).task_id, out, progress)
         else:
             raise UserError(f"kt.publish takes sha256:// URIs, files, jobs and task ids, not {type(target).__name__}")
     return out
@@ -118,10 +118,6 @@ def _record(bucket: Bucket, record: TaskRecord, out: Published) -> None:
         out.records[record.task_id] = True
     except AlreadyExists:  # published before (records are immutable: same id, same signer)
         out.records[record.task_id] = False
-
-
-def _task_id(store: LocalStore, text: str) -> str:
-    return find_record(store, text).task_id
 
 
 def publish_after_record(job: Job, store: LocalStore) -> None:
