@@ -65,6 +65,14 @@ DEFAULTS: dict[str, Any] = {
     # Node ids, besides this node, whose records a bucket (or channel) tier serves; pickle results
     # too (unpickling runs code). This node's own store is always trusted.
     "trusted_nodes": [],
+    # Channels: how often a node re-reads a joined channel's config from its bucket (a revocation
+    # takes effect everywhere within this many seconds, with no restart).
+    "channel_refresh_seconds": 60.0,
+    # Channel messages timestamped further than this from this node's clock are refused (replays of
+    # older ones are refused by their nonce within the window, and by their age after it).
+    "clock_window_seconds": 60.0,
+    # How long a request to a channel (a file, a feed, a result) waits for an answer.
+    "request_timeout": 30.0,
     # A Unix group that shares the home: directories setgid and group-writable.
     "shared_group": None,
     # Progress bars in the command line for files larger than this.

@@ -8,6 +8,8 @@
     records/<task id>/<node id>.json         a task record, one object per publishing node (reserved)
     feeds/<feed id>/head.json                the feed's signed head: what the bucket holds (CAS only)
     feeds/<feed id>/<stem>/<start>-<end>-<sha256>.jsonl   messages start..end-1 of a subfeed (immutable)
+    channels/<name>/config.json              a channel's config, signed by its owner (CAS only)
+    channels/<name>/answers/<request id>/<node id>.json   a member's signed answer to a request
 
 **Marker.** ``kachery-bucket.json`` is created (create-if-absent) the first time a node writes to
 the bucket. A node refuses a bucket whose marker names a higher version ("written by a newer
@@ -139,6 +141,20 @@ def feed_key(feed_id: str, name: str) -> str:
 def feed_head_key(feed_id: str) -> str:
     """``feeds/<feed id>/head.json``: the signed head of a published feed, moved only by CAS."""
     return feed_key(feed_id, "head.json")
+
+
+def channel_config_key(channel: str) -> str:
+    """``channels/<name>/config.json``: the channel's signed config (channels/config.py), moved only by CAS."""
+    return f"channels/{_check_id(channel, 'channel name')}/config.json"
+
+
+def channel_answer_key(channel: str, request_id: str, node_id: str) -> str:
+    """``channels/<name>/answers/<request id>/<node id>.json``: ``node_id``'s signed answer to a request.
+
+    Answers are durable objects because the transport may lose the message that announces them: a
+    requester that missed it finds the answer here. One object per answering node, as for records."""
+    return (f"channels/{_check_id(channel, 'channel name')}/answers/{_check_id(request_id, 'request id')}/"
+            f"{_check_id(node_id, 'node id')}.json")
 
 
 def feed_segment_key(feed_id: str, stem: str, start: int, end: int, sha256: str) -> str:

@@ -21,6 +21,7 @@ import click
 from .. import __version__, config
 from ..errors import KacheryError, as_store_full
 from .bucket import bucket, publish_cmd
+from .channel import channel
 from .config_cmd import config_group
 from .demo import demo
 from .feed import feed
@@ -71,7 +72,7 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 
 def _add_groups() -> None:
-    for command in (store, load, cat, info, verify, publish_cmd, bucket, mutable, node, config_group, feed, task, demo):
+    for command in (store, load, cat, info, verify, publish_cmd, bucket, channel, mutable, node, config_group, feed, task, demo):
         main.add_command(command)
     # Installed plugins add their own groups (kachery-spikesort adds `kachery spikesort`).
     for entry in importlib.metadata.entry_points(group=PLUGIN_ENTRY_POINTS):
