@@ -1,4 +1,4 @@
-"""``kachery node init | info``: this home's identity (Ed25519 key, owner, label) and store size.
+"""``kachery node init | info | start | status``: this home's identity (Ed25519 key, owner, label) and store size.
 
 ``init --shared-group GROUP`` prepares a home that the Unix users of GROUP share: the group goes into
 ``<home>/config.yaml`` (so every later write makes setgid, group-writable directories, see
@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -18,9 +20,10 @@ from ..errors import UserError
 from ..fs import group_id
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
+from ..node.daemon import NodeDaemon, read_status
 from ..store import current_store
 from .config_cmd import update_home_file
-from .output import print_mapping
+from .output import print_json, print_mapping, print_table
 
 
 @click.group()
@@ -91,3 +94,47 @@ def info_cmd(as_json: bool) -> None:
         },
         as_json,
     )
+
+
+@node.command("start")
+@click.option("--channel", "channels", multiple=True, required=True, metavar="NAME",
+              help="A joined channel to serve (repeat for several).")
+@click.option("--workers", default=4, show_default=True, help="Requests answered at once.")
+@click.option("--grace", default=30.0, show_default=True, help="Seconds in-flight requests get to finish on SIGTERM.")
+@click.option("--heartbeat", default=10.0, show_default=True,
+              help="Seconds between heartbeats (and checks of the feeds members follow).")
+def start_cmd(channels: tuple[str, ...], workers: int, grace: float, heartbeat: float) -> None:
+    """Run this node as a provider: answer the channels' requests for files, feeds and results until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("kachery_tasks.channels.membership").setLevel(logging.WARNING)
+    daemon = NodeDaemon(config.home(), list(channels), workers=workers, grace_s=grace, heartbeat_s=heartbeat).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    daemon.run_until_stopped()
+
+
+@node.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def status_cmd(as_json: bool) -> None:
+    """The node daemon of this home: its channels, the peers seen, requests served and in flight."""
+    status = read_status(config.home())
+    if status is None:
+        if as_json:
+            print_json({"running": False, "state": "never started"})
+            return
+        click.echo(f"no node daemon has run on {config.home()}; start one with `kachery node start --channel NAME`")
+        return
+    if as_json:
+        print_json(status)
+        return
+    click.echo(f"node {status['node_id']}  {status['state']}  pid {status['pid']}")
+    for name, channel in status["channels"].items():
+        served = ", ".join(f"{k} {v}" for k, v in sorted(channel["served"].items())) or "none"
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(channel["dropped"].items())) or "none"
+        click.echo(f"channel {name}: config version {channel['config_version']}; served: {served}; dropped: {dropped}")
+        rows = [{"node": n, "label": p["label"], "owner": p["owner"], "last heartbeat (s ago)": p["seconds_ago"]}
+                for n, p in channel["peers"].items()]
+        if rows:
+            print_table(rows, ["node", "label", "owner", "last heartbeat (s ago)"], title=f"peers seen in {name}")
+    if status["in_flight"]:
+        print_table(status["in_flight"], ["channel", "type", "subject", "from", "seconds"], title="in flight")

@@ -1,0 +1,287 @@
+"""The providing node: ``kachery node start --channel NAME``.
+
+Asking a channel needs no daemon (:mod:`kachery_tasks.channels.requests`); providing does, since a
+request can arrive at any time. The daemon subscribes to each channel, answers the requests its
+permissions let it answer (:mod:`.providers`) on a small thread pool, sends a signed heartbeat and a
+presence announcement every ``heartbeat_s``, keeps each channel's config fresh (a revocation of this
+node, or of a requester, takes effect at the next refresh), and logs one line per request.
+
+**One per home.** A lock on ``<home>/node/daemon.lock`` refuses a second daemon on the same home.
+
+**Status.** ``<home>/node/daemon.json`` is rewritten (atomically) every heartbeat and when a request
+starts or ends: the channels with their config version, the peers seen (verified heartbeats) with
+label and time, requests served and dropped, and what is in flight. ``kachery node status`` reads it
+and checks that the process is alive.
+
+**Stopping.** SIGTERM or SIGINT: the subscriptions close (no new requests), requests in flight get
+``grace_s`` seconds to finish, and the status says ``stopped``. An upload cut short (by the grace
+running out, or by SIGKILL) leaves nothing under a final name in the bucket: objects are written to
+a temporary name and renamed (directory) or committed whole (GCS), so the requester just times out
+and a later request starts again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..channels.base import Subscription
+from ..channels.envelope import Envelope
+from ..channels.session import ChannelSession
+from ..errors import KacheryError, UserError
+from ..feeds.registry import stored_feed
+from ..fs import make_dirs, write_atomic
+from .providers import HANDLERS, Outcome, feed_size, handle, republish_feed
+
+log = logging.getLogger("kachery_tasks.node")
+
+HEARTBEAT_S = 10.0
+#: A peer whose last heartbeat is older than this is no longer listed as seen.
+PEER_FORGET_S = 600.0
+#: A feed asked for is published again as it grows for this long after the last request for it.
+FEED_WATCH_S = 3600.0
+
+
+def status_path(home: Path) -> Path:
+    return Path(home) / "node" / "daemon.json"
+
+
+@dataclass
+class _Channel:
+    session: ChannelSession
+    subscription: Subscription | None = None
+    served: dict[str, int] = field(default_factory=dict)  # outcome status -> count
+    watched: dict[str, tuple[int, float]] = field(default_factory=dict)  # feed id -> (messages published, until)
+    peers: dict[str, float] = field(default_factory=dict)  # node id -> wall time of its last heartbeat
+
+
+class NodeDaemon:
+    """A long-lived node answering the requests of the channels ``names`` for ``home``."""
+
+    def __init__(self, home: Path, names: list[str], *, workers: int = 4, heartbeat_s: float = HEARTBEAT_S,
+                 grace_s: float = 30.0) -> None:
+        if not names:
+            raise UserError("name at least one channel to serve: kachery node start --channel NAME")
+        self.home = Path(home)
+        self.heartbeat_s = heartbeat_s
+        self.grace_s = grace_s
+        self.channels = {name: _Channel(ChannelSession(self.home, name)) for name in dict.fromkeys(names)}
+        self.started = time.time()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kachery-node")
+        self._in_flight: dict[tuple[str, str], tuple[Envelope, float, Future]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._lock_file: Any = None
+        self._state = "starting"
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    def start(self) -> NodeDaemon:
+        self._take_lock()
+        for name, channel in self.channels.items():
+            config = channel.session.config()  # a one-line error now if the channel cannot be read
+            if not config.is_member(channel.session.node_id):
+                raise UserError(f"this node is not a member of channel {name!r} yet; its owner admits it with "
+                                f"`kachery channel grant {name} {channel.session.node_id} --owner EMAIL`")
+            channel.subscription = channel.session.listen(
+                lambda env, c=channel: self._receive(c, env),
+                on_gap=lambda n=name: log.info("channel %s: the bus reconnected; requests sent meanwhile are "
+                                               "sent again by their requesters", n))
+        self._state = "running"
+        self._beat()
+        threading.Thread(target=self._heartbeats, name="kachery-node-heartbeat", daemon=True).start()
+        names = ", ".join(self.channels)
+        log.info("node %s serving channel(s) %s", self.channels[next(iter(self.channels))].session.node_id[:12], names)
+        return self
+
+    def run_until_stopped(self) -> None:
+        while not self._stop.wait(0.5):
+            pass
+        self.shutdown()
+
+    def stop(self) -> None:
+        """Ask the daemon to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._state = "stopping"
+        for channel in self.channels.values():
+            if channel.subscription is not None:
+                channel.subscription.close()
+        deadline = time.monotonic() + self.grace_s
+        with self._lock:
+            pending = [f for _, _, f in self._in_flight.values()]
+        for future in pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                future.result(timeout=left)
+            except Exception:  # noqa: BLE001 - reported by the task itself
+                pass
+        with self._lock:
+            abandoned = len(self._in_flight)
+        if abandoned:
+            log.warning("stopped with %d request(s) unfinished after %g s; their requesters will time out "
+                        "and ask again", abandoned, self.grace_s)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._state = "stopped"
+        self._write_status()
+        log.info("node stopped")
+
+    # -- requests ------------------------------------------------------------------------------------
+    def _receive(self, channel: _Channel, env: Envelope) -> None:
+        if env.type == "heartbeat":
+            channel.peers[env.from_node] = time.time()
+            return
+        if env.type not in HANDLERS or self._stop.is_set():
+            return
+        key = (channel.session.name, env.request_id)
+        with self._lock:
+            if key in self._in_flight:
+                return  # the same request sent again while it is being answered
+            future = self._pool.submit(self._serve, channel, env)
+            self._in_flight[key] = (env, time.time(), future)
+
+    def _serve(self, channel: _Channel, env: Envelope) -> None:
+        started = time.monotonic()
+        try:
+            outcome = handle(channel.session, env)
+        except Exception as exc:  # a bug must not kill the daemon: log it with its traceback
+            log.exception("channel %s: %s %s failed", channel.session.name, env.type, env.request_id[:8])
+            outcome = Outcome("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._in_flight.pop((channel.session.name, env.request_id), None)
+        channel.served[outcome.status] = channel.served.get(outcome.status, 0) + 1
+        if env.type == "request_subfeed" and outcome.status == "finished":
+            channel.watched[env.body["feed_id"]] = (outcome.count, time.monotonic() + FEED_WATCH_S)
+        config = channel.session.config()
+        member = config.members.get(env.from_node)
+        who = f"{env.from_node[:12]}…" + (f" ({member.label or member.owner})" if member else "")
+        sent = f", {outcome.bytes_sent} bytes sent" if outcome.bytes_sent else ""
+        log.info("channel %s: %s %s from %s: %s%s%s in %.2f s", channel.session.name, env.type, _subject(env), who,
+                 outcome.status, f" ({outcome.detail})" if outcome.detail else "", sent, time.monotonic() - started)
+        self._write_status()
+
+    # -- heartbeats and status -----------------------------------------------------------------------
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        for channel in self.channels.values():
+            self._republish_feeds(channel)
+        for name, channel in self.channels.items():
+            session = channel.session
+            try:
+                config = session.config()  # refreshed when due
+                info = {"label": config.members[session.node_id].label if session.node_id in config.members else "",
+                        "pid": os.getpid(), "since": int(self.started)}
+                session.announce(info)
+                session.send("heartbeat", {"served": sum(channel.served.values())})
+            except KacheryError as exc:
+                log.warning("channel %s: heartbeat failed: %s", name, exc)
+        self._write_status()
+
+    def _republish_feeds(self, channel: _Channel) -> None:
+        """Live replication: feeds a member asked for are published again when they grow, and a
+        ``subfeed_count`` tells the channel (readers pull the new messages from the bucket)."""
+        now = time.monotonic()
+        for feed_id, (published, until) in list(channel.watched.items()):
+            if now > until:
+                del channel.watched[feed_id]
+                continue
+            feed = stored_feed(feed_id)
+            if feed is None or feed_size(feed) == published:
+                continue
+            try:
+                counts = republish_feed(channel.session, feed)
+            except KacheryError as exc:
+                log.warning("channel %s: could not publish feed %s…: %s", channel.session.name, feed_id[:16], exc)
+                continue
+            channel.watched[feed_id] = (sum(counts.values()), until)
+            log.info("channel %s: feed %s… grew to %d message(s); published", channel.session.name, feed_id[:16],
+                     sum(counts.values()))
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        channels = {}
+        for name, channel in self.channels.items():
+            pin = channel.session.membership.pin
+            config = pin.config
+            peers = {}
+            for node_id, seen in sorted(channel.peers.items()):
+                if now - seen > PEER_FORGET_S:
+                    continue
+                member = config.members.get(node_id) if config else None
+                peers[node_id] = {"label": member.label if member else "", "owner": member.owner if member else "",
+                                  "last_heartbeat": round(seen, 3), "seconds_ago": round(now - seen, 1)}
+            channels[name] = {"config_version": config.version if config else None, "peers": peers,
+                              "served": dict(channel.served), "dropped": dict(channel.session.gate.dropped)}
+        with self._lock:
+            flight = [{"channel": c, "type": env.type, "subject": _subject(env), "from": env.from_node,
+                       "seconds": round(now - since, 1)} for (c, _), (env, since, _f) in self._in_flight.items()]
+        return {"pid": os.getpid(), "state": self._state, "started": round(self.started, 3),
+                "updated": round(now, 3), "node_id": next(iter(self.channels.values())).session.node_id,
+                "channels": channels, "in_flight": flight}
+
+    def _write_status(self) -> None:
+        try:
+            write_atomic(status_path(self.home), (json.dumps(self.status(), indent=2) + "\n").encode())
+        except OSError as exc:
+            log.warning("could not write %s: %s", status_path(self.home), exc)
+
+    def _take_lock(self) -> None:
+        path = make_dirs(self.home / "node") / "daemon.lock"
+        handle_ = open(path, "a+b")  # noqa: SIM115 - held for the daemon's life
+        try:
+            fcntl.flock(handle_, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle_.close()
+            raise UserError(f"a node daemon is already running on {self.home} (see `kachery node status`); "
+                            "stop it first, or use another home") from None
+        self._lock_file = handle_
+
+
+def read_status(home: Path) -> dict[str, Any] | None:
+    """The last status a daemon of ``home`` wrote, with ``running`` (its process is alive); None if none ran."""
+    try:
+        status = json.loads(status_path(home).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    status["running"] = status.get("state") in ("starting", "running", "stopping") and _alive(status.get("pid"))
+    if not status["running"] and status.get("state") != "stopped":
+        status["state"] = "dead"
+    return status
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _subject(env: Envelope) -> str:
+    body = env.body
+    if "sha256" in body:
+        return f"sha256://{str(body['sha256'])[:16]}…"
+    if "task_id" in body:
+        return f"task {body['task_id']}"
+    if "feed_id" in body:
+        return f"feed {str(body['feed_id'])[:16]}…"
+    return ""

@@ -1,0 +1,151 @@
+"""What a providing node does with each request: put the answer in the channel's bucket, then say so.
+
+Each handler answers one request (an admitted envelope, :mod:`kachery_tasks.channels.gate`) for one
+channel session. The answer itself is durable: the file, the feed's segments and head, the task record
+with its blobs, written to the channel's bucket with create-if-absent (or, for a feed head, by
+compare-and-swap); the message that follows (``upload_status``, ``subfeed_count``, ``task_status``)
+only wakes the requester, who re-checks the bucket if it is lost. A node answers only what its
+permissions let it provide; a node without the thing asked for says ``not_found`` at once, so a
+requester whose every online provider lacks it stops waiting.
+
+Handlers are idempotent: a request sent again (same request id, after a lost message) publishes
+nothing new, since the bucket already holds what the first one wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..buckets.feeds import publish_feed
+from ..buckets.transfer import upload_blob
+from ..channels.envelope import Envelope
+from ..channels.session import ChannelSession
+from ..errors import KacheryError, NotFoundError
+from ..feeds.feed import Feed
+from ..feeds.registry import stored_feed
+from ..store.local import store_for
+from ..tasks.publish import Published, publish_task
+
+log = logging.getLogger("kachery_tasks.node")
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One line of the daemon's log, and what ``kachery node status`` counts."""
+
+    status: str  # finished, not_found, refused, error
+    detail: str = ""
+    bytes_sent: int = 0
+    count: int = 0  # messages of a feed in the bucket
+
+
+def provide_file(session: ChannelSession, env: Envelope) -> Outcome:
+    sha256 = env.body.get("sha256")
+    if not _is_hex64(sha256):
+        return _answer(session, env, "upload_status", Outcome("refused", "no valid sha256 in the request"), {"sha256": str(sha256)[:64]})
+    if not session.config().allows(session.node_id, "provide_files"):
+        return Outcome("refused", "this node lacks provide_files")  # silent: another member answers
+    blobs = store_for(str(session.home)).blobs
+    if not blobs.exists(sha256):
+        return _answer(session, env, "upload_status", Outcome("not_found", "not in this node's store"), {"sha256": sha256})
+    size = blobs.size(sha256)
+    _send(session, env, "upload_status", {"sha256": sha256, "status": "started", "size": size})
+    moved = upload_blob(session.writable_bucket(), blobs, sha256)
+    return _answer(session, env, "upload_status", Outcome("finished", f"{size} bytes", moved.bytes_moved),
+                   {"sha256": sha256, "size": size})
+
+
+def provide_result(session: ChannelSession, env: Envelope) -> Outcome:
+    task_id = env.body.get("task_id")
+    if not (isinstance(task_id, str) and len(task_id) == 32 and set(task_id) <= _HEX64):
+        return _answer(session, env, "task_status", Outcome("refused", "no valid task_id in the request"), {})
+    if not session.config().allows(session.node_id, "provide_tasks"):
+        return Outcome("refused", "this node lacks provide_tasks")
+    store = store_for(str(session.home))
+    out = Published(session.bucket_uri)
+    try:
+        publish_task(store, session.writable_bucket(), task_id, out)
+    except NotFoundError:
+        return _answer(session, env, "task_status", Outcome("not_found", "no success record here"), {"task_id": task_id})
+    new = sum(out.records.values())
+    return _answer(session, env, "task_status",
+                   Outcome("finished", f"{len(out.records)} record(s), {new} new", out.bytes_sent), {"task_id": task_id})
+
+
+def provide_feed(session: ChannelSession, env: Envelope) -> Outcome:
+    feed_id = env.body.get("feed_id")
+    if not _is_hex64(feed_id):
+        return _answer(session, env, "subfeed_count", Outcome("refused", "no valid feed_id in the request"), {})
+    if not session.config().allows(session.node_id, "provide_feeds"):
+        return Outcome("refused", "this node lacks provide_feeds")
+    feed = stored_feed(feed_id)
+    if feed is None or feed.keys is None:  # a reader's copy: only the writer signs the feed's head
+        why = "feed not stored here" if feed is None else "only a reader's copy here; its writer publishes it"
+        return _answer(session, env, "subfeed_count", Outcome("not_found", why), {"feed_id": feed_id})
+    counts = republish_feed(session, feed, env.request_id)
+    total = sum(counts.values())
+    return _answer(session, env, "subfeed_count", Outcome("finished", f"{total} message(s)", count=total),
+                   {"feed_id": feed_id, "counts": counts})
+
+
+def republish_feed(session: ChannelSession, feed: Feed, request_id: str | None = None) -> dict[str, int]:
+    """Publish ``feed``'s new messages to the channel's bucket; without a ``request_id`` (a feed that
+    grew), announce the new counts to the channel with a ``subfeed_count`` of its own."""
+    published = publish_feed(feed, session.writable_bucket())
+    counts = {name: entry["messages"] for name, entry in published.subfeeds.items()}
+    if request_id is None:
+        _send_new(session, "subfeed_count", {"feed_id": feed.feed_id, "counts": counts, "status": "finished"})
+    return counts
+
+
+def feed_size(feed: Feed) -> int:
+    """Messages in all of ``feed``'s subfeeds here."""
+    return sum(len(feed.subfeed(name)) for name in feed.subfeeds())
+
+
+#: Request types this daemon answers, with their handler.
+HANDLERS: dict[str, Callable[[ChannelSession, Envelope], Outcome]] = {
+    "request_file": provide_file,
+    "request_result": provide_result,
+    "request_subfeed": provide_feed,
+}
+
+
+def handle(session: ChannelSession, env: Envelope) -> Outcome:
+    """Answer ``env``; an error while answering becomes an ``error`` answer, never a dead daemon."""
+    handler = HANDLERS[env.type]
+    try:
+        return handler(session, env)
+    except KacheryError as exc:
+        kind = {"request_file": "upload_status", "request_result": "task_status"}.get(env.type, "subfeed_count")
+        return _answer(session, env, kind, Outcome("error", str(exc).splitlines()[0][:300]), {})
+
+
+def _answer(session: ChannelSession, env: Envelope, type: str, outcome: Outcome, body: dict) -> Outcome:
+    payload = {**body, "status": outcome.status}
+    if outcome.detail and outcome.status != "finished":
+        payload["detail"] = outcome.detail
+    _send(session, env, type, payload)
+    return outcome
+
+
+def _send(session: ChannelSession, env: Envelope, type: str, body: dict) -> None:
+    try:
+        session.send(type, body, request_id=env.request_id)
+    except KacheryError as exc:  # the answer is in the bucket; the requester finds it there
+        log.warning("channel %s: could not send %s for request %s: %s", session.name, type, env.request_id[:8], exc)
+
+
+def _send_new(session: ChannelSession, type: str, body: dict) -> None:
+    try:
+        session.send(type, body)
+    except KacheryError as exc:
+        log.warning("channel %s: could not send %s: %s", session.name, type, exc)
+
+
+def _is_hex64(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX64

@@ -1,0 +1,190 @@
+"""Three nodes in separate processes on a real redis-server and a directory bucket (issue 22): an owner
+that provides (``kachery node start``), a member that asks (no daemon), and an outsider that joined
+but was never admitted. Files and feeds are asked for and delivered verified; refusals, forgeries,
+replays, revocation, a daemon killed mid-upload and a restarted Redis are each checked from the
+outside (exit codes, one-line errors, the daemon's status and log).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from channel_nodes import make_lab, stop_all
+from kachery_tasks.channels.envelope import seal
+from kachery_tasks.channels.redis import RedisTransport
+from kachery_tasks.identity import KeyPair
+
+STORE_FILE = "import sys, kachery_tasks as kt\nprint(kt.store_bytes(bytes.fromhex(sys.argv[1]) * int(sys.argv[2])))"
+
+
+@pytest.fixture
+def lab(tmp_path: Path, redis_uri: str):
+    owner, member, outsider, bucket = make_lab(tmp_path, redis_uri, tmp_path / "runs.txt")
+    yield owner, member, outsider, bucket
+    stop_all(owner, member, outsider)
+
+
+def store(node, data_hex: str, times: int = 1) -> str:
+    return node.py(STORE_FILE.replace("sys.argv[1]", repr(data_hex)).replace("sys.argv[2]", str(times))).stdout.strip()
+
+
+def load(node, uri: str, *, check: bool = True, **extra: str):
+    """``kt.load_bytes(uri)`` on ``node`` (a subprocess); its output is the bytes in hex."""
+    return node.py(f"import kachery_tasks as kt\nprint(kt.load_bytes({uri!r}).hex())", check=check, **extra)
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_file_is_requested_uploaded_by_its_holder_and_loaded_verified(lab):
+    owner, member, _, bucket = lab
+    uri = store(owner, "c0ffee", 1000)
+    assert not any(bucket.glob("sha256/*/*/*"))  # never published: only the owner has it
+    owner.start_daemon()
+    out = load(member, uri)
+    assert out.stdout.strip() == "c0ffee" * 1000
+    assert owner.kachery("node", "status", "--json") and owner.status()["channels"]["lab"]["served"] == {"finished": 1}
+    assert "request_file sha256://" in owner.log_text() and "(member)" in owner.log_text()
+    # a second node asking for the same file: the bucket already has it, nothing is uploaded again
+    assert load(member, uri).stdout.strip() == "c0ffee" * 1000
+
+
+def test_a_file_no_provider_has_fails_fast_in_one_line(lab):
+    owner, member, _, _ = lab
+    owner.start_daemon()
+    missing = "sha256://" + "ab" * 32
+    out = load(member, missing, check=False)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "none has it" in last and "provide_files online in channel 'lab'" in last and "not_found" in last
+
+
+def test_with_no_provider_online_the_error_says_so(lab):
+    _, member, _, _ = lab
+    out = load(member, "sha256://" + "cd" * 32, check=False)
+    assert out.returncode != 0 and "no member with provide_files is online" in out.stderr
+
+
+def test_the_outsider_is_refused_and_its_raw_requests_are_dropped(lab, redis_uri):
+    owner, _, outsider, _ = lab
+    uri = store(owner, "beef", 10)
+    owner.start_daemon()
+    out = load(outsider, uri, check=False)  # not a member: it does not ask at all
+    assert out.returncode != 0
+    keys = KeyPair.generate()
+    with RedisTransport(redis_uri) as bus:
+        bus.publish("channel/lab", seal(keys, "request_file", "lab", {"sha256": uri[9:]}).to_bytes())
+    wait_for(lambda: owner.status()["channels"]["lab"]["dropped"].get("not_member"), what="the drop")
+    assert owner.status()["channels"]["lab"]["served"] == {}
+
+
+def test_forged_and_replayed_requests_are_dropped(lab, redis_uri):
+    owner, member, _, _ = lab
+    uri = store(owner, "feed", 10)
+    owner.start_daemon()
+    captured: list[bytes] = []
+    with RedisTransport(redis_uri) as bus:
+        sub = bus.subscribe("channel/lab", lambda m: captured.append(m) if b'"request_file"' in m else None)
+        load(member, uri)
+        sub.close()
+        assert captured
+        served = owner.status()["channels"]["lab"]["served"]
+        bus.publish("channel/lab", captured[0])  # the very bytes again: a replay
+        forged = json.loads(captured[0])
+        forged["body"]["sha256"] = "00" * 32  # the member's request, altered
+        bus.publish("channel/lab", json.dumps(forged).encode())
+        wait_for(lambda: {"replay", "bad_signature"} <= set(owner.status()["channels"]["lab"]["dropped"]),
+                 what="both drops")
+    assert owner.status()["channels"]["lab"]["served"] == served
+
+
+def test_a_revoked_member_is_refused_after_the_refresh(lab):
+    owner, member, _, _ = lab
+    uri = store(owner, "aa55", 10)
+    owner.start_daemon(KACHERY_TASKS_CHANNEL_REFRESH_SECONDS="0.5")
+    member_id = member.node_id
+    owner.kachery("channel", "revoke", "lab", member_id, "--perm", "request_files")
+    # the member itself still holds the old config (refresh in an hour): it asks, and is refused
+    out = load(member, uri, check=False, KACHERY_TASKS_CHANNEL_REFRESH_SECONDS="3600", KACHERY_TASKS_REQUEST_TIMEOUT="4")
+    assert out.returncode != 0 and "no answer in 4 s" in out.stderr
+    assert owner.status()["channels"]["lab"]["dropped"].get("not_permitted", 0) >= 1
+    # with a fresh config the member knows it may not ask: it does not wait at all
+    out = load(member, uri, check=False)
+    assert out.returncode != 0 and "no answer" not in out.stderr
+
+
+def test_a_feed_is_replicated_on_demand_and_then_live(lab):
+    owner, member, _, _ = lab
+    feed = owner.py("import kachery_tasks as kt\nf = kt.create_feed(label='spikes')\n"
+                    "f.subfeed('main').append_many([{'i': i} for i in range(5)])\nprint(f.uri)").stdout.strip()
+    owner.start_daemon("lab", "--heartbeat", "0.5")
+    read = f"import kachery_tasks as kt\nprint(len(kt.load_feed({feed!r}).subfeed('main')))"
+    assert member.py(read).stdout.strip() == "5"
+    owner.py(f"import kachery_tasks as kt\nkt.load_feed({feed!r}).subfeed('main').append_many([{{'i': i}} for i in range(5, 8)])")
+    wait_for(lambda: member.py(read).stdout.strip() == "8", what="the new messages to reach the member")
+
+
+def test_sigterm_stops_cleanly_and_status_says_so(lab):
+    owner, _, _, _ = lab
+    owner.start_daemon()
+    assert owner.status()["running"] is True
+    assert owner.stop_daemon(signal.SIGTERM) == 0
+    status = owner.status()
+    assert status["state"] == "stopped" and status["running"] is False
+    assert "node stopped" in owner.log_text()
+
+
+def test_a_second_daemon_on_the_same_home_is_refused(lab):
+    owner, _, _, _ = lab
+    owner.start_daemon()
+    out = owner.kachery("node", "start", "--channel", "lab", check=False, timeout=60)
+    assert out.returncode == 1 and "already running" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_daemon_killed_mid_upload_leaves_nothing_corrupt_and_a_restart_serves(lab):
+    owner, member, _, bucket = lab
+    uri = owner.py("import os, kachery_tasks as kt\nprint(kt.store_bytes(os.urandom(96 * 2**20)))").stdout.strip()
+    owner.start_daemon()
+    proc = subprocess.Popen([sys.executable, "-c", f"import kachery_tasks as kt\nkt.load_bytes({uri!r})"],
+                            env={**member.env, "KACHERY_TASKS_REQUEST_TIMEOUT": "8"}, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: "started" in owner.log_text() or any(bucket.glob("sha256/*/*/*")), what="the upload to start")
+    owner.stop_daemon(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and ("no answer in 8 s" in err or "no member with provide_files" in err), err
+    manifests = list(bucket.glob("manifests/*/*/*.json"))
+    assert not manifests or uri[9:] not in manifests[0].name  # the manifest is written last: never half a file
+    owner.start_daemon()
+    assert len(bytes.fromhex(load(member, uri).stdout.strip())) == 96 * 2**20
+
+
+def test_redis_restarted_under_a_running_daemon(lab, redis_server):
+    owner, member, _, _ = lab
+    uri = store(owner, "0102", 100)
+    owner.start_daemon()
+    redis_server.restart()
+    time.sleep(0.5)
+    assert load(member, uri).stdout.strip() == "0102" * 100
+    assert "reconnected" in owner.log_text()
+
+
+def test_an_unreachable_transport_is_one_line(tmp_path):
+    from redis_fixtures import free_port
+    owner, member, _, _ = make_lab(tmp_path / "dead", f"redis://127.0.0.1:{free_port()}/0", tmp_path / "runs.txt")
+    out = load(member, "sha256://" + "ef" * 32, check=False)
+    assert out.returncode != 0 and "cannot connect" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = owner.kachery("node", "start", "--channel", "lab", check=False, timeout=60)
+    assert out.returncode == 1 and "cannot connect" in out.stderr and "Traceback" not in out.stderr, out.stderr
