@@ -6,6 +6,8 @@
   same port: what a subscriber sees when its server restarts), and ``.pause()``/``.resume()``
   (SIGSTOP/SIGCONT: a server that keeps its sockets open but stops answering).
 - ``redis_uri``: the server's URI for one test, with the server running and its database empty.
+- ``far_redis``: a proxy in front of that server that holds every request for a while: a node far
+  from the server, next to one that is near (``redis_uri``).
 
 The binary is not optional: a machine without it fails here, saying how to get it, rather than
 skipping the tests and passing.
@@ -17,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +103,49 @@ class RedisServer:
             return "(no log)"
 
 
+class DelayProxy:
+    """A TCP proxy to ``127.0.0.1:port`` that holds each client-to-server chunk for ``delay`` seconds."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.target = port
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.uri = f"redis://127.0.0.1:{self.port}/0"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="delay-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            for source, sink, delay in ((client, upstream, self.delay), (upstream, client, 0.0)):
+                threading.Thread(target=self._pump, args=(source, sink, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            while data := source.recv(65536):
+                time.sleep(delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     binary = shutil.which("redis-server")
@@ -124,3 +170,11 @@ def redis_uri(redis_server: RedisServer) -> str:
     with redis.Redis(port=redis_server.port, socket_timeout=5, protocol=2) as client:
         client.flushdb()
     return redis_server.uri
+
+
+@pytest.fixture
+def far_redis(redis_uri: str, redis_server: RedisServer) -> Iterator[DelayProxy]:
+    """The test's server behind a proxy that delays every request by 0.3 s."""
+    proxy = DelayProxy(redis_server.port, 0.3)
+    yield proxy
+    proxy.close()

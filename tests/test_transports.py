@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from redis_fixtures import RedisServer, free_port
+from redis_fixtures import DelayProxy, RedisServer, free_port
 
 from kachery_tasks.channels import (
     MAX_MESSAGE_BYTES,
@@ -223,7 +223,10 @@ def test_a_handler_that_publishes_neither_deadlocks_nor_recurses(transport: Tran
 
     transport.subscribe("echo", handler)
     transport.subscribe("other", other)
-    transport.publish("echo", b"ping")
+    publisher = threading.Thread(target=transport.publish, args=("echo", b"ping"), daemon=True)
+    publisher.start()  # on a thread of its own, so that a deadlock fails the test instead of hanging it
+    publisher.join(WAIT)
+    assert not publisher.is_alive(), "publish deadlocked"
     assert echo.take(2) == [b"ping", b"pong"]
     assert other.get() == b"pong"
 
@@ -362,6 +365,16 @@ def test_redis_restart_under_a_live_subscription_reports_the_gap(redis_server: R
         transport.publish("r", b"after")
         assert inbox.get() == b"after"
         assert inbox.gaps == 1
+
+
+def test_redis_subscribe_returns_once_the_server_confirmed(far_redis: DelayProxy, redis_uri: str) -> None:
+    """A subscriber far from the server (its requests take 0.3 s to arrive) and a publisher next to
+    it: what is published as soon as subscribe returns still reaches the subscriber."""
+    with open_redis(far_redis.uri) as far, open_redis(redis_uri) as near:
+        inbox = Inbox()
+        far.subscribe("c", inbox)
+        near.publish("c", b"right after")
+        assert inbox.get() == b"right after"
 
 
 def test_redis_server_that_stops_answering_is_noticed(redis_server: RedisServer, redis_uri: str,
