@@ -11,6 +11,7 @@ order the bus sent them, so once the marker is in, anything sent before it would
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -346,6 +347,15 @@ def test_a_password_is_never_shown() -> None:
 def test_an_invalid_uri_is_a_user_error() -> None:
     with pytest.raises(UserError):
         open_transport("gopher://x")
+
+
+def test_redis_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails as if not installed
+    monkeypatch.delitem(sys.modules, "kachery_tasks.channels.redis", raising=False)
+    with pytest.raises(UserError) as e:
+        open_transport("redis://:s3cret@127.0.0.1:6379/0")
+    text = one_line(e.value)
+    assert "pip install 'kachery-tasks[redis]'" in text and "s3cret" not in text, text
 
 
 # -- Redis only -------------------------------------------------------------------------------------

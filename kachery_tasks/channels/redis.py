@@ -13,9 +13,10 @@ with ``PubSub.get_message(timeout=poll_interval)``, so that ``close`` stops it w
 to itself, redis-py's PubSub hides a lost connection: its retry policy reconnects inside
 ``get_message`` and its connect callback (``PubSub.on_connect``) subscribes again, so whatever was
 published in between is lost and nobody is told. The clients here therefore never retry
-(``Retry(NoBackoff(), 0)``): a lost connection is an exception in the reader thread, which throws
-that PubSub away, connects a new one with capped exponential backoff, waits until the server
-confirms the SUBSCRIBE, and only then calls ``on_gap``. A connect callback of our own catches any
+(``Retry(NoBackoff(), 0)``): a lost connection is an exception in the reader thread. (Even then
+PubSub's failure handler reconnects once, re-subscribing, before it raises; so the reader does not
+trust that PubSub.) The reader throws it away, connects a new one with capped exponential backoff,
+waits until the server confirms the SUBSCRIBE, and only then calls ``on_gap``. A connect callback of our own catches any
 reconnect redis-py still makes by itself, and is handled the same way. RESP2 is asked for, since
 RESP3's maintenance notifications can also mark a connection for such a silent reconnect.
 
@@ -225,7 +226,7 @@ class _RedisSubscription(Subscription):
         self._closed.set()
         if threading.current_thread() is not self._thread:  # closed from its own handler: it ends on return
             t = self._transport
-            self._thread.join(t.poll_interval + t.connect_timeout + t.timeout + 1)
+            self._thread.join(t.poll_interval + t.connect_timeout + 2 * t.timeout + 1)  # a connect under way
             if self._thread.is_alive():
                 log.warning("%s: the subscription to %r did not stop within its timeouts (a handler still "
                             "running?); it will deliver nothing more", t.uri, self.topic)
