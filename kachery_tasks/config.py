@@ -40,8 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "cache": True,  # False: compute, store nothing, do not join a concurrent identical call
     "read_only": False,  # use hits, never write
     "cache_errors": False,  # serve recorded failures as results (re-raise them) instead of recomputing
-    # The resolution tiers, first hit wins (tasks/tiers/); the channel adds its tier in a later version.
-    "tiers": ["memory", "local", "bucket"],
+    # The resolution tiers, first hit wins (tasks/tiers/): the channel tier asks the channels this
+    # node joined when the store and the buckets miss.
+    "tiers": ["memory", "local", "bucket", "channel"],
     # Memory tier: an LRU bounded in bytes of results held.
     "memory_cache_bytes": 256 * 2**20,
     # Results whose encoding is at most this many bytes are kept inside the task record.

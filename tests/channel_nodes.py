@@ -93,7 +93,7 @@ class Node:
 def make_lab(tmp: Path, redis_uri: str, counter: Path, **config: str) -> tuple[Node, Node, Node, Path]:
     """Owner (admitted to everything, provides), member (requests only), outsider (joined, not admitted)."""
     bucket = tmp / "bucket"
-    bucket.mkdir()
+    bucket.mkdir(parents=True)
     owner, member, outsider = (Node(tmp, n, counter, **config) for n in ("owner", "member", "outsider"))
     for node, email in ((owner, "alice@lab.org"), (member, "bob@lab.org"), (outsider, "eve@else.org")):
         node.kachery("node", "init", "--owner", email, "--label", node.name)

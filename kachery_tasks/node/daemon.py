@@ -280,8 +280,9 @@ def _subject(env: Envelope) -> str:
     body = env.body
     if "sha256" in body:
         return f"sha256://{str(body['sha256'])[:16]}…"
-    if "task_id" in body:
-        return f"task {body['task_id']}"
+    if isinstance(body.get("task_ids"), list):
+        ids = body["task_ids"]
+        return f"task {ids[0]}" if len(ids) == 1 else f"{len(ids)} tasks"
     if "feed_id" in body:
         return f"feed {str(body['feed_id'])[:16]}…"
     return ""

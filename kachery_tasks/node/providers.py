@@ -22,7 +22,7 @@ from ..buckets.feeds import publish_feed
 from ..buckets.transfer import upload_blob
 from ..channels.envelope import Envelope
 from ..channels.session import ChannelSession
-from ..errors import KacheryError, NotFoundError
+from ..errors import KacheryError
 from ..feeds.feed import Feed
 from ..feeds.registry import stored_feed
 from ..store.local import store_for
@@ -60,20 +60,24 @@ def provide_file(session: ChannelSession, env: Envelope) -> Outcome:
 
 
 def provide_result(session: ChannelSession, env: Envelope) -> Outcome:
-    task_id = env.body.get("task_id")
-    if not (isinstance(task_id, str) and len(task_id) == 32 and set(task_id) <= _HEX64):
-        return _answer(session, env, "task_status", Outcome("refused", "no valid task_id in the request"), {})
+    """Publish the records of ``task_ids`` this node holds (with blobs and upstream records)."""
+    task_ids = env.body.get("task_ids")
+    if not (isinstance(task_ids, list) and task_ids and all(_is_task_id(t) for t in task_ids)):
+        return _answer(session, env, "task_status", Outcome("refused", "no valid task_ids in the request"), {})
     if not session.config().allows(session.node_id, "provide_tasks"):
         return Outcome("refused", "this node lacks provide_tasks")
     store = store_for(str(session.home))
     out = Published(session.bucket_uri)
-    try:
-        publish_task(store, session.writable_bucket(), task_id, out)
-    except NotFoundError:
-        return _answer(session, env, "task_status", Outcome("not_found", "no success record here"), {"task_id": task_id})
+    held = [t for t in task_ids if store.records.read(t) is not None]
+    if not held:
+        return _answer(session, env, "task_status", Outcome("not_found", "no success record here"), {"count": len(task_ids)})
+    bucket = session.writable_bucket()
+    for task_id in held:
+        publish_task(store, bucket, task_id, out)
     new = sum(out.records.values())
     return _answer(session, env, "task_status",
-                   Outcome("finished", f"{len(out.records)} record(s), {new} new", out.bytes_sent), {"task_id": task_id})
+                   Outcome("finished", f"{len(held)} of {len(task_ids)} held, {len(out.records)} record(s) sent, {new} new",
+                           out.bytes_sent), {"published": held})
 
 
 def provide_feed(session: ChannelSession, env: Envelope) -> Outcome:
@@ -145,6 +149,10 @@ def _send_new(session: ChannelSession, type: str, body: dict) -> None:
         session.send(type, body)
     except KacheryError as exc:
         log.warning("channel %s: could not send %s: %s", session.name, type, exc)
+
+
+def _is_task_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 32 and set(value) <= _HEX64
 
 
 def _is_hex64(value: object) -> bool:

@@ -14,12 +14,15 @@ from ... import config
 from ...errors import UserError
 from .base import ABSENT, Hit, Miss, Tier
 from .bucket import BucketTier
+from .channel import ChannelTier
 from .local import LocalTier
 from .memory import MEMORY, MemoryTier
 
 #: The tiers this version has, by the name the config key ``tiers`` uses; each made for one home, or
 #: None where the configuration gives it nothing to ask (no bucket configured: no bucket tier).
-KINDS: dict[str, Callable[[str], Tier | None]] = {"memory": MemoryTier, "local": LocalTier, "bucket": BucketTier.for_home}
+KINDS: dict[str, Callable[[str], Tier | None]] = {
+    "memory": MemoryTier, "local": LocalTier, "bucket": BucketTier.for_home, "channel": ChannelTier.for_home,
+}
 
 _built: dict[str, tuple[object, tuple[Tier, ...]]] = {}
 
@@ -34,8 +37,7 @@ def tiers_for(home: str) -> tuple[Tier, ...]:
     unknown = [n for n in names if n not in KINDS]
     if unknown:
         raise UserError(
-            f"unknown resolution tier {unknown[0]!r} in config 'tiers'; this version has {', '.join(KINDS)} "
-            "(the channel tier comes with the channels)"
+            f"unknown resolution tier {unknown[0]!r} in config 'tiers'; this version has {', '.join(KINDS)}"
         )
     made = ((name, KINDS[name](home)) for name in names)
     tiers = tuple(_named(tier, name) for name, tier in made if tier is not None)
@@ -50,4 +52,4 @@ def _named(tier: Tier, name: str) -> Tier:
     return tier
 
 
-__all__ = ["ABSENT", "KINDS", "BucketTier", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]
+__all__ = ["ABSENT", "KINDS", "BucketTier", "ChannelTier", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]

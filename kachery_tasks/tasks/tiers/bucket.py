@@ -118,6 +118,11 @@ class BucketTier(Tier):
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: what is published goes through publish.py, by the node's own choice."""
 
+    def forget(self, task_id: str) -> None:
+        """Drop the remembered miss of ``task_id``: a caller that knows it was just published (the
+        channel tier, after a member answered) looks again at once."""
+        self._missed.pop(task_id, None)
+
     # -- one record ------------------------------------------------------------------------------
     def _publishers(self, bucket: Bucket, task_id: str) -> set[str]:
         """The node ids with a record of ``task_id`` in ``bucket`` (one listing)."""
