@@ -68,9 +68,12 @@ class Node:
             "PYTHONPATH": os.pathsep.join([str(tmp), str(REPO)]),
         })
 
-    def py(self, code: str, **extra: str) -> str:
-        proc = subprocess.run([sys.executable, "-c", code], env={**self.env, **extra}, capture_output=True,
+    def run(self, code: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env={**self.env, **extra}, capture_output=True,
                               text=True, timeout=120, cwd=self.home.parent)
+
+    def py(self, code: str, **extra: str) -> str:
+        proc = self.run(code, **extra)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 

@@ -8,16 +8,17 @@ create-if-absent, so publishing again, or from two processes at once, is harmles
 interrupted publish resumes where it stopped (large blobs chunk by chunk: buckets/transfer.py).
 
 Only the bucket of the config key ``bucket`` is written, never a ``read_buckets`` one; with
-``bucket_read_only`` (or credentials that cannot write) publishing is refused with one line.
+``bucket_read_only`` publishing is refused with one line, and so it is once the bucket refused a
+write in this process (credentials that cannot write: buckets/refusals.py).
 Automatic publishing (``@pure(publish=True)``, ``f.options(publish=True)``, config ``publish``)
 happens right after a result is recorded; if the bucket cannot take it, the value is still returned
-and recorded locally, and a warning says how to publish it later.
+and recorded locally, and a warning says how to publish it later; a bucket that is read-only, by
+configuration or for these credentials, is skipped in silence (after one warning for the latter).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import orjson
@@ -26,8 +27,9 @@ from .. import config
 from ..buckets import AlreadyExists, Bucket, BucketError
 from ..buckets.fetch import configured_bucket
 from ..buckets.layout import record_key
+from ..buckets.refusals import WriteRefused
 from ..buckets.transfer import upload_blob
-from ..errors import KacheryError, KacheryWarning, NotFoundError, UserError
+from ..errors import KacheryError, KacheryWarning, NotFoundError, UserError, warn_outside
 from ..store.blobs import Progress
 from ..store.file import File
 from ..store.local import LocalStore, store_for
@@ -41,6 +43,11 @@ log = logging.getLogger("kachery_tasks")
 
 class PublishWarning(KacheryWarning):
     """A result was computed and recorded here, but could not be published to the bucket."""
+
+
+class ReadOnlyBucketWarning(PublishWarning):
+    """The bucket refused a write with these credentials: nothing more is published to it by this
+    process (said once per process; ``bucket_read_only: true`` silences it)."""
 
 
 @dataclass
@@ -122,11 +129,18 @@ def _record(bucket: Bucket, record: TaskRecord, out: Published) -> None:
 
 def publish_after_record(job: Job, store: LocalStore) -> None:
     """Publish a result just recorded (automatic publishing). Never raises: the value is computed
-    and recorded; a bucket that cannot take it gets one warning that says how to publish later."""
+    and recorded. A bucket that cannot take it gets one warning that says how to publish later; a
+    bucket read-only for these credentials, one warning for the whole process; a bucket configured
+    read-only (``bucket_read_only``), none."""
+    if config.get("bucket_read_only"):
+        return
     try:
         bucket = configured_bucket(write=True)
         publish_task(store, bucket, job.id, Published(bucket.uri))
+    except WriteRefused as exc:
+        if exc.first:
+            warn_outside(ReadOnlyBucketWarning(str(exc)))
     except (KacheryError, BucketError, OSError) as exc:
-        warnings.warn(PublishWarning(
+        warn_outside(PublishWarning(
             f"{job.task.name} (task {job.id[:12]}) was computed and recorded here, but not published: {exc}. "
-            f"Publish it later with `kachery publish {job.id}`"), stacklevel=2)
+            f"Publish it later with `kachery publish {job.id}`"))
