@@ -52,6 +52,16 @@ def report(totals, tag):
 def shapes(n):
     _count("shapes")
     return {"n": n, "kinds": {"a", "b"}}
+
+
+def square(x):  # plain functions, for dask.delayed graphs through kt.cached
+    _count("square")
+    return x * x
+
+
+def add(a, b):
+    _count("add")
+    return a + b
 '''
 
 
@@ -239,6 +249,66 @@ def test_a_dask_pipeline_rerun_elsewhere_computes_only_what_changed_after_batche
     assert runs(counter)[41:] == ["report"], "the other node computed only the changed root"
     # one batched check for the root's level, one for the 20 totals (their ramps are never visited)
     assert again["calls"]["exists_many"] == 2, again["calls"]
+
+
+COLLECTION = '''
+import json, warnings
+import kachery_tasks as kt
+import pipeline
+
+totals = [pipeline.total.delayed(pipeline.ramp.delayed(1000 + i)) for i in range(5)]
+root = pipeline.report.delayed(totals, "tag")
+
+
+def publish(collection):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        out = kt.publish(collection)
+    return {"records": len(out.records), "blobs": len(out.blobs), "not_computed": out.not_computed,
+            "warnings": [str(w.message) for w in said], "summary": out.summary()}
+'''
+
+
+def test_publishing_a_dask_collection_sends_what_is_computed_and_names_the_rest(lab):
+    a, b, bucket, counter = lab
+    steps = json.loads(a.py(COLLECTION + """
+out = {"none": publish(root)}
+totals[0].compute(scheduler="sync")
+out["part"] = publish(root)
+root.compute(scheduler="sync")
+out["all"] = publish(root)
+print(json.dumps(out))
+"""))
+    none, part, done = steps["none"], steps["part"], steps["all"]
+    # not computed: not an error; nothing sent, every node named, in the return value and one warning
+    assert (none["records"], none["blobs"], len(none["not_computed"])) == (0, 0, 11)
+    assert len(none["warnings"]) == 1 and "11 graph node(s) have no result" in none["warnings"][0]
+    assert "compute the collection first" in none["warnings"][0] and "\n" not in none["warnings"][0]
+    assert "11 graph node(s) not computed yet" in none["summary"]
+    # one branch computed: its two records (and the ramp's blob) go, the 9 others are named
+    assert (part["records"], part["blobs"], len(part["not_computed"])) == (2, 1, 9)
+    assert all(name.startswith(("ramp-", "total-", "report-")) for name in part["not_computed"])
+    assert (done["records"], done["blobs"], done["not_computed"], done["warnings"]) == (11, 5, [], [])
+    assert runs(counter).count("ramp") == 5 and len(runs(counter)) == 11
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    value = b.py(COLLECTION + "print(root.compute(scheduler='sync')['sum'])", **trust)
+    assert float(value) == sum(2.0 * (n - 1) * n / 2 for n in range(1000, 1005))
+    assert len(runs(counter)) == 11, "B computed nothing: every node was published"
+
+
+def test_publishing_a_cached_collection_of_plain_dask_functions(lab):
+    a, b, _, counter = lab
+    code = COLLECTION + """
+import dask
+graph = dask.delayed(pipeline.add)(dask.delayed(pipeline.square)(3), dask.delayed(pipeline.square)(4))
+c = kt.cached(graph, min_seconds=0)
+"""
+    first = json.loads(a.py(code + "v = c.compute(scheduler='sync')\nprint(json.dumps([v, publish(c)]))"))
+    assert first[0] == 25 and first[1]["records"] == 3 and first[1]["not_computed"] == []
+    assert sorted(runs(counter)) == ["add", "square", "square"]
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    assert b.py(code + "print(c.compute(scheduler='sync'))", **trust) == "25"
+    assert len(runs(counter)) == 3, "B loaded the cached graph's results from the bucket"
 
 
 def test_a_file_published_by_one_node_is_loaded_by_another_verified(lab, tmp_path):

@@ -11,7 +11,7 @@ from ..buckets.layout import record_key
 from ..identity import node_identity
 from ..store.local import current_store
 from ..store.task_record import TaskRecord
-from ..tasks.publish import publish
+from ..tasks.publish import plan_publish, send
 from ..tasks.replay import find_record
 from .output import byte_progress, print_json, print_listing
 
@@ -25,16 +25,14 @@ def publish_cmd(targets: tuple[str, ...], as_json: bool) -> None:
     A result goes with its blobs and the records of the jobs it consumed; what the bucket already
     has is not sent again."""
     store = current_store()
-    total = sum(store.blobs.size(t[9:]) for t in targets if t.startswith("sha256://") and store.blobs.exists(t[9:]))
-    with byte_progress(total, "publishing") as progress:
-        out = publish(*targets, progress=progress)
+    bucket = configured_bucket(write=True)
+    plan = plan_publish(store, *targets)
+    with byte_progress(plan.bytes, "publishing") as progress:
+        out = send(plan, store, bucket, progress)
     if as_json:
         print_json({"bucket": out.bucket, "blobs": out.blobs, "records": out.records, "bytes_sent": out.bytes_sent})
         return
-    new_records = sum(out.records.values())
-    new_blobs = sum(out.blobs.values())
-    click.echo(f"published to {out.bucket}: {len(out.records)} record(s) ({new_records} new), "
-               f"{len(out.blobs)} blob(s) ({new_blobs} new), {out.bytes_sent} bytes sent")
+    click.echo(out.summary())
 
 
 @click.group("bucket")
