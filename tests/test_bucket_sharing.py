@@ -201,14 +201,48 @@ def test_publish_by_command_then_hit_elsewhere(lab):
     b.py("import pipeline\npipeline.ramp(1000)", **trust)
     assert runs(counter) == ["ramp"]
     listed = json.loads(a.kachery("bucket", "ls", "--json").stdout)
-    assert [row["task_id"] for row in listed] == [task_id] and listed[0]["function"] == "pipeline.ramp"
+    assert [(row["kind"], row["id"], row["function"]) for row in listed][0] == ("record", task_id, "pipeline.ramp")
+    assert [(row["kind"], row["bytes"]) for row in listed][1:] == [("file", 8000 + 128)], "its result blob (npy)"
     assert json.loads(b.kachery("bucket", "ls", "--json").stdout) == [], "B published nothing"
     assert "not in the bucket" in b.kachery("bucket", "rm", task_id).stdout, "B cannot remove A's record"
     assert a.kachery("bucket", "rm", task_id[:10]).returncode == 0
-    assert json.loads(a.kachery("bucket", "ls", "--json").stdout) == []
+    assert [row["kind"] for row in json.loads(a.kachery("bucket", "ls", "--json").stdout)] == ["file"]
     c = Node(b.home.parent, "home-c", bucket, counter)
     c.py("import pipeline\npipeline.ramp(1000)", **trust)
     assert runs(counter) == ["ramp", "ramp"], "a removed record is no longer a hit"
+
+
+def _bucket_files(bucket: Path) -> list[str]:
+    return sorted(str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file() and ".kt" not in p.parts)
+
+
+def test_a_file_is_removed_only_when_no_record_names_it_and_the_other_node_then_misses_cleanly(lab):
+    a, b, bucket, counter = lab
+    a.py(CALL, KACHERY_TASKS_PUBLISH="true")
+    [file] = [row for row in json.loads(a.kachery("bucket", "ls", "--json").stdout) if row["kind"] == "file"]
+    uri, task_id = file["id"], a.py("import pipeline\nprint(pipeline.ramp.task_id(300_000))")
+    before = _bucket_files(bucket)
+    refused = a.kachery("bucket", "rm", uri)
+    line = refused.stderr.strip()
+    assert refused.returncode == 1 and len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert task_id in line and "pipeline.ramp" in line and "kachery bucket rm TASK_ID" in line and "--force" in line
+    assert _bucket_files(bucket) == before, "refused: nothing deleted"
+    theirs = b.kachery("bucket", "rm", uri)
+    assert theirs.returncode == 1 and "was not published to" in theirs.stderr, "B did not publish it"
+
+    assert a.kachery("bucket", "rm", task_id).returncode == 0
+    done = a.kachery("bucket", "rm", uri)
+    assert done.returncode == 0 and f"removed {uri}" in done.stdout, done.stderr
+    assert [row["kind"] for row in json.loads(a.kachery("bucket", "ls", "--json").stdout)] == ["record"]  # total's
+    assert not [k for k in _bucket_files(bucket) if k.startswith(("sha256/", "files/"))]
+
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    missed = b.kachery("load", uri, **trust)
+    assert missed.returncode == 1 and len(missed.stderr.strip().splitlines()) == 1, missed.stderr
+    assert not list((b.home / "store").rglob("*.part")) if (b.home / "store").exists() else True
+    value = b.py("import pipeline\nprint(float(pipeline.ramp(300_000).sum()))", **trust)
+    assert float(value) == 2.0 * 299_999 * 300_000 / 2
+    assert runs(counter) == ["ramp", "total", "ramp"], "B computed what is no longer in the bucket, correctly"
 
 
 def test_publishing_without_a_bucket_is_one_line(lab):

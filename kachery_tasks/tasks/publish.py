@@ -3,9 +3,11 @@
 What a record needs goes first and the record last, so a record in a bucket always names blobs that
 were there when it was written (as REAPI separates blob writes from result writes): the result blob,
 the argument blobs a replay reads, then the records of the jobs it consumed (upstream first), then
-the record itself, under ``records/<task id>/<signer's node id>.json``. Every write is
-create-if-absent, so publishing again, or from two processes at once, is harmless, and an
-interrupted publish resumes where it stopped (large blobs chunk by chunk: buckets/transfer.py).
+the record itself, under ``records/<task id>/<signer's node id>.json``. Every blob goes with this
+node's marker (``files/…/<node id>.json``, buckets/published.py), which is how ``kachery bucket ls``
+and ``rm`` know what this node published. Every write is create-if-absent, so publishing again, or
+from two processes at once, is harmless, and an interrupted publish resumes where it stopped (large
+blobs chunk by chunk: buckets/transfer.py).
 
 A publish is planned before anything is sent (:func:`plan_publish`): every record and blob is
 found in this home first, so a missing one is an error with nothing sent, and the command line
@@ -35,9 +37,11 @@ from .. import config
 from ..buckets import AlreadyExists, Bucket, BucketError
 from ..buckets.fetch import configured_bucket
 from ..buckets.layout import record_key
+from ..buckets.published import mark_published
 from ..buckets.refusals import WriteRefused
 from ..buckets.transfer import upload_blob
 from ..errors import KacheryError, KacheryWarning, NotFoundError, UserError, warn_outside
+from ..identity import node_identity
 from ..store.blobs import Progress
 from ..store.file import File
 from ..store.local import LocalStore, store_for
@@ -200,10 +204,12 @@ def send(plan: Plan, store: LocalStore, bucket: Bucket, progress: Progress | Non
          objects: Callable[[int], None] | None = None) -> Published:
     """Carry out ``plan``: ``progress(n)`` counts bytes done (sent or found there), ``objects(1)``
     each blob or record done."""
+    node_id = node_identity(store.home).node_id
     out = Published(bucket.uri, not_computed=list(plan.not_computed), uncached=dict(plan.uncached))
     for step in plan.steps:
         if isinstance(step, str):
             moved = upload_blob(bucket, store.blobs, step, progress)
+            mark_published(bucket, step, plan.sizes[step], node_id)
             out.blobs[step] = moved.bytes_moved > 0
             out.bytes_sent += moved.bytes_moved
         else:
