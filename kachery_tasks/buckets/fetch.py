@@ -15,9 +15,9 @@ from ..errors import UserError
 from ..store.blobs import BlobStore
 from ..store.files import FETCHERS
 from .base import Bucket, NotFound, ReadOnlyBucket
-from .layout import check_layout
+from .layout import blob_key, check_layout, manifest_key
 from .refusals import GuardedBucket, check_not_refused, refusals
-from .transfer import download_blob
+from .transfer import download_blob, read_manifest
 from .uri import open_bucket
 
 _opened: dict[str, Bucket] = {}
@@ -59,6 +59,20 @@ def configured_bucket(*, write: bool) -> Bucket:
         bucket = GuardedBucket(open_bucket(uri))
         check_layout(bucket, write=True)
     return bucket
+
+
+def locate_blob(sha256: str) -> tuple[Bucket, int] | None:
+    """The first configured bucket that has blob ``sha256`` and the blob's size (its object's, or
+    its manifest's), or None: what a progress bar needs before a download starts."""
+    bkey, mkey = blob_key(sha256), manifest_key(sha256)
+    for bucket in configured_buckets():
+        check_layout(bucket, write=False)
+        found = bucket.exists_many([bkey, mkey])
+        if bkey in found:
+            return bucket, found[bkey].size
+        if mkey in found:
+            return bucket, read_manifest(bucket, sha256).size
+    return None
 
 
 def fetch_from_buckets(sha256: str, blobs: BlobStore) -> bool:

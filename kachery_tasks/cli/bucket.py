@@ -31,12 +31,12 @@ def publish_cmd(targets: tuple[str, ...], as_json: bool) -> None:
     """Publish files (sha256:// URIs) and task results (task ids) to the configured bucket.
 
     A result goes with its blobs and the records of the jobs it consumed; what the bucket already
-    has is not sent again."""
+    has is not sent again. On a terminal, a progress bar counts objects and bytes."""
     store = current_store()
     bucket = configured_bucket(write=True)
     plan = plan_publish(store, *targets)
-    with byte_progress(plan.bytes, "publishing") as progress:
-        out = send(plan, store, bucket, progress)
+    with byte_progress(plan.bytes, "publishing", objects=plan.objects) as bar:
+        out = send(plan, store, bucket, bar, None if bar is None else bar.objects)
     if as_json:
         print_json({"bucket": out.bucket, "blobs": out.blobs, "records": out.records, "bytes_sent": out.bytes_sent})
         return
