@@ -7,7 +7,7 @@ fail, to publish every result it computes, each time saying so. Reading never ne
 (the bucket tier and file loads open buckets read-only), so after the first refusal this process
 stops writing, and says so once; ``bucket_read_only: true`` says it in advance and silences that.
 
-:func:`guarded` wraps the bucket that ``configured_bucket(write=True)`` hands out: a
+:class:`GuardedBucket` wraps the bucket that ``configured_bucket(write=True)`` hands out: a
 ``PermissionDenied`` raised by a write or compare-and-swap is remembered for the bucket's
 URI and raised as :class:`WriteRefused`, one line; every later attempt in this process gets the
 same error before anything is sent. Reads pass through untouched (a read refused is the
