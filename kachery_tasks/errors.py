@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
+import warnings
 
 
 class KacheryError(Exception):
@@ -151,6 +153,21 @@ def human_bytes(n: int) -> str:
 
 class KacheryWarning(UserWarning):
     """Base of every warning issued by kachery-tasks (filter them all with this class)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_outside(warning: Warning) -> None:
+    """Issue ``warning`` attributed to the first frame outside kachery-tasks (the user's call, or
+    the Dask machinery that ran it), not to the line of kachery-tasks that noticed: that is the line
+    the user can act on, and Python shows a warning once per line it is attributed to."""
+    frame = sys._getframe(1)  # the caller: stacklevel 2
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(warning, stacklevel=level if frame is not None else 1)
 
 
 class StaleResultWarning(KacheryWarning):

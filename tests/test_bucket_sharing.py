@@ -52,6 +52,16 @@ def report(totals, tag):
 def shapes(n):
     _count("shapes")
     return {"n": n, "kinds": {"a", "b"}}
+
+
+def square(x):  # plain functions, for dask.delayed graphs through kt.cached
+    _count("square")
+    return x * x
+
+
+def add(a, b):
+    _count("add")
+    return a + b
 '''
 
 
@@ -68,9 +78,12 @@ class Node:
             "PYTHONPATH": os.pathsep.join([str(tmp), str(REPO)]),
         })
 
-    def py(self, code: str, **extra: str) -> str:
-        proc = subprocess.run([sys.executable, "-c", code], env={**self.env, **extra}, capture_output=True,
+    def run(self, code: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env={**self.env, **extra}, capture_output=True,
                               text=True, timeout=120, cwd=self.home.parent)
+
+    def py(self, code: str, **extra: str) -> str:
+        proc = self.run(code, **extra)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
@@ -188,14 +201,48 @@ def test_publish_by_command_then_hit_elsewhere(lab):
     b.py("import pipeline\npipeline.ramp(1000)", **trust)
     assert runs(counter) == ["ramp"]
     listed = json.loads(a.kachery("bucket", "ls", "--json").stdout)
-    assert [row["task_id"] for row in listed] == [task_id] and listed[0]["function"] == "pipeline.ramp"
+    assert [(row["kind"], row["id"], row["function"]) for row in listed][0] == ("record", task_id, "pipeline.ramp")
+    assert [(row["kind"], row["bytes"]) for row in listed][1:] == [("file", 8000 + 128)], "its result blob (npy)"
     assert json.loads(b.kachery("bucket", "ls", "--json").stdout) == [], "B published nothing"
     assert "not in the bucket" in b.kachery("bucket", "rm", task_id).stdout, "B cannot remove A's record"
     assert a.kachery("bucket", "rm", task_id[:10]).returncode == 0
-    assert json.loads(a.kachery("bucket", "ls", "--json").stdout) == []
+    assert [row["kind"] for row in json.loads(a.kachery("bucket", "ls", "--json").stdout)] == ["file"]
     c = Node(b.home.parent, "home-c", bucket, counter)
     c.py("import pipeline\npipeline.ramp(1000)", **trust)
     assert runs(counter) == ["ramp", "ramp"], "a removed record is no longer a hit"
+
+
+def _bucket_files(bucket: Path) -> list[str]:
+    return sorted(str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file() and ".kt" not in p.parts)
+
+
+def test_a_file_is_removed_only_when_no_record_names_it_and_the_other_node_then_misses_cleanly(lab):
+    a, b, bucket, counter = lab
+    a.py(CALL, KACHERY_TASKS_PUBLISH="true")
+    [file] = [row for row in json.loads(a.kachery("bucket", "ls", "--json").stdout) if row["kind"] == "file"]
+    uri, task_id = file["id"], a.py("import pipeline\nprint(pipeline.ramp.task_id(300_000))")
+    before = _bucket_files(bucket)
+    refused = a.kachery("bucket", "rm", uri)
+    line = refused.stderr.strip()
+    assert refused.returncode == 1 and len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert task_id in line and "pipeline.ramp" in line and "kachery bucket rm TASK_ID" in line and "--force" in line
+    assert _bucket_files(bucket) == before, "refused: nothing deleted"
+    theirs = b.kachery("bucket", "rm", uri)
+    assert theirs.returncode == 1 and "was not published to" in theirs.stderr, "B did not publish it"
+
+    assert a.kachery("bucket", "rm", task_id).returncode == 0
+    done = a.kachery("bucket", "rm", uri)
+    assert done.returncode == 0 and f"removed {uri}" in done.stdout, done.stderr
+    assert [row["kind"] for row in json.loads(a.kachery("bucket", "ls", "--json").stdout)] == ["record"]  # total's
+    assert not [k for k in _bucket_files(bucket) if k.startswith(("sha256/", "files/"))]
+
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    missed = b.kachery("load", uri, **trust)
+    assert missed.returncode == 1 and len(missed.stderr.strip().splitlines()) == 1, missed.stderr
+    assert not list((b.home / "store").rglob("*.part")) if (b.home / "store").exists() else True
+    value = b.py("import pipeline\nprint(float(pipeline.ramp(300_000).sum()))", **trust)
+    assert float(value) == 2.0 * 299_999 * 300_000 / 2
+    assert runs(counter) == ["ramp", "total", "ramp"], "B computed what is no longer in the bucket, correctly"
 
 
 def test_publishing_without_a_bucket_is_one_line(lab):
@@ -236,6 +283,66 @@ def test_a_dask_pipeline_rerun_elsewhere_computes_only_what_changed_after_batche
     assert runs(counter)[41:] == ["report"], "the other node computed only the changed root"
     # one batched check for the root's level, one for the 20 totals (their ramps are never visited)
     assert again["calls"]["exists_many"] == 2, again["calls"]
+
+
+COLLECTION = '''
+import json, warnings
+import kachery_tasks as kt
+import pipeline
+
+totals = [pipeline.total.delayed(pipeline.ramp.delayed(1000 + i)) for i in range(5)]
+root = pipeline.report.delayed(totals, "tag")
+
+
+def publish(collection):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        out = kt.publish(collection)
+    return {"records": len(out.records), "blobs": len(out.blobs), "not_computed": out.not_computed,
+            "warnings": [str(w.message) for w in said], "summary": out.summary()}
+'''
+
+
+def test_publishing_a_dask_collection_sends_what_is_computed_and_names_the_rest(lab):
+    a, b, bucket, counter = lab
+    steps = json.loads(a.py(COLLECTION + """
+out = {"none": publish(root)}
+totals[0].compute(scheduler="sync")
+out["part"] = publish(root)
+root.compute(scheduler="sync")
+out["all"] = publish(root)
+print(json.dumps(out))
+"""))
+    none, part, done = steps["none"], steps["part"], steps["all"]
+    # not computed: not an error; nothing sent, every node named, in the return value and one warning
+    assert (none["records"], none["blobs"], len(none["not_computed"])) == (0, 0, 11)
+    assert len(none["warnings"]) == 1 and "11 graph node(s) have no result" in none["warnings"][0]
+    assert "compute the collection first" in none["warnings"][0] and "\n" not in none["warnings"][0]
+    assert "11 graph node(s) not computed yet" in none["summary"]
+    # one branch computed: its two records (and the ramp's blob) go, the 9 others are named
+    assert (part["records"], part["blobs"], len(part["not_computed"])) == (2, 1, 9)
+    assert all(name.startswith(("ramp-", "total-", "report-")) for name in part["not_computed"])
+    assert (done["records"], done["blobs"], done["not_computed"], done["warnings"]) == (11, 5, [], [])
+    assert runs(counter).count("ramp") == 5 and len(runs(counter)) == 11
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    value = b.py(COLLECTION + "print(root.compute(scheduler='sync')['sum'])", **trust)
+    assert float(value) == sum(2.0 * (n - 1) * n / 2 for n in range(1000, 1005))
+    assert len(runs(counter)) == 11, "B computed nothing: every node was published"
+
+
+def test_publishing_a_cached_collection_of_plain_dask_functions(lab):
+    a, b, _, counter = lab
+    code = COLLECTION + """
+import dask
+graph = dask.delayed(pipeline.add)(dask.delayed(pipeline.square)(3), dask.delayed(pipeline.square)(4))
+c = kt.cached(graph, min_seconds=0)
+"""
+    first = json.loads(a.py(code + "v = c.compute(scheduler='sync')\nprint(json.dumps([v, publish(c)]))"))
+    assert first[0] == 25 and first[1]["records"] == 3 and first[1]["not_computed"] == []
+    assert sorted(runs(counter)) == ["add", "square", "square"]
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
+    assert b.py(code + "print(c.compute(scheduler='sync'))", **trust) == "25"
+    assert len(runs(counter)) == 3, "B loaded the cached graph's results from the bucket"
 
 
 def test_a_file_published_by_one_node_is_loaded_by_another_verified(lab, tmp_path):

@@ -110,12 +110,15 @@ def test_directory_cas_threads_of_one_process(tmp_path: Path) -> None:
 # -- GCS through a proxy that fails --------------------------------------------------------------------
 class FlakyProxy:
     """An HTTP proxy to fake-gcs-server that answers 503 or 429 to every ``every``-th request,
-    some of them *after* forwarding it (the server did the work; the answer is lost)."""
+    some of them *after* forwarding it (the server did the work; the answer is lost).
+    ``writes_status``: every request that writes (POST, PUT, PATCH, DELETE) gets that answer instead,
+    and nothing else fails (credentials that may read and not write)."""
 
-    def __init__(self, target: str, every: int = 3, status: int | None = None):
+    def __init__(self, target: str, every: int = 3, status: int | None = None, writes_status: int | None = None):
         self.target = urlsplit(target)
         self.every = every
         self.status = status
+        self.writes_status = writes_status
         self.count = 0
         self.injected = {"before": 0, "after": 0}
         self.lock = threading.Lock()
@@ -133,7 +136,10 @@ class FlakyProxy:
                 with proxy.lock:
                     proxy.count += 1
                     n = proxy.count
-                fail = n % proxy.every == 0
+                if proxy.writes_status is not None and self.command != "GET":
+                    code = proxy.writes_status
+                    return self.reply(code, {}, b'{"error": {"code": %d, "message": "no write access"}}' % code)
+                fail = proxy.writes_status is None and n % proxy.every == 0
                 after = fail and (n // proxy.every) % 2 == 0 and self.command in ("POST", "PUT")
                 if fail and not after:
                     proxy.injected["before"] += 1

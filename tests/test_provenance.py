@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from second_user import GID, reachable_dir, run_as_second_user, second_user
 
 from kachery_tasks import config
 from kachery_tasks.store import current_store
@@ -209,24 +210,17 @@ def test_shared_group_home_is_group_writable(tmp_path):
     assert blob_dirs and all(d.stat().st_mode & stat.S_ISGID for d in blob_dirs)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "skipped until now (the second user could not run the interpreter); running, it shows that the second "
+    "user cannot add a record: the node key is mode 0600 and never group-readable, even in a shared home "
+    "(identity/keys.py), so it cannot sign. Which way to go is the identity layer's decision"))
 def test_two_users_share_one_home(env):
     """Root computes into a group-shared home; user nobody (group nogroup) hits it and adds a record."""
-    import shutil
-    import tempfile
-
-    if os.getuid() != 0:
-        pytest.skip("needs root to run a subprocess as a second user")
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import kachery_tasks"], user=65534, group=65534,
-                               capture_output=True)
-    except OSError:
-        probe = None
-    if probe is None or probe.returncode != 0:
-        pytest.skip("user 65534 cannot run this interpreter or import kachery_tasks (it lives under a private home)")
-    group = grp.getgrgid(65534).gr_name
-    base = Path(tempfile.mkdtemp(prefix="kt-shared-"))
-    try:
-        os.chmod(base, 0o755)
+    found = second_user()
+    if isinstance(found, str):
+        pytest.skip(found)
+    group = grp.getgrgid(GID).gr_name
+    with reachable_dir("kt-shared-") as base:
         (base / "shared_mod.py").write_text("from kachery_tasks import pure\n@pure\ndef f(x):\n    return x * 7\n")
         os.chmod(base / "shared_mod.py", 0o644)
         env = {**env, "KACHERY_TASKS_HOME": str(base / "home"), "KACHERY_TASKS_SHARED_GROUP": group}
@@ -234,12 +228,9 @@ def test_two_users_share_one_home(env):
                                capture_output=True, text=True)
         assert first.returncode == 0, first.stderr
         code = "import shared_mod\nfrom kachery_tasks.tasks import explain\nprint(explain(shared_mod.f.job(1)).hit, shared_mod.f(2))"
-        second = subprocess.run([sys.executable, "-c", code], cwd=base, env=env, capture_output=True, text=True,
-                                user=65534, group=65534)
+        second = run_as_second_user(["-c", code], env, cwd=base)
         assert second.returncode == 0, second.stderr
         assert second.stdout.split() == ["True", "14"]
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_large_arguments_are_kept_by_hash_only(home):

@@ -42,7 +42,6 @@ stays, so a generation is never reused for a key after a delete and recreate. Op
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os
@@ -94,7 +93,7 @@ class DirectoryBucket(Bucket):
             with self._os_errors("(open)", "write"):
                 for d in (self.tmp_dir, self.meta / "locks", self.meta / "gen"):
                     make_dirs(d)
-            remove_stale_files(self.tmp_dir, stale_temp_seconds, TEMP_PREFIX)
+                remove_stale_files(self.tmp_dir, stale_temp_seconds, TEMP_PREFIX)
 
     # -- reading -----------------------------------------------------------------------------------
     def stat(self, key: str) -> ObjectInfo | None:
@@ -268,7 +267,8 @@ class DirectoryBucket(Bucket):
     def _locked(self, key: str) -> Iterator[None]:
         stripe = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:2]
         path = os.path.realpath(self.meta / "locks" / f"{stripe}.lock")
-        thread_lock, fd = _lock_file(path)
+        with self._os_errors(key, "lock"):
+            thread_lock, fd = _lock_file(path)
         with thread_lock:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             try:
@@ -285,8 +285,10 @@ class DirectoryBucket(Bucket):
     def _os_errors(self, key: str, action: str) -> Iterator[None]:
         try:
             yield
-        except (PermissionError, BucketError):
+        except BucketError:
             raise
+        except PermissionError:  # EACCES, EPERM: these credentials may not; one line naming what
+            raise self._denied(key, action) from None
         except NotADirectoryError:
             raise BucketError(f"{self.uri}: cannot {action} {key}: a part of it is an object, and a "
                               "directory bucket cannot hold both a/b and a", self.uri, key) from None
@@ -294,8 +296,6 @@ class DirectoryBucket(Bucket):
             raise BucketError(f"{self.uri}: cannot {action} {key}: there are keys under {key}/, and a "
                               "directory bucket cannot hold both a/b and a", self.uri, key) from None
         except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM):
-                raise self._denied(key, action) from None
             raise BucketError(f"{self.uri}: cannot {action} {key}: {e.strerror or e}", self.uri, key) from e
 
 

@@ -14,9 +14,10 @@ from .. import config
 from ..errors import UserError
 from ..store.blobs import BlobStore
 from ..store.files import FETCHERS
-from .base import Bucket, NotFound
-from .layout import check_layout
-from .transfer import download_blob
+from .base import Bucket, NotFound, ReadOnlyBucket
+from .layout import blob_key, check_layout, manifest_key
+from .refusals import GuardedBucket, check_not_refused, refusals
+from .transfer import download_blob, read_manifest
 from .uri import open_bucket
 
 _opened: dict[str, Bucket] = {}
@@ -37,16 +38,41 @@ def configured_buckets() -> list[Bucket]:
 
 
 def configured_bucket(*, write: bool) -> Bucket:
-    """The bucket of the config key ``bucket`` (its layout checked), or a one-line error."""
+    """The bucket of the config key ``bucket`` (its layout checked), or a one-line error.
+
+    With ``write``, the bucket's writes are watched (refusals.py): the first one it refuses, here
+    (the layout marker) or later, makes it read-only for the rest of the process, and every later
+    call raises :class:`~.refusals.WriteRefused` at once."""
     uri = config.get("bucket")
     if not uri:
         raise UserError("no bucket is configured; set one with "
                         "`kachery config set bucket file:///shared/kachery` (or gs://bucket/prefix)")
-    if write and config.get("bucket_read_only"):
-        raise UserError(f"bucket {uri} is configured read-only (bucket_read_only: true); nothing is written to it")
-    bucket = open_bucket(uri, read_only=not write)
-    check_layout(bucket, write=write)
+    if not write:
+        bucket = open_bucket(uri, read_only=True)
+        check_layout(bucket, write=False)
+        return bucket
+    if config.get("bucket_read_only"):
+        raise ReadOnlyBucket(f"bucket {uri} is configured read-only (bucket_read_only: true); nothing is written "
+                             "to it", uri)
+    check_not_refused(uri)
+    with refusals(uri):  # a directory bucket opened for writing makes its .kt/ directories
+        bucket = GuardedBucket(open_bucket(uri))
+        check_layout(bucket, write=True)
     return bucket
+
+
+def locate_blob(sha256: str) -> tuple[Bucket, int] | None:
+    """The first configured bucket that has blob ``sha256`` and the blob's size (its object's, or
+    its manifest's), or None: what a progress bar needs before a download starts."""
+    bkey, mkey = blob_key(sha256), manifest_key(sha256)
+    for bucket in configured_buckets():
+        check_layout(bucket, write=False)
+        found = bucket.exists_many([bkey, mkey])
+        if bkey in found:
+            return bucket, found[bkey].size
+        if mkey in found:
+            return bucket, read_manifest(bucket, sha256).size
+    return None
 
 
 def fetch_from_buckets(sha256: str, blobs: BlobStore) -> bool:

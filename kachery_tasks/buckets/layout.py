@@ -6,6 +6,7 @@
     sha256/<ab>/<cd>/<64 hex>                a file of at most 16 MiB, or one chunk of a larger one
     manifests/<ab>/<cd>/<64 hex>.json        the s1 manifest of a file over 16 MiB
     records/<task id>/<node id>.json         a task record, one object per publishing node (reserved)
+    files/<ab>/<cd>/<64 hex>/<node id>.json  {"sha256": ..., "size": N}: that node published that file
     feeds/<feed id>/head.json                the feed's signed head: what the bucket holds (CAS only)
     feeds/<feed id>/<stem>/<start>-<end>-<sha256>.jsonl   messages start..end-1 of a subfeed (immutable)
     channels/<name>/config.json              a channel's config, signed by its owner (CAS only)
@@ -42,6 +43,14 @@ and the whole-file check refuses the result).
 ``records/<task id>/<node id>.json``, one object per publishing node, so an untrusted node cannot
 squat a task id by writing first (readers pick the records whose signer they trust).
 
+**Publishers of files** (``buckets/published.py``). A blob says nothing of who put it there, and
+several nodes may publish the same bytes. So a node that publishes a file (by itself, or as the
+result or argument blob of a record) also writes ``files/<ab>/<cd>/<sha256>/<node id>.json``
+(create-if-absent, after the blob is complete): ``kachery bucket ls`` lists this node's, and
+``kachery bucket rm URI`` removes only a file this node published, and keeps the bytes while
+another node's marker remains. Readers of blobs never look at them. (Added to version 1 without a
+new version number: a reader that does not know them ignores them, and loses nothing.)
+
 **Feeds** (``buckets/feeds.py``). A published feed is its **segments** and its **head**. A segment
 holds messages ``start <= seq < end`` of one subfeed (``<stem>`` is the SHA-256 of the subfeed name,
 as on disk), exactly as stored locally: the canonical JSON of each signed message followed by
@@ -75,6 +84,9 @@ LAYOUT = "kachery-bucket"
 VERSION = 1
 MARKER_KEY = "kachery-bucket.json"
 PROFILE = "s1"
+RECORDS_PREFIX = "records/"
+MANIFESTS_PREFIX = "manifests/"
+FILES_PREFIX = "files/"
 
 #: Chunk size of the layout: files up to this size are one object, larger ones are chunked.
 CHUNK_SIZE = 16 * 2**20
@@ -104,7 +116,7 @@ def blob_key(sha256: str) -> str:
 def manifest_key(sha256: str) -> str:
     """``manifests/<ab>/<cd>/<hex>.json``: the s1 manifest of a file over one chunk."""
     _check_hex(sha256)
-    return f"manifests/{sha256[:2]}/{sha256[2:4]}/{sha256}.json"
+    return f"{MANIFESTS_PREFIX}{sha256[:2]}/{sha256[2:4]}/{sha256}.json"
 
 
 def _check_id(value: str, what: str) -> str:
@@ -118,12 +130,23 @@ def record_key(task_id: str, node_id: str) -> str:
     """``records/<task id>/<node id>.json``: the record of ``task_id`` published by ``node_id``
     (reserved for the bucket tier). One object per publishing node: a node that writes first cannot
     squat a task id, since readers choose among the records by signer."""
-    return f"records/{_check_id(task_id, 'task id')}/{_check_id(node_id, 'node id')}.json"
+    return f"{RECORDS_PREFIX}{_check_id(task_id, 'task id')}/{_check_id(node_id, 'node id')}.json"
+
+
+def file_marker_key(sha256: str, node_id: str) -> str:
+    """``files/<ab>/<cd>/<hex>/<node id>.json``: ``node_id`` published the file ``sha256``."""
+    return f"{file_markers_prefix(sha256)}{_check_id(node_id, 'node id')}.json"
+
+
+def file_markers_prefix(sha256: str) -> str:
+    """``files/<ab>/<cd>/<hex>/``: list it to find every node that published the file."""
+    _check_hex(sha256)
+    return f"{FILES_PREFIX}{sha256[:2]}/{sha256[2:4]}/{sha256}/"
 
 
 def records_prefix(task_id: str) -> str:
     """``records/<task id>/``: list it to find every node's record of a task (reserved)."""
-    return f"records/{_check_id(task_id, 'task id')}/"
+    return f"{RECORDS_PREFIX}{_check_id(task_id, 'task id')}/"
 
 
 def feed_prefix(feed_id: str) -> str:
@@ -360,6 +383,8 @@ __all__ = [
     "feed_key",
     "feed_prefix",
     "feed_segment_key",
+    "file_marker_key",
+    "file_markers_prefix",
     "manifest_key",
     "record_key",
     "records_prefix",

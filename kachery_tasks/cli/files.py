@@ -13,11 +13,14 @@ from pathlib import Path
 
 import click
 
+from .. import config
+from ..buckets.fetch import locate_blob
+from ..buckets.transfer import download_blob
 from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError, human_bytes
 from ..fs import write_atomic
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
 from ..store.files import local_blobs
-from .output import byte_progress, print_json, print_listing, print_mapping
+from .output import bars_shown, byte_progress, print_json, print_listing, print_mapping
 
 
 @click.command()
@@ -48,16 +51,36 @@ def store(files: tuple[str, ...], label: str | None, link: bool, as_json: bool) 
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=True), default=None,
               help="Copy the verified file here (a directory takes the label or hash as name).")
 def load(uri: str, output: str | None) -> None:
-    """Verify URI's file and print its path in the store, or copy it to -o PATH."""
+    """Verify URI's file and print its path in the store, or copy it to -o PATH.
+
+    A file missing here is fetched from the configured buckets, verified on the way in."""
+    parsed = parse_file_uri(uri)
+    fetch_with_progress(parsed.sha256, parsed.label)
     if output is None:
         click.echo(str(load_file(uri)))
         return
-    parsed = parse_file_uri(uri)
     target = Path(output)
     if target.is_dir():
         target = target / (parsed.label or parsed.sha256)
     _copy(parsed.sha256, target)
     click.echo(str(target))
+
+
+def fetch_with_progress(sha256: str, label: str | None = None) -> None:
+    """Fetch a blob missing here from the configured buckets with a progress bar (a large file can
+    take minutes). Only when bars are shown: otherwise the store fetches it on first use, as it
+    does for ``kt.load_file``, and a missing or damaged file is reported there, once."""
+    if not bars_shown() or config.get("read_only"):
+        return
+    store = current_store()
+    if store.blobs.exists(sha256):
+        return
+    found = locate_blob(sha256)
+    if found is None:
+        return
+    bucket, size = found
+    with byte_progress(size, f"downloading {label or sha256[:12]}") as progress:
+        download_blob(bucket, store.blobs, sha256, progress)
 
 
 def _copy(sha256: str, target: Path) -> None:
@@ -94,6 +117,7 @@ def _umask() -> int:
 def cat(uri: str) -> None:
     """Write URI's bytes to stdout, each block hashed before it is written (see docs/files.md)."""
     sha256 = parse_file_uri(uri).sha256
+    fetch_with_progress(sha256)
     blobs = local_blobs(sha256)  # fetched from the configured buckets if missing here
     out = sys.stdout.buffer
     written = 0

@@ -17,6 +17,7 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -24,7 +25,11 @@ from rich.progress import (
 from rich.table import Table
 
 from .. import config
-from ..store.blobs import Progress as ProgressCallback
+from ..errors import human_bytes
+
+#: A transfer of at least this many objects (``kachery publish`` of many records) shows a bar
+#: whatever its bytes.
+PROGRESS_MIN_OBJECTS = 100
 
 
 def stdout_console() -> Console:
@@ -77,25 +82,68 @@ def _cell(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-@contextmanager
-def byte_progress(total: int, description: str) -> Iterator[ProgressCallback | None]:
-    """A progress callback ``(nbytes) -> None`` for work on ``total`` bytes, or None if not worth one.
+def bars_shown() -> bool:
+    """Whether progress bars are drawn at all: only when stderr is a terminal, so that a pipe, a
+    log file or a test never gets bar redraws."""
+    return stderr_console().is_terminal
 
-    A bar appears only for at least ``config progress_min_bytes`` and when stderr is a terminal.
+
+class Bar:
+    """What :func:`byte_progress` yields. ``bar(n)`` adds ``n`` bytes done, so it is a store
+    ``Progress`` callback that transfers call; ``bar.objects(n)`` adds objects done, for a transfer
+    of many (``kachery publish``: blobs and records). ``bytes_done`` and ``objects_done`` count."""
+
+    def __init__(self, progress: Progress, description: str, total: int, objects: int | None, by_objects: bool):
+        self._progress = progress
+        self._objects_total = objects
+        self._by_objects = by_objects
+        self.bytes_done = 0
+        self.objects_done = 0
+        self._task = progress.add_task(description, total=objects if by_objects else total, detail=self.detail())
+
+    def __call__(self, n: int) -> None:
+        self.bytes_done += n
+        if self._by_objects:
+            self._progress.update(self._task, detail=self.detail())
+        else:
+            self._progress.advance(self._task, n)
+
+    def objects(self, n: int = 1) -> None:
+        self.objects_done += n
+        if self._by_objects:
+            self._progress.advance(self._task, n)
+        self._progress.update(self._task, detail=self.detail())
+
+    def detail(self) -> str:
+        """``k/n objects`` (and the bytes so far, when the bar measures objects)."""
+        if self._objects_total is None:
+            return ""
+        text = f"{self.objects_done}/{self._objects_total} objects"
+        return f"{text}, {human_bytes(self.bytes_done)}" if self._by_objects else text
+
+
+@contextmanager
+def byte_progress(total: int, description: str, *, objects: int | None = None) -> Iterator[Bar | None]:
+    """A progress bar for work on ``total`` bytes (and ``objects`` objects, if given), or None if
+    not worth one: the callback ``bar(nbytes)`` (and ``bar.objects(n)``), see :class:`Bar`.
+
+    The bar shows bytes done, speed and time left, and ``k/n objects`` when ``objects`` is given.
+    It appears only when stderr is a terminal, and for at least ``config progress_min_bytes`` bytes
+    or :data:`PROGRESS_MIN_OBJECTS` objects; a transfer of many objects but few bytes (records)
+    measures its bar in objects.
     """
-    console = stderr_console()
-    if total < config.get("progress_min_bytes") or not console.is_terminal:
+    by_bytes = total >= config.get("progress_min_bytes")
+    by_objects = not by_bytes and objects is not None and objects >= PROGRESS_MIN_OBJECTS
+    if not (by_bytes or by_objects) or not bars_shown():
         yield None
         return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    columns: list[ProgressColumn | str] = [TextColumn("{task.description}"), BarColumn()]
+    if by_bytes:
+        columns += [DownloadColumn(), TransferSpeedColumn()]
+    if objects is not None:
+        columns.append(TextColumn("{task.fields[detail]}"))
+    columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=stderr_console(), transient=True) as progress:
+        yield Bar(progress, description, total, objects, by_objects)
 
 

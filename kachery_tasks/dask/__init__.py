@@ -4,9 +4,10 @@ for any Dask collection, ``KacheryPlugin`` for ``distributed``, and progress. Se
 Modules, each importing only those above it in this list: ``_compat`` (dask's private names),
 ``nodes`` (graph node classes, the task of cached() nodes), ``identify`` (content ids of dask
 nodes), ``jobs`` (a dask graph's jobs), ``worker`` (what the nodes run), ``graph`` (the pruned
-graph of jobs), ``delayed`` (``f.delayed``), ``frames`` (DataFrames), ``cached`` (``cached()``);
-``plugin`` and ``progress`` read ``nodes``. Importing this package registers ``f.delayed`` and
-the runner of ``rerun`` with the task engine (kachery_tasks.tasks.dask_layer), which never imports it.
+graph of jobs), ``delayed`` (``f.delayed``), ``frames`` (DataFrames), ``cached`` (``cached()``),
+``published`` (a collection's task ids, for ``kt.publish``); ``plugin`` and ``progress`` read
+``nodes``. Importing this package registers ``f.delayed``, the runner of ``rerun`` and the task ids
+of collections with the task engine (kachery_tasks.tasks.dask_layer), which never imports it.
 """
 
 from ..tasks.dask_layer import DaskLayer, register
@@ -16,8 +17,9 @@ from .graph import build_graph
 from .identify import InputChanged
 from .plugin import KacheryPlugin, stats
 from .progress import CacheProgress, progress
+from .published import collection_tasks
 
-register(DaskLayer(delayed=job_delayed, run_many=run_many))
+register(DaskLayer(delayed=job_delayed, run_many=run_many, collection_tasks=collection_tasks))
 
 __all__ = ["CacheProgress", "InputChanged", "JobDelayed", "KacheryPlugin", "build_graph", "cached",
            "job_delayed", "progress", "stats"]

@@ -6,7 +6,8 @@ it: ``kachery_tasks.dask`` registers itself here when it is imported (:func:`reg
 a second, which ``import kachery_tasks`` does not pay). Nothing here imports dask.
 
 - ``delayed(job, fresh=...)``: the ``dask.delayed`` object of a job (``f.delayed(...)``);
-- ``run_many(jobs)``: run many jobs, independent branches in parallel (``rerun`` of many calls).
+- ``run_many(jobs)``: run many jobs, independent branches in parallel (``rerun`` of many calls);
+- ``collection_tasks(collection)``: the task ids of a Dask collection's graph (``kt.publish``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,29 @@ from ..errors import UserError
 
 
 @dataclass(frozen=True)
+class CollectionTasks:
+    """The nodes of a Dask collection's graph that can have a task record, by name (``<function
+    name>-<task id>``) to task id, upstream included; and the nodes that cannot (no content
+    identity: computed every time), by dask key to why."""
+
+    ids: dict[str, str]
+    uncached: dict[str, str]
+
+
+def _no_collection_tasks(collection: Any) -> CollectionTasks:
+    raise UserError("this Dask layer cannot list the tasks of a collection")
+
+
+@dataclass(frozen=True)
 class DaskLayer:
     delayed: Callable[..., Any]
     run_many: Callable[[list], None]
+    collection_tasks: Callable[[Any], CollectionTasks] = _no_collection_tasks
+
+
+def is_collection(value: object) -> bool:
+    """True for a Dask collection (asked of the type: a ``Delayed`` answers any attribute)."""
+    return hasattr(type(value), "__dask_graph__")
 
 
 _layer: DaskLayer | None = None

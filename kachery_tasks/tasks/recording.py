@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import sys
 import time
 import traceback
-import warnings
 from typing import Any
 
 import cloudpickle
@@ -29,6 +27,7 @@ from ..errors import (
     StoreFullWarning,
     UnhashableArgument,
     as_store_full,
+    warn_outside,
 )
 from ..hashing import SCHEME, hash_value
 from ..identity import node_identity, sign_document
@@ -248,19 +247,7 @@ def _record_failure(job: Job, store: LocalStore, exc: BaseException, measure: Me
 def warn_store_full(message: str, full: StoreFullError) -> None:
     """Issue the one :class:`StoreFullWarning` of a call, attributed to the first frame outside
     kachery-tasks (the user's call, or the Dask machinery that ran it) rather than to this file."""
-    warnings.warn(StoreFullWarning(message), stacklevel=_outside_stacklevel())
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _outside_stacklevel() -> int:
-    frame = sys._getframe(2)  # the caller of warn_store_full: stacklevel 2 for warnings.warn there
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame = frame.f_back
-        level += 1
-    return level if frame is not None else 1
+    warn_outside(StoreFullWarning(message))
 
 
 def _sync_within(measure: Measure | None) -> float:
