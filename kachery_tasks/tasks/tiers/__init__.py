@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ... import config
 from ...errors import UserError
-from .base import ABSENT, Hit, Miss, Tier
+from .base import ABSENT, Fetched, Hit, Miss, Tier
 from .bucket import BucketTier
 from .local import LocalTier
 from .memory import MEMORY, MemoryTier
@@ -50,4 +50,4 @@ def _named(tier: Tier, name: str) -> Tier:
     return tier
 
 
-__all__ = ["ABSENT", "KINDS", "BucketTier", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]
+__all__ = ["ABSENT", "KINDS", "BucketTier", "Fetched", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]
