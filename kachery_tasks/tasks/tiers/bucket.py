@@ -28,14 +28,27 @@ them is not remembered, so ``explain`` can say why. ``missing`` answers many ids
 check per bucket (of every trusted node's record key), which is what prunes a Dask graph; records
 are published after their blobs (publish.py), so a trusted record in the bucket names blobs that were
 there when it was written.
+
+``prefetch`` then fetches what ``missing`` found, ``bucket_parallelism`` ids at a time on a thread
+pool: each id goes through the very checks of ``get`` (:meth:`BucketTier._verified`), its blob into
+the local store, but its result is not decoded (the load node decodes it from the local store, once).
+A round trip to a bucket costs milliseconds whatever the object's size, so one id after the other
+a rerun of 1,000 small results is seconds of waiting; in parallel it is bounded by bandwidth. An id
+whose record is refused is a Miss (computed, and ``explain`` says why); an id whose fetch failed
+otherwise (the bucket unavailable, a full disk) is logged and left to ``get``, which fails or
+succeeds as it would have. At most twice ``bucket_parallelism`` records are held at once: results
+go to the local store, never into memory.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 from ... import config
 from ...buckets import Bucket, NotFound
@@ -46,8 +59,8 @@ from ...errors import IntegrityError, InvalidRecord
 from ...identity import node_identity
 from ...store.local import store_for
 from ...store.task_record import TaskRecord
-from ..results import IncompleteRecord, load_result
-from .base import ABSENT, Hit, Miss, Tier
+from ..results import IncompleteRecord, check_complete, load_result
+from .base import ABSENT, Fetched, Hit, Miss, Tier
 
 log = logging.getLogger("kachery_tasks")
 
@@ -59,10 +72,11 @@ _MISS_MEMORY_MAX = 1_000_000
 class BucketTier(Tier):
     name = "bucket"
 
-    def __init__(self, home: str, buckets: list[Bucket], trusted: list[str]):
+    def __init__(self, home: str, buckets: list[Bucket], trusted: list[str], parallelism: int = 16):
         self.store = store_for(home)
         self.buckets = buckets
         self.trusted = trusted  # in trust order: this node first
+        self.parallelism = parallelism  # ids fetched at once by prefetch; 0: no prefetch
         self._trusted_set = frozenset(trusted)
         self._missed: dict[str, float] = {}  # task id -> when the buckets were last found without it
 
@@ -75,7 +89,7 @@ class BucketTier(Tier):
             return None
         me = node_identity(Path(home)).node_id
         trusted = [me] + [n for n in config.get("trusted_nodes") if n != me]
-        return cls(home, buckets, trusted)
+        return cls(home, buckets, trusted, int(config.get("bucket_parallelism")))
 
     # -- the protocol ----------------------------------------------------------------------------
     def get(self, task_id: str) -> Hit | Miss:
@@ -118,6 +132,27 @@ class BucketTier(Tier):
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: what is published goes through publish.py, by the node's own choice."""
 
+    def prefetch(self, task_ids: Collection[str]) -> Iterator[tuple[str, Fetched | Miss]]:
+        if self.parallelism < 1 or not task_ids:
+            return iter(())
+        return (pair for pair in _unordered(self._fetch, task_ids, self.parallelism) if pair is not None)
+
+    def _fetch(self, task_id: str) -> tuple[str, Fetched | Miss] | None:
+        """The first record of ``task_id`` that passes every check of ``get``, in the same order, its
+        blob in the local store; a Miss saying why none did; None when fetching failed otherwise."""
+        reasons: list[str] = []
+        try:
+            for bucket in self.buckets:
+                for node in self.trusted:
+                    record = self._verified(bucket, task_id, node, reasons)
+                    if record is not None:
+                        return task_id, Fetched(record, self.store.blobs)
+        except Exception as exc:  # one id's trouble must not fail the others: get meets it again
+            log.warning("prefetching task %s from the bucket failed (%s: %s); it is fetched when loaded",
+                        task_id[:12], type(exc).__name__, exc)
+            return None
+        return task_id, Miss("; ".join(reasons)) if reasons else ABSENT
+
     # -- one record ------------------------------------------------------------------------------
     def _publishers(self, bucket: Bucket, task_id: str) -> set[str]:
         """The node ids with a record of ``task_id`` in ``bucket`` (one listing)."""
@@ -126,6 +161,21 @@ class BucketTier(Tier):
         return {name[:-5] for name in names if name.endswith(".json")}
 
     def _try(self, bucket: Bucket, task_id: str, node: str, reasons: list[str]) -> Hit | None:
+        record = self._verified(bucket, task_id, node, reasons)
+        if record is None:
+            return None
+        try:
+            loaded = load_result(record.result, self.store.blobs)
+        except IncompleteRecord as exc:
+            reasons.append(f"{bucket.uri}/{record_key(task_id, node)}: its result blob is damaged ({exc})")
+            return None
+        return Hit(loaded.value, loaded.memo, loaded.nbytes, record, self.store.blobs)
+
+    def _verified(self, bucket: Bucket, task_id: str, node: str, reasons: list[str]) -> TaskRecord | None:
+        """``node``'s record of ``task_id`` in ``bucket`` if it passes every check (see the module
+        docstring), its result blob then complete in the local store; else None, and ``reasons`` says
+        why when there was a record. The one place a bucket's record is checked: ``get`` and
+        ``prefetch`` both go through it."""
         key = record_key(task_id, node)
         where = f"{bucket.uri}/{key}"
         try:
@@ -147,11 +197,34 @@ class BucketTier(Tier):
         try:
             if digest is not None:
                 download_blob(bucket, self.store.blobs, digest)
-            loaded = load_result(record.result, self.store.blobs)
+            check_complete(record.result, self.store.blobs)
         except NotFound:
             reasons.append(f"{where}: its result blob sha256://{digest} is not in the bucket (incomplete)")
             return None
         except (IntegrityError, IncompleteRecord) as exc:
             reasons.append(f"{where}: its result blob is damaged ({exc})")
             return None
-        return Hit(loaded.value, loaded.memo, loaded.nbytes, record, self.store.blobs)
+        return record
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _unordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn(item)`` of each item on ``workers`` threads, yielded as each finishes. At most twice
+    ``workers`` calls are submitted ahead of the consumer, so what is held waiting for it is bounded
+    however many items there are; a consumer that stops early waits only for the calls running."""
+    todo = iter(items)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="kt-prefetch")
+    try:
+        running: set[Future[R]] = {pool.submit(fn, item) for item in islice(todo, 2 * workers)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                for item in todo:  # one more in for each one out
+                    running.add(pool.submit(fn, item))
+                    break
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
