@@ -253,6 +253,7 @@ from kachery_tasks.tasks.stats import STATS
 
 publisher = os.environ["KT_PUBLISHER"]
 reads = []  # [key, thread] of each read of one of the publisher's records or of a blob
+attempts = []  # the records the prefetch tried to read
 overlapped = []  # whether the first two record reads were in flight together
 meet = threading.Barrier(2, timeout=5)  # one at a time, the first waits alone and the barrier breaks
 lock = threading.Lock()
@@ -260,7 +261,10 @@ original = DirectoryBucket.read
 
 
 def read(self, key, *args, **kwargs):
-    blocks = original(self, key, *args, **kwargs)  # what is not there (NotFound) is not counted
+    if key.startswith("records/") and threading.current_thread().name.startswith("kt-prefetch"):
+        with lock:
+            attempts.append(key)  # found or not
+    blocks = original(self, key, *args, **kwargs)  # what is not there (NotFound) is not in reads
     record = key.endswith(publisher + ".json")
     if record or key.startswith("sha256/"):
         with lock:
@@ -283,7 +287,8 @@ if os.environ.get("KT_EXPLAIN"):
     print(json.dumps({"explain": str(kt.explain(job))}))
 else:  # a new root over what A published: one graph, whose second level is 40 load nodes
     value = pipeline.summary.delayed(ramps, totals).compute(scheduler="sync")
-    print(json.dumps({"summary": value, "reads": reads, "overlapped": overlapped, "stats": STATS.snapshot()}))
+    print(json.dumps({"summary": value, "reads": reads, "attempts": attempts, "overlapped": overlapped,
+                      "stats": STATS.snapshot()}))
 '''
 
 
@@ -295,7 +300,8 @@ def test_a_dask_rerun_from_the_bucket_computes_nothing_and_fetches_every_record_
     are one level of the graph: one batched check, then every record and blob is read by the
     prefetch's threads, several in flight, before the graph runs; the load nodes then read the
     local store alone. Fails if the prefetch is removed (the load nodes read the bucket, one at a
-    time, on the scheduler's thread) or made sequential (``bucket_parallelism: 1``)."""
+    time, on the scheduler's thread), made sequential (``bucket_parallelism: 1``), or made to read
+    B's own records, which the batched check found absent, before A's (twice the requests)."""
     a, b, bucket, counter = lab
     a.py(DASK_RERUN, KACHERY_TASKS_PUBLISH="true", KT_TAG="a")
     assert len(runs(counter)) == 41
@@ -306,6 +312,7 @@ def test_a_dask_rerun_from_the_bucket_computes_nothing_and_fetches_every_record_
     records = [key for key, _ in out["reads"] if key.startswith("records/")]
     blobs = [key for key, _ in out["reads"] if key.startswith("sha256/")]
     assert len(records) == len(set(records)) == 40, "every record read once: 20 ramps, 20 totals"
+    assert sorted(out["attempts"]) == sorted(records), "no read of a record the batched check found absent (B's own)"
     assert len(blobs) == len(set(blobs)) == 20, "every result blob read once (the totals are inline)"
     threads = {thread for _, thread in out["reads"]}
     assert all(t.startswith("kt-prefetch") for t in threads), f"read outside the prefetch: {threads}"

@@ -304,3 +304,15 @@ def test_a_record_signed_by_another_node_under_a_trusted_name_is_refused(home, t
         assert find(str(home), forged, misses) is None and "misplaced" in misses[0][1]
         ramp(1001)
     assert _count(counter) == 9, "computed by A and C, and here for the forged record alone"
+
+
+def test_a_record_removed_between_the_check_and_the_fetch_is_a_miss_not_a_failed_load(home, tmp_path):
+    counter = tmp_path / "runs"
+    ramp, uri, a_id = _published(tmp_path, counter, 3)
+    jobs = [ramp.job(1000 + i) for i in range(3)]
+    with config.set(bucket=uri, trusted_nodes=[a_id]):
+        tier = _bucket_tier(home)
+        assert tier.missing([j.id for j in jobs]) == set()
+        (Path(uri.removeprefix("file://")) / record_key(jobs[0].id, a_id)).unlink()
+        got = dict(tier.prefetch([j.id for j in jobs]))
+        assert got[jobs[0].id] == ABSENT and all(type(got[j.id]) is Fetched for j in jobs[1:])

@@ -31,7 +31,8 @@ there when it was written.
 
 ``prefetch`` then fetches what ``missing`` found, ``bucket_parallelism`` ids at a time on a thread
 pool: each id goes through the very checks of ``get`` (:meth:`BucketTier._verified`), its blob into
-the local store, but its result is not decoded (the load node decodes it from the local store, once).
+the local store, but its result is not decoded (the load node decodes it from the local store, once);
+only the records that batched check found are read (:meth:`BucketTier._candidates`).
 A round trip to a bucket costs milliseconds whatever the object's size, so one id after the other
 a rerun of 1,000 small results is seconds of waiting; in parallel it is bounded by bandwidth. An id
 whose record is refused is a Miss (computed, and ``explain`` says why); an id whose fetch failed
@@ -79,6 +80,9 @@ class BucketTier(Tier):
         self.parallelism = parallelism  # ids fetched at once by prefetch; 0: no prefetch
         self._trusted_set = frozenset(trusted)
         self._missed: dict[str, float] = {}  # task id -> when the buckets were last found without it
+        # task id -> (index of the bucket where missing() found it, the trusted nodes whose records
+        # were there): which keys a prefetch need not read (a hint; see _candidates)
+        self._seen: dict[str, tuple[int, frozenset[str]]] = {}
 
     @classmethod
     def for_home(cls, home: str) -> BucketTier | None:
@@ -114,12 +118,19 @@ class BucketTier(Tier):
 
     def missing(self, task_ids: Collection[str]) -> set[str]:
         left = set(task_ids)  # asked afresh: one round trip per bucket for them all
-        for bucket in self.buckets:
+        if len(self._seen) > _MISS_MEMORY_MAX:
+            self._seen.clear()
+        for i, bucket in enumerate(self.buckets):
             if not left:
                 break
-            keys = {record_key(t, n): t for t in left for n in self.trusted}
-            found = bucket.exists_many(list(keys))
-            left -= {keys[k] for k in found}
+            keys = {record_key(t, n): (t, n) for t in left for n in self.trusted}
+            seen: dict[str, set[str]] = {}
+            for key in bucket.exists_many(list(keys)):
+                task_id, node = keys[key]
+                seen.setdefault(task_id, set()).add(node)
+            for task_id, nodes in seen.items():
+                self._seen[task_id] = (i, frozenset(nodes))
+            left -= seen.keys()
         return left
 
     def _remember_missing(self, task_ids: Collection[str]) -> None:
@@ -142,16 +153,27 @@ class BucketTier(Tier):
         blob in the local store; a Miss saying why none did; None when fetching failed otherwise."""
         reasons: list[str] = []
         try:
-            for bucket in self.buckets:
-                for node in self.trusted:
-                    record = self._verified(bucket, task_id, node, reasons)
-                    if record is not None:
-                        return task_id, Fetched(record, self.store.blobs)
+            for bucket, node in self._candidates(task_id):
+                record = self._verified(bucket, task_id, node, reasons)
+                if record is not None:
+                    return task_id, Fetched(record, self.store.blobs)
         except Exception as exc:  # one id's trouble must not fail the others: get meets it again
             log.warning("prefetching task %s from the bucket failed (%s: %s); it is fetched when loaded",
                         task_id[:12], type(exc).__name__, exc)
             return None
         return task_id, Miss("; ".join(reasons)) if reasons else ABSENT
+
+    def _candidates(self, task_id: str) -> Iterator[tuple[Bucket, str]]:
+        """The (bucket, node) records of ``task_id`` to try, in the order ``get`` tries them, less
+        those the last batched check found absent: the bucket tier trusts this node first, and a
+        rerun of what another node published would otherwise read a missing record of this node's
+        before each one it uses, twice the requests. Only a hint: a record that appeared since is
+        passed over for a later one as trusted, one since removed is simply not found."""
+        found = self._seen.pop(task_id, None)
+        for i, bucket in enumerate(self.buckets):
+            for node in self.trusted:
+                if found is None or i > found[0] or (i == found[0] and node in found[1]):
+                    yield bucket, node
 
     # -- one record ------------------------------------------------------------------------------
     def _publishers(self, bucket: Bucket, task_id: str) -> set[str]:
