@@ -68,6 +68,9 @@ log = logging.getLogger("kachery_tasks")
 #: How long a miss in the buckets is believed without asking them again.
 MISS_MEMORY_S = 30.0
 _MISS_MEMORY_MAX = 1_000_000
+#: Hints of the batched check kept for a prefetch (more than a Dask level's worth only if most are
+#: never prefetched: ``has_result``, ``stale``); over this, the older ones are dropped.
+_SEEN_MAX = 100_000
 
 
 class BucketTier(Tier):
@@ -118,7 +121,7 @@ class BucketTier(Tier):
 
     def missing(self, task_ids: Collection[str]) -> set[str]:
         left = set(task_ids)  # asked afresh: one round trip per bucket for them all
-        if len(self._seen) > _MISS_MEMORY_MAX:
+        if len(self._seen) > _SEEN_MAX:
             self._seen.clear()
         for i, bucket in enumerate(self.buckets):
             if not left:
@@ -128,8 +131,10 @@ class BucketTier(Tier):
             for key in bucket.exists_many(list(keys)):
                 task_id, node = keys[key]
                 seen.setdefault(task_id, set()).add(node)
+            shared: dict[frozenset[str], tuple[int, frozenset[str]]] = {}  # most ids have the same
             for task_id, nodes in seen.items():
-                self._seen[task_id] = (i, frozenset(nodes))
+                frozen = frozenset(nodes)
+                self._seen[task_id] = shared.get(frozen) or shared.setdefault(frozen, (i, frozen))
             left -= seen.keys()
         return left
 
