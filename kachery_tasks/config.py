@@ -61,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
     "read_buckets": [],
     # Never write to `bucket` (a consumer with read access only).
     "bucket_read_only": False,
+    # Results fetched from the buckets at once when a Dask graph is pruned (tasks/tiers/bucket.py):
+    # a round trip costs milliseconds whatever the size, so one at a time is latency, not bandwidth.
+    # 0 fetches none ahead: each load node fetches its own result when it runs.
+    "bucket_parallelism": 16,
     # Publish every computed pure result (record, result blob, upstream records) to `bucket`.
     "publish": False,
     # Node ids, besides this node, whose records a bucket (or channel) tier serves; pickle results

@@ -48,6 +48,12 @@ def report(totals, tag):
     return {"tag": tag, "sum": sum(totals)}
 
 
+@kt.pure
+def summary(arrays, totals):
+    _count("summary")
+    return {"n": sum(len(a) for a in arrays), "sum": sum(totals)}
+
+
 @kt.pure(codec="pickle")
 def shapes(n):
     _count("shapes")
@@ -343,6 +349,106 @@ c = kt.cached(graph, min_seconds=0)
     trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id])}
     assert b.py(code + "print(c.compute(scheduler='sync'))", **trust) == "25"
     assert len(runs(counter)) == 3, "B loaded the cached graph's results from the bucket"
+
+
+DASK_FETCH = '''
+import dask, json, os, threading
+import kachery_tasks as kt
+import pipeline
+from kachery_tasks.buckets.directory import DirectoryBucket
+from kachery_tasks.tasks.stats import STATS
+
+publisher = os.environ["KT_PUBLISHER"]
+reads = []  # [key, thread] of each read of one of the publisher's records or of a blob
+attempts = []  # the records the prefetch tried to read
+overlapped = []  # whether the first two record reads were in flight together
+meet = threading.Barrier(2, timeout=5)  # one at a time, the first waits alone and the barrier breaks
+lock = threading.Lock()
+original = DirectoryBucket.read
+
+
+def read(self, key, *args, **kwargs):
+    if key.startswith("records/") and threading.current_thread().name.startswith("kt-prefetch"):
+        with lock:
+            attempts.append(key)  # found or not
+    blocks = original(self, key, *args, **kwargs)  # what is not there (NotFound) is not in reads
+    record = key.endswith(publisher + ".json")
+    if record or key.startswith("sha256/"):
+        with lock:
+            reads.append([key, threading.current_thread().name])
+            first_two = record and sum(k.startswith("records/") for k, _ in reads) <= 2
+        if first_two:
+            try:
+                meet.wait()
+                overlapped.append(True)
+            except threading.BrokenBarrierError:
+                overlapped.append(False)
+    return blocks
+
+
+DirectoryBucket.read = read
+ramps = [pipeline.ramp.delayed(1000 + i) for i in range(20)]
+totals = [pipeline.total.delayed(r) for r in ramps]
+if os.environ.get("KT_EXPLAIN"):
+    [job] = [t.job for t in totals if t.job.id == os.environ["KT_EXPLAIN"]]
+    print(json.dumps({"explain": str(kt.explain(job))}))
+else:  # a new root over what A published: one graph, whose second level is 40 load nodes
+    value = pipeline.summary.delayed(ramps, totals).compute(scheduler="sync")
+    print(json.dumps({"summary": value, "reads": reads, "attempts": attempts, "overlapped": overlapped,
+                      "stats": STATS.snapshot()}))
+'''
+
+
+SUMMARY = {"n": sum(1000 + i for i in range(20)), "sum": sum(2.0 * sum(range(1000 + i)) for i in range(20))}
+
+
+def test_a_dask_rerun_from_the_bucket_computes_nothing_and_fetches_every_record_at_once(lab):
+    """A new root on B over 40 results A published: B computes the root alone. Its 40 load nodes
+    are one level of the graph: one batched check, then every record and blob is read by the
+    prefetch's threads, several in flight, before the graph runs; the load nodes then read the
+    local store alone. Fails if the prefetch is removed (the load nodes read the bucket, one at a
+    time, on the scheduler's thread), made sequential (``bucket_parallelism: 1``), or made to read
+    B's own records, which the batched check found absent, before A's (twice the requests)."""
+    a, b, bucket, counter = lab
+    a.py(DASK_RERUN, KACHERY_TASKS_PUBLISH="true", KT_TAG="a")
+    assert len(runs(counter)) == 41
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id]), "KT_PUBLISHER": a.node_id}
+    out = json.loads(b.py(DASK_FETCH, **trust))
+    assert out["summary"] == SUMMARY
+    assert runs(counter)[41:] == ["summary"], "nothing computed on B but the new root"
+    records = [key for key, _ in out["reads"] if key.startswith("records/")]
+    blobs = [key for key, _ in out["reads"] if key.startswith("sha256/")]
+    assert len(records) == len(set(records)) == 40, "every record read once: 20 ramps, 20 totals"
+    assert sorted(out["attempts"]) == sorted(records), "no read of a record the batched check found absent (B's own)"
+    assert len(blobs) == len(set(blobs)) == 20, "every result blob read once (the totals are inline)"
+    threads = {thread for _, thread in out["reads"]}
+    assert all(t.startswith("kt-prefetch") for t in threads), f"read outside the prefetch: {threads}"
+    assert out["overlapped"] == [True, True], "the records are fetched in parallel"
+    stats = out["stats"]
+    assert stats.get("prefetched_bucket") == 40 and stats.get("hit_local") == 40, stats
+    assert "hit_bucket" not in stats, "no load node went to the bucket"
+
+
+def test_one_tampered_record_among_many_is_refused_and_that_node_alone_recomputed(lab):
+    a, b, bucket, counter = lab
+    a.py(DASK_RERUN, KACHERY_TASKS_PUBLISH="true", KT_TAG="a")
+    tampered = None
+    for path in sorted((bucket / "records").rglob("*.json")):
+        record = orjson.loads(path.read_bytes())
+        if record["function"]["name"] == "pipeline.total":
+            record["created"] += 1.0  # any change after signing
+            os.chmod(path, 0o644)
+            path.write_bytes(orjson.dumps(record))
+            tampered = record["task_id"]
+            break
+    assert tampered is not None
+    trust = {"KACHERY_TASKS_TRUSTED_NODES": json.dumps([a.node_id]), "KT_PUBLISHER": a.node_id}
+    said = json.loads(b.py(DASK_FETCH, KT_EXPLAIN=tampered, **trust))["explain"]
+    assert "bad signature" in said
+    out = json.loads(b.py(DASK_FETCH, **trust))
+    assert out["summary"] == SUMMARY
+    assert sorted(runs(counter)[41:]) == ["summary", "total"], "the tampered record's node alone is computed"
+    assert out["stats"].get("prefetched_bucket") == 39, out["stats"]  # 20 ramps (one feeds the total), 19 totals
 
 
 def test_a_file_published_by_one_node_is_loaded_by_another_verified(lab, tmp_path):

@@ -194,3 +194,84 @@ def test_an_unreachable_transport_is_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
     out = owner.kachery("node", "start", "--channel", "lab", check=False, timeout=60)
     assert out.returncode == 1 and "cannot connect" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+PIPELINE = '''
+import os
+import kachery_tasks as kt
+
+
+def _count(name):
+    with open(os.environ["KT_TEST_COUNTER"], "a") as fh:
+        fh.write(name + "\\n")
+
+
+@kt.pure
+def square(x):
+    _count("square")
+    return x * x
+
+
+@kt.pure
+def add(a, b):
+    _count("add")
+    return a + b
+'''
+
+
+def runs(counter: Path) -> list[str]:
+    return counter.read_text().split() if counter.exists() else []
+
+
+def test_a_result_is_requested_by_task_id_and_nothing_is_computed(lab, tmp_path):
+    owner, member, outsider, _ = lab
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    counter = tmp_path / "runs.txt"
+    call = "import pipeline\nprint(pipeline.add(pipeline.square.job(7), 1))"
+    assert owner.py(call).stdout.strip() == "50"
+    assert runs(counter) == ["square", "add"]
+    owner.start_daemon()
+    assert member.py(call).stdout.strip() == "50"
+    assert runs(counter) == ["square", "add"]  # the member computed nothing
+    assert "request_result task" in owner.log_text()
+    # the outsider is not a member: it asks nobody and computes
+    assert outsider.py(call).stdout.strip() == "50"
+    assert runs(counter) == ["square", "add", "square", "add"]
+
+
+def test_a_dask_graph_asks_once_for_all_its_results(lab, tmp_path):
+    owner, member, _, _ = lab
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    counter = tmp_path / "runs.txt"
+    graph = ("import dask, pipeline\n"
+             "parts = [pipeline.square.delayed(i) for i in range(40)]\n"
+             "total = parts[0]\n"
+             "for p in parts[1:]:\n    total = pipeline.add.delayed(total, p)\n"
+             "print(dask.compute(total, scheduler='threads')[0])")
+    expected = str(sum(i * i for i in range(40)))
+    assert owner.py(graph).stdout.strip() == expected
+    computed = len(runs(counter))
+    owner.start_daemon()
+    assert member.py(graph).stdout.strip() == expected
+    assert len(runs(counter)) == computed  # nothing computed on the member
+    served = [line for line in owner.log_text().splitlines() if "request_result" in line]
+    assert len(served) == 1 and "tasks from" in served[0], served  # one batched request, not one per node
+
+
+def test_a_revoked_providers_records_stop_being_trusted(lab, tmp_path):
+    owner, member, _, _ = lab
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    counter = tmp_path / "runs.txt"
+    # the member provides, the owner asks
+    owner.kachery("channel", "grant", "lab", member.node_id, "--perm", "provide_tasks")
+    call = "import pipeline\nprint(pipeline.square(12))"
+    assert member.py(call).stdout.strip() == "144"
+    member.start_daemon()
+    assert owner.py(call).stdout.strip() == "144"
+    assert runs(counter) == ["square"]  # a hit from the member's record
+    member.stop_daemon()
+    owner.kachery("channel", "revoke", "lab", member.node_id, "--perm", "provide_tasks")
+    explain = owner.py("import pipeline, kachery_tasks as kt\nprint(kt.explain(pipeline.square.job(12)))")
+    # the record is in the channel's bucket, signed by a node no longer trusted: computed again
+    assert owner.py(call + "\nimport kachery_tasks as kt", KACHERY_TASKS_TIERS='["memory", "channel"]').stdout.strip() == "144"
+    assert runs(counter) == ["square", "square"], explain.stdout

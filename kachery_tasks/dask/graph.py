@@ -1,7 +1,8 @@
 """Jobs as Dask graphs, with cached work pruned before the graph runs.
 
 A job whose result is recorded becomes one node that loads it, with no dependencies, so everything
-upstream that nothing else needs is never scheduled: an all-cached pipeline costs one lookup. Other
+upstream that nothing else needs is never scheduled: an all-cached pipeline costs one lookup (and,
+for results in a bucket, one parallel fetch into the local store before the graph runs). Other
 jobs become a node that resolves the job on the worker with its upstream values fed in (worker.py).
 Identical task ids appear once per graph (keys are content ids), and a cluster that already holds a
 key reuses it, so concurrent graphs compute an id once; the store's lock covers other clusters.
@@ -45,8 +46,11 @@ def build_graph(roots: Iterable[Job]) -> tuple[dict[str, GraphNode], dict[str, i
 
     Top-down, one level of the graph at a time (no recursion limit), memoized by task id: a
     diamond's shared job appears once. The jobs of a level are looked up together
-    (``resolver.have_results``: one batched check per tier, so a bucket is asked once per level, not
-    once per node); a job found is loaded and nothing upstream of it is visited.
+    (``resolver.fetch_results``: one batched check per tier, so a bucket is asked once per level, not
+    once per node); a job found is loaded and nothing upstream of it is visited. What a bucket holds
+    of a level is fetched then, in parallel, into the local store, so the load nodes read local
+    files instead of making one round trip each; a record the fetch refused (tampered, its blob
+    gone) is not a load node but a run node, computed as if it were not there.
     """
     dsk: dict[str, GraphNode] = {}
     seen: dict[str, str] = {}
@@ -67,7 +71,7 @@ def build_graph(roots: Iterable[Job]) -> tuple[dict[str, GraphNode], dict[str, i
                 counts["data"] += 1
                 continue
             fresh.append(job)
-        found = resolver.have_results([job for job in fresh if prunable(job)])
+        found = resolver.fetch_results([job for job in fresh if prunable(job)])
         level = []
         for job in fresh:
             key = seen[job.id]

@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..buckets.feeds import publish_feed
-from ..buckets.transfer import upload_blob
 from ..channels.envelope import Envelope
 from ..channels.session import ChannelSession
 from ..errors import KacheryError
 from ..feeds.feed import Feed
 from ..feeds.registry import stored_feed
 from ..store.local import store_for
-from ..tasks.publish import Published, publish_task
+from ..tasks.publish import plan_publish, send
 
 log = logging.getLogger("kachery_tasks.node")
 
@@ -49,13 +48,13 @@ def provide_file(session: ChannelSession, env: Envelope) -> Outcome:
         return _answer(session, env, "upload_status", Outcome("refused", "no valid sha256 in the request"), {"sha256": str(sha256)[:64]})
     if not session.config().allows(session.node_id, "provide_files"):
         return Outcome("refused", "this node lacks provide_files")  # silent: another member answers
-    blobs = store_for(str(session.home)).blobs
-    if not blobs.exists(sha256):
+    store = store_for(str(session.home))
+    if not store.blobs.exists(sha256):
         return _answer(session, env, "upload_status", Outcome("not_found", "not in this node's store"), {"sha256": sha256})
-    size = blobs.size(sha256)
+    size = store.blobs.size(sha256)
     _send(session, env, "upload_status", {"sha256": sha256, "status": "started", "size": size})
-    moved = upload_blob(session.writable_bucket(), blobs, sha256)
-    return _answer(session, env, "upload_status", Outcome("finished", f"{size} bytes", moved.bytes_moved),
+    out = send(plan_publish(store, f"sha256://{sha256}"), store, session.writable_bucket())
+    return _answer(session, env, "upload_status", Outcome("finished", f"{size} bytes", out.bytes_sent),
                    {"sha256": sha256, "size": size})
 
 
@@ -67,13 +66,10 @@ def provide_result(session: ChannelSession, env: Envelope) -> Outcome:
     if not session.config().allows(session.node_id, "provide_tasks"):
         return Outcome("refused", "this node lacks provide_tasks")
     store = store_for(str(session.home))
-    out = Published(session.bucket_uri)
     held = [t for t in task_ids if store.records.read(t) is not None]
     if not held:
         return _answer(session, env, "task_status", Outcome("not_found", "no success record here"), {"count": len(task_ids)})
-    bucket = session.writable_bucket()
-    for task_id in held:
-        publish_task(store, bucket, task_id, out)
+    out = send(plan_publish(store, *held), store, session.writable_bucket())
     new = sum(out.records.values())
     return _answer(session, env, "task_status",
                    Outcome("finished", f"{len(held)} of {len(task_ids)} held, {len(out.records)} record(s) sent, {new} new",

@@ -15,7 +15,7 @@ from typing import Any
 from ..hashing import hash_value
 from ..store.local import store_for
 from ..store.task_record import TaskRecord
-from .resolver import find, has_result
+from .resolver import fetch_results, find
 from .task import Job
 
 
@@ -68,7 +68,10 @@ def _explain(job: Job) -> Explanation:
     task_id = job.id
     name = job.task.function_id.name
     store = store_for(job.settings.home)
-    if has_result(job):
+    # not has_result: a record in a bucket is only there, and explain says whether a call would use
+    # it. Fetching it verifies it as the call would (a tampered one is then a miss that says why),
+    # and a sound one is kept in this store, where the call will find it
+    if task_id in fetch_results([job]):
         record = store.records.read(task_id)
         when = record.created if record else None
         return Explanation(task_id, name, True, f"a record exists (written {_ago(when)})" if when else "in memory")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import KacheryError, StaleResultWarning
@@ -21,7 +21,7 @@ from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
 from .stats import STATS
 from .task import Job
-from .tiers import Hit, tiers_for
+from .tiers import Fetched, Hit, Tier, tiers_for
 
 log = logging.getLogger("kachery_tasks")
 
@@ -53,16 +53,23 @@ def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None) -
         found = tier.get(task_id)
         if type(found) is Hit:
             STATS.count(tier.hit_stat)
-            for earlier in reversed(tiers[:i]):
-                try:
-                    earlier.put(task_id, found)
-                except (OSError, KacheryError) as exc:  # a full disk, a damaged copy: the hit stands
-                    log.warning("task %s was found in tier %s but not kept in tier %s: %s",
-                                task_id[:12], tier.name, earlier.name, exc)
+            _copy_down(tiers, i, task_id, "put", found)
             return found
         if misses is not None and found.reason is not None:
             misses.append((tier.name, found.reason))
     return None
+
+
+def _copy_down(tiers: Sequence[Tier], i: int, task_id: str, how: str, found: Hit | Fetched) -> None:
+    """Have every tier before tier ``i``, nearest first, keep what it found: ``put`` a hit, ``keep``
+    a prefetched record. A tier that cannot (a full disk, a damaged copy) logs one line: the hit
+    stands."""
+    for earlier in reversed(tiers[:i]):
+        try:
+            getattr(earlier, how)(task_id, found)
+        except (OSError, KacheryError) as exc:
+            log.warning("task %s was found in tier %s but not kept in tier %s: %s",
+                        task_id[:12], tiers[i].name, earlier.name, exc)
 
 
 def lookup(job: Job) -> Any:
@@ -80,11 +87,8 @@ def have_results(jobs: Iterable[Job]) -> set[str]:
     """The ids of those ``jobs`` that a tier holds a complete result for, without loading any: each
     tier in force is asked once, for the ids the tiers before it lack (one batched existence check
     of a bucket for a whole level of a Dask graph, not one round trip per job)."""
-    by_home: dict[str, set[str]] = {}
-    for job in jobs:
-        by_home.setdefault(job.settings.home, set()).add(job.id)
     found: set[str] = set()
-    for home, ids in by_home.items():
+    for home, ids in _ids_by_home(jobs).items():
         left = ids
         for tier in tiers_for(home):
             if not left:
@@ -92,6 +96,53 @@ def have_results(jobs: Iterable[Job]) -> set[str]:
             left = left & tier.missing(left)
         found |= ids - left
     return found
+
+
+def fetch_results(jobs: Iterable[Job]) -> set[str]:
+    """:func:`have_results`, with what a tier found brought into the tiers before it ahead of use.
+
+    Each tier is asked once, as there, and a tier that prefetches (the bucket tier) then fetches what
+    it holds of the ids in one parallel batch, verified as ``get`` would verify it; every tier before
+    it keeps the records (the one rule of copying, for records, without decoding a value: nothing is
+    loaded into memory). What prunes a Dask graph: its load nodes then hit the local store, and a
+    rerun from a bucket costs one batched check and one parallel fetch per level instead of one
+    round trip per result. An id whose record the fetch refused (tampered, its blob gone) is asked
+    of the later tiers, and left out if none has it: its node is computed, where a load would fail."""
+    found: set[str] = set()
+    for home, ids in _ids_by_home(jobs).items():
+        tiers = tiers_for(home)
+        left = ids
+        for i, tier in enumerate(tiers):
+            if not left:
+                break
+            absent = tier.missing(left)
+            held = left - absent
+            refused = _prefetch(tiers, i, held) if held else set()
+            found |= held - refused
+            left = (left & absent) | refused
+    return found
+
+
+def _prefetch(tiers: Sequence[Tier], i: int, task_ids: set[str]) -> set[str]:
+    """Have tier ``i`` prefetch ``task_ids`` into the tiers before it; the ids it refused."""
+    tier, refused = tiers[i], set()
+    try:
+        for task_id, got in tier.prefetch(task_ids):
+            if type(got) is Fetched:
+                STATS.count(f"prefetched_{tier.name}")
+                _copy_down(tiers, i, task_id, "keep", got)
+            else:
+                refused.add(task_id)
+    except (OSError, KacheryError) as exc:  # the rest are left to get, one at a time, as before
+        log.warning("prefetching from tier %s stopped (%s); the rest are fetched as they are loaded", tier.name, exc)
+    return refused
+
+
+def _ids_by_home(jobs: Iterable[Job]) -> dict[str, set[str]]:
+    by_home: dict[str, set[str]] = {}
+    for job in jobs:
+        by_home.setdefault(job.settings.home, set()).add(job.id)
+    return by_home
 
 
 # -- pure ------------------------------------------------------------------------------------------

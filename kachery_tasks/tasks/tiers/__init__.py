@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ... import config
 from ...errors import UserError
-from .base import ABSENT, Hit, Miss, Tier
+from .base import ABSENT, Fetched, Hit, Miss, Tier
 from .bucket import BucketTier
 from .channel import ChannelTier
 from .local import LocalTier
@@ -52,4 +52,5 @@ def _named(tier: Tier, name: str) -> Tier:
     return tier
 
 
-__all__ = ["ABSENT", "KINDS", "BucketTier", "ChannelTier", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier", "tiers_for"]
+__all__ = ["ABSENT", "KINDS", "BucketTier", "ChannelTier", "Fetched", "MEMORY", "Hit", "LocalTier", "MemoryTier", "Miss", "Tier",
+           "tiers_for"]

@@ -10,6 +10,14 @@ in a module of its own, after httpx's transports and restic's backends:
   for a remote tier, as Bazel's ``FindMissingBlobs``);
 - ``put(task_id, hit)`` keep what a later tier found (a tier that cannot keep anything does
   nothing);
+- ``prefetch(task_ids)`` (optional) bring many results nearer at once without loading them: a remote
+  tier fetches them in parallel, verified as ``get`` verifies, and yields a :class:`Fetched` (the
+  record, its blobs in the local store) or a :class:`Miss` per id; the resolver then has every tier
+  before it ``keep`` each record (the same one rule, for records). What a rerun of a Dask graph
+  whose results are all in a bucket costs is then one batched check and one parallel fetch, not one
+  round trip per result. The default yields nothing: the tier's ``get`` serves each id as it comes;
+- ``keep(task_id, fetched)`` (optional) keep a record a later tier prefetched; the default keeps
+  nothing (a tier of values, as memory, fills when the result is loaded);
 - ``close()`` let go of what it holds open.
 
 A minimal tier, which knows one result::
@@ -37,7 +45,7 @@ call: a tier does no work there that it could do once in its constructor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any, NamedTuple
 
 from ...store.blobs import BlobStore
@@ -70,6 +78,18 @@ class Miss(NamedTuple):
 ABSENT = Miss()
 
 
+class Fetched(NamedTuple):
+    """A result a tier prefetched and did not load: verified, its blobs in the local store already.
+
+    Not a :class:`Hit`: it carries no value, so no tier can mistake it for one (a tier of values
+    would otherwise keep None); decoding waits for the call or load node that wants the value."""
+
+    record: Any
+    """The verified task record (a ``TaskRecord``)."""
+    blobs: BlobStore
+    """Where its blobs are now (the local store)."""
+
+
 class Tier(ABC):
     """One place results may be. See the module docstring for the contract."""
 
@@ -93,6 +113,16 @@ class Tier(ABC):
     @abstractmethod
     def put(self, task_id: str, hit: Hit) -> None:
         """Keep what a later tier found for ``task_id``."""
+
+    def prefetch(self, task_ids: Collection[str]) -> Iterator[tuple[str, Fetched | Miss]]:
+        """Bring the results of ``task_ids`` (ids ``missing`` said this tier holds) nearer, without
+        loading them, as ``(id, Fetched | Miss)`` pairs in any order: a Miss for a record found
+        unusable (it is then computed). An id not yielded is left to ``get``, as is every id by
+        default: a tier whose ``get`` costs no round trip gains nothing by fetching ahead."""
+        return iter(())
+
+    def keep(self, task_id: str, fetched: Fetched) -> None:  # noqa: B027 (optional: most tiers keep no records)
+        """Keep the record a later tier prefetched for ``task_id`` (nothing, by default)."""
 
     def close(self) -> None:  # noqa: B027 (optional: most tiers hold nothing open)
         """Let go of what this tier holds open (nothing, unless a tier says otherwise)."""
