@@ -29,7 +29,7 @@ from ...channels.requests import RequestFailed, ask, channels_allowing
 from ...channels.session import ChannelSession
 from ...errors import KacheryError
 from ...identity import node_identity
-from .base import ABSENT, Hit, Miss, Tier
+from .base import ABSENT, Fetched, Hit, Miss, Tier
 from .bucket import BucketTier
 
 log = logging.getLogger("kachery_tasks")
@@ -94,6 +94,18 @@ class ChannelTier(Tier):
                         log.warning("%s", exc)
             left = view.missing(left)
         return left
+
+    def prefetch(self, task_ids: Collection[str]) -> Iterator[tuple[str, Fetched | Miss]]:
+        """What ``missing`` had the providers publish, fetched in parallel from the channels' buckets
+        (the bucket tier's prefetch, with its checks and the channel's trust)."""
+        left = set(task_ids)
+        for session in self._sessions():
+            if not left:
+                return
+            for task_id, found in self._view(session).prefetch(sorted(left)):
+                if isinstance(found, Fetched):
+                    left.discard(task_id)
+                yield task_id, found
 
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: a node publishes by its own choice (publish.py), or when a member asks."""
