@@ -275,3 +275,27 @@ def test_a_revoked_providers_records_stop_being_trusted(lab, tmp_path):
     # the record is in the channel's bucket, signed by a node no longer trusted: computed again
     assert owner.py(call + "\nimport kachery_tasks as kt", KACHERY_TASKS_TIERS='["memory", "channel"]').stdout.strip() == "144"
     assert runs(counter) == ["square", "square"], explain.stdout
+
+
+def test_the_bucket_tier_trusts_channel_members_that_provide_tasks(lab, tmp_path):
+    """No daemon and no trusted_nodes: a record a member with provide_tasks published to the shared
+    bucket is a hit for the others; once revoked, it is refused (explain says why) and recomputed."""
+    owner, member, _, bucket = lab
+    (tmp_path / "pipeline.py").write_text(PIPELINE)
+    counter = tmp_path / "runs.txt"
+    shared = {"KACHERY_TASKS_BUCKET": bucket.as_uri()}
+    call = "import pipeline\nprint(pipeline.square(9))"
+    assert member.py(call, KACHERY_TASKS_PUBLISH="true", **shared).stdout.strip() == "81"
+    assert owner.py(call, **shared).stdout.strip() == "81"
+    assert runs(counter) == ["square"] * 2, "the member is not trusted yet: the owner computed too"
+    owner.kachery("channel", "grant", "lab", member.node_id, "--perm", "provide_tasks")
+    again = "import pipeline\nprint(pipeline.square(10))"
+    assert member.py(again, KACHERY_TASKS_PUBLISH="true", **shared).stdout.strip() == "100"
+    assert owner.py(again, **shared).stdout.strip() == "100"
+    assert runs(counter) == ["square"] * 3, "a hit from the member's published record"
+    member.py("import pipeline\npipeline.square(11)", KACHERY_TASKS_PUBLISH="true", **shared)
+    owner.kachery("channel", "revoke", "lab", member.node_id, "--perm", "provide_tasks")
+    said = owner.py("import pipeline, kachery_tasks as kt\nprint(kt.explain(pipeline.square.job(11)))", **shared).stdout
+    assert "not trusted" in said, said
+    assert owner.py("import pipeline\nprint(pipeline.square(11))", **shared).stdout.strip() == "121"
+    assert runs(counter) == ["square"] * 5

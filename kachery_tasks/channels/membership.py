@@ -89,3 +89,30 @@ class Membership:
         if message not in self._logged:
             self._logged.add(message)
             log.warning(message)
+
+
+_memberships: dict[tuple[Path, str], Membership] = {}
+_memberships_lock = threading.Lock()
+
+
+def membership_for(home: Path, name: str) -> Membership:
+    """The process's :class:`Membership` of channel ``name`` for ``home`` (made once, refreshed as due)."""
+    key = (Path(home), name)
+    with _memberships_lock:
+        found = _memberships.get(key)
+        if found is None:
+            found = _memberships[key] = Membership(Path(home), name)
+        return found
+
+
+def members_with(home: Path, permission: str) -> frozenset[str]:
+    """Node ids holding ``permission`` in any channel ``home`` joined, by the configs in force (each
+    refreshed when due, so a revocation is seen within ``channel_refresh_seconds``). A channel whose
+    config cannot be read adds no one."""
+    found: set[str] = set()
+    for name in Pins(home).names():
+        try:
+            found |= membership_for(home, name).config().members_with(permission)
+        except UserError as exc:
+            log.debug("channel %s: %s", name, exc)
+    return frozenset(found)

@@ -24,7 +24,7 @@ from .base import GapHandler, Subscription, Transport
 from .config import ChannelConfig
 from .envelope import Envelope, seal
 from .gate import Gate
-from .membership import Membership
+from .membership import Membership, membership_for
 from .pins import Pins
 from .uri import open_transport
 
@@ -48,7 +48,7 @@ class ChannelSession:
         self.home = Path(home)
         self.name = name
         self.identity: NodeIdentity = node_identity(self.home)
-        self.membership = Membership(self.home, name, bucket=bucket)
+        self.membership = Membership(self.home, name, bucket=bucket) if bucket is not None else membership_for(self.home, name)
         join = self.membership.pin.join
         self.bucket_uri = join.bucket
         self.transport = transport if transport is not None else shared_transport(join.transport)

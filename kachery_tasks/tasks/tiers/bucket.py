@@ -56,6 +56,8 @@ from ...buckets import Bucket, NotFound
 from ...buckets.fetch import configured_buckets
 from ...buckets.layout import record_key, records_prefix
 from ...buckets.transfer import download_blob
+from ...channels.membership import members_with
+from ...channels.pins import Pins
 from ...errors import IntegrityError, InvalidRecord
 from ...identity import node_identity
 from ...store.local import store_for
@@ -76,16 +78,38 @@ _SEEN_MAX = 100_000
 class BucketTier(Tier):
     name = "bucket"
 
-    def __init__(self, home: str, buckets: list[Bucket], trusted: list[str], parallelism: int = 16):
+    def __init__(self, home: str, buckets: list[Bucket], trusted: list[str], parallelism: int = 16,
+                 also_trusted: Callable[[], frozenset[str]] | None = None):
         self.store = store_for(home)
         self.buckets = buckets
-        self.trusted = trusted  # in trust order: this node first
         self.parallelism = parallelism  # ids fetched at once by prefetch; 0: no prefetch
-        self._trusted_set = frozenset(trusted)
+        self._fixed = list(trusted)  # in trust order: this node first
+        self._also = also_trusted  # more trusted signers, asked at each use (channel members with provide_tasks)
+        self._trust: tuple[frozenset[str] | None, list[str], frozenset[str]] = (None, self._fixed, frozenset(trusted))
         self._missed: dict[str, float] = {}  # task id -> when the buckets were last found without it
         # task id -> (index of the bucket where missing() found it, the trusted nodes whose records
         # were there): which keys a prefetch need not read (a hint; see _candidates)
         self._seen: dict[str, tuple[int, frozenset[str]]] = {}
+
+    @property
+    def trusted(self) -> list[str]:
+        """Signers whose records this tier serves, in trust order: this node, ``trusted_nodes``,
+        then the members holding ``provide_tasks`` in the channels this node joined (as of now)."""
+        return self._trust_now()[1]
+
+    @property
+    def _trusted_set(self) -> frozenset[str]:
+        return self._trust_now()[2]
+
+    def _trust_now(self) -> tuple[frozenset[str] | None, list[str], frozenset[str]]:
+        if self._also is None:
+            return self._trust
+        extra = self._also()
+        if extra != self._trust[0]:
+            fixed = set(self._fixed)
+            ordered = self._fixed + sorted(extra - fixed)
+            self._trust = (extra, ordered, frozenset(ordered))
+        return self._trust
 
     @classmethod
     def for_home(cls, home: str) -> BucketTier | None:
@@ -96,7 +120,8 @@ class BucketTier(Tier):
             return None
         me = node_identity(Path(home)).node_id
         trusted = [me] + [n for n in config.get("trusted_nodes") if n != me]
-        return cls(home, buckets, trusted, int(config.get("bucket_parallelism")))
+        providers = (lambda: members_with(Path(home), "provide_tasks")) if Pins(Path(home)).names() else None
+        return cls(home, buckets, trusted, int(config.get("bucket_parallelism")), also_trusted=providers)
 
     # -- the protocol ----------------------------------------------------------------------------
     def get(self, task_id: str) -> Hit | Miss:
