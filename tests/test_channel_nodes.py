@@ -283,7 +283,7 @@ def test_the_bucket_tier_trusts_channel_members_that_provide_tasks(lab, tmp_path
     owner, member, _, bucket = lab
     (tmp_path / "pipeline.py").write_text(PIPELINE)
     counter = tmp_path / "runs.txt"
-    shared = {"KACHERY_TASKS_BUCKET": bucket.as_uri()}
+    shared = {"KACHERY_TASKS_BUCKET": bucket.as_uri(), "KACHERY_TASKS_TIERS": '["memory", "local", "bucket"]'}
     call = "import pipeline\nprint(pipeline.square(9))"
     assert member.py(call, KACHERY_TASKS_PUBLISH="true", **shared).stdout.strip() == "81"
     assert owner.py(call, **shared).stdout.strip() == "81"
