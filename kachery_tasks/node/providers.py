@@ -15,6 +15,7 @@ nothing new, since the bucket already holds what the first one wrote.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from ..tasks.publish import plan_publish, send
 log = logging.getLogger("kachery_tasks.node")
 
 _HEX64 = frozenset("0123456789abcdef")
+#: How often an upload in progress is reported to the requester.
+PROGRESS_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,25 @@ def provide_file(session: ChannelSession, env: Envelope) -> Outcome:
         return _answer(session, env, "upload_status", Outcome("not_found", "not in this node's store"), {"sha256": sha256})
     size = store.blobs.size(sha256)
     _send(session, env, "upload_status", {"sha256": sha256, "status": "started", "size": size})
-    out = send(plan_publish(store, f"sha256://{sha256}"), store, session.writable_bucket())
+    out = send(plan_publish(store, f"sha256://{sha256}"), store, session.writable_bucket(),
+               progress=_upload_progress(session, env, sha256, size))
     return _answer(session, env, "upload_status", Outcome("finished", f"{size} bytes", out.bytes_sent),
                    {"sha256": sha256, "size": size})
+
+
+def _upload_progress(session: ChannelSession, env: Envelope, sha256: str, size: int) -> Callable[[int], None]:
+    """A progress callback that tells the requester how far an upload is, at most every
+    :data:`PROGRESS_EVERY_S` seconds (the requester can show it; a lost one costs nothing)."""
+    done = [0, time.monotonic()]
+
+    def progress(nbytes: int) -> None:
+        done[0] += nbytes
+        now = time.monotonic()
+        if now - done[1] >= PROGRESS_EVERY_S and done[0] < size:
+            done[1] = now
+            _send(session, env, "upload_status", {"sha256": sha256, "status": "uploading", "bytes": done[0], "size": size})
+
+    return progress
 
 
 def provide_result(session: ChannelSession, env: Envelope) -> Outcome:
