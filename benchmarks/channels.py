@@ -1,0 +1,427 @@
+"""Channels: a request's round trip over a real redis-server, a file fetched through a provider, and
+the gate's rate of checking envelopes, each against the bare operation underneath.
+
+Setup (all in a temp dir, removed at the end): a redis-server of its own on a free loopback port (no
+persistence), a directory bucket, homes A and B; A creates channel "lab" and admits B with the
+requester permissions. A's ``kachery node start --channel lab`` runs as a separate process, as in
+real use; B is this process.
+
+Cases:
+- round trip: B sends ``request_file`` for a SHA-256 A does not hold and waits for A's
+  ``upload_status`` ``not_found`` (one long-lived subscription, as a script asking many things
+  keeps; :data:`REQUESTS` requests, p50 and p99). The peer is a bare redis-py publish, echoed by a
+  responder in another process on another pub/sub channel, with a payload of the envelope's size
+  (targets: p50 <= 2 ms, p99 <= 10 ms). Then the same request through :func:`ask`, which is what
+  ``request_file`` (and so ``kt.load_bytes``) does: it subscribes per request and closes the
+  subscription before returning; the cost of that close is measured on its own.
+- file: ``request_file`` of 1 MB and 100 MB of random bytes A holds and the bucket does not, from
+  the request to the verified blob in B's store. The peer is a copy of the same bytes straight out
+  of the bucket (``shutil.copyfileobj`` of its objects), once the file is there.
+- gate: ``Gate.check`` (parse, channel, membership and permission, clock window, nonce, signature)
+  on :data:`ENVELOPES` distinct envelopes sealed by B, against ``Ed25519PublicKey.verify`` of the
+  same signed bytes with the key already loaded: the floor of any check that trusts signatures.
+
+Numbers are seconds (per request, per file, per message); ``ratio`` is ``peer_s / ours_s`` as in
+every benchmark, so below 1 is how much slower than the bare operation we are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from kachery_tasks import config
+from kachery_tasks.buckets.layout import blob_key, manifest_key
+from kachery_tasks.channels.admin import create_channel, grant
+from kachery_tasks.channels.envelope import Envelope, new_request_id, seal
+from kachery_tasks.channels.gate import Gate
+from kachery_tasks.channels.membership import Membership
+from kachery_tasks.channels.pins import Pins
+from kachery_tasks.channels.requests import ask, request_file
+from kachery_tasks.channels.session import ChannelSession
+from kachery_tasks.channels.uri import open_transport
+from kachery_tasks.identity import canonical_json, init_node, node_identity
+from kachery_tasks.node.daemon import status_path
+from kachery_tasks.store.local import store_for
+
+from ._common import best_of, row
+
+REPO = Path(__file__).resolve().parents[1]
+CHANNEL = "lab"
+#: Timed round trips (after :data:`WARMUP` untimed ones), for ours and for the bare peer.
+REQUESTS = 300
+WARMUP = 20
+#: Round trips through ``ask``: each costs a subscribe and a close, so fewer.
+ASKS = 20
+#: File sizes (bytes) and how many distinct files of each are fetched (the fastest is kept).
+FILES = ((10**6, 5), (100 * 10**6, 2))
+ENVELOPES = 5000
+#: Seconds any single wait may take before the case is abandoned with the daemon's log.
+WAIT_S = 30.0
+
+RESPONDER = """
+import sys, redis
+r = redis.Redis(port=int(sys.argv[1]), protocol=2)
+p = r.pubsub(ignore_subscribe_messages=True)
+p.subscribe("bench:ping")
+print("ready", flush=True)
+for m in p.listen():
+    r.publish("bench:pong", m["data"])
+"""
+
+
+# -- processes --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    """A loopback port nothing listens on now: the server must not meet another test's or a real one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it does not end within 10 s (its own grace is shorter)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def _redis_server(tmp: Path) -> Iterator[int]:
+    """A redis-server of this benchmark's own (no persistence); yields its port once it answers PING."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = _free_port()
+    log = tmp / "redis-server.log"
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp), "--logfile", str(log), "--daemonize", "no"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1, protocol=2) as client:
+            deadline = time.monotonic() + 20
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited at start: {_tail(log)}")
+                try:
+                    if client.ping():
+                        break
+                except redis.RedisError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not answer PING in 20 s: {_tail(log)}") from None
+                    time.sleep(0.02)
+        yield port
+    finally:
+        _stop(process)
+
+
+def _env(home: Path) -> dict[str, str]:
+    """The environment of a node's process: its home and this checkout, no other kachery setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KACHERY_TASKS_")}
+    env["KACHERY_TASKS_HOME"] = str(home)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+@contextmanager
+def _daemon(home: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """``kachery node start --channel lab`` for ``home``, yielded once its status says running."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "kachery_tasks.cli", "node", "start", "--channel", CHANNEL],
+                                   env=_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the node daemon exited ({process.returncode}): {_tail(log)}")
+            try:
+                if json.loads(status_path(home).read_text()).get("state") == "running":
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the node daemon did not say running in 60 s: {_tail(log)}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        _stop(process)
+
+
+def _lab(tmp: Path, redis_uri: str) -> tuple[Path, Path, Path]:
+    """Homes A (owner, provides everything) and B (admitted with the requester permissions), and the
+    directory bucket of channel lab; made through the library, as the CLI's commands would."""
+    bucket, home_a, home_b = tmp / "bucket", tmp / "a", tmp / "b"
+    bucket.mkdir()
+    init_node(home_a, "alice@lab.org", "a")
+    b = init_node(home_b, "bob@lab.org", "b")
+    _, join = create_channel(home_a, CHANNEL, bucket=bucket.as_uri(), transport=redis_uri)
+    Pins(home_b).pin(join)
+    grant(home_a, CHANNEL, b.node_id, None, owner="bob@lab.org", label="b")
+    return home_a, home_b, bucket
+
+
+# -- figures ----------------------------------------------------------------------------------------
+def _pct(samples: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``samples``."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def _timed(n: int, once: Callable[[int], None], warmup: int = WARMUP) -> list[float]:
+    """Seconds of each of ``n`` calls ``once(i)``, after ``warmup`` untimed ones."""
+    samples = []
+    for i in range(-warmup, n):
+        t0 = time.perf_counter()
+        once(i)
+        if i >= 0:
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+# -- case 1: round trips ----------------------------------------------------------------------------
+def _ours_round_trips(session: ChannelSession, log: Path) -> tuple[list[float], int]:
+    """Round trips of request_file -> upload_status not_found on one long-lived subscription."""
+    answers: queue.Queue[tuple[str, str]] = queue.Queue()
+
+    def on_message(env: Envelope) -> None:
+        if env.type == "upload_status":
+            answers.put((env.request_id, str(env.body.get("status"))))
+
+    size = 0
+
+    def once(_i: int) -> None:
+        nonlocal size
+        request_id = new_request_id()
+        sent = session.send("request_file", {"sha256": os.urandom(32).hex()}, request_id=request_id)
+        size = len(sent.to_bytes())
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                got_id, status = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"no upload_status from the node daemon in {WAIT_S:g} s: {_tail(log)}") from None
+            if got_id == request_id:
+                if status != "not_found":
+                    raise RuntimeError(f"the daemon answered {status!r} for a file it does not hold")
+                return
+
+    subscription = session.listen(on_message)
+    try:
+        return _timed(REQUESTS, once), size
+    finally:
+        subscription.close()
+
+
+def _bare_round_trips(port: int, size: int, tmp: Path) -> list[float]:
+    """Round trips of a redis-py PUBLISH echoed by a responder process on another pub/sub channel."""
+    log = tmp / "responder.log"
+    with open(log, "wb") as err:
+        responder = subprocess.Popen([sys.executable, "-c", RESPONDER, str(port)], stdout=subprocess.PIPE,
+                                     stderr=err, env=_env(tmp))
+    client = redis.Redis(port=port, socket_timeout=WAIT_S, protocol=2)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe("bench:pong")
+        if responder.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"the redis-py responder did not start: {_tail(log)}")
+        deadline = time.monotonic() + WAIT_S
+        while dict(client.pubsub_numsub("bench:ping")).get(b"bench:ping", 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the redis-py responder never subscribed")
+            time.sleep(0.01)
+
+        def once(i: int) -> None:
+            token = f"{i:08d}".encode()
+            client.publish("bench:ping", token + b"x" * max(0, size - len(token)))
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if message is not None and message["data"][:len(token)] == token:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no echo from the redis-py responder in {WAIT_S:g} s")
+
+        return _timed(REQUESTS, once)
+    finally:
+        pubsub.close()
+        client.close()
+        _stop(responder)
+
+
+def _asked_round_trips(session: ChannelSession) -> list[float]:
+    """The same round trip through ``ask`` (a subscription per request, closed before it returns)."""
+
+    def once(_i: int) -> None:
+        ask(session, "request_file", {"sha256": os.urandom(32).hex()}, check=lambda answers: answers or None,
+            what="a missing file", provider_permission="provide_files", timeout=WAIT_S)
+
+    return _timed(ASKS, once, warmup=2)
+
+
+def _close_after_delivery(session: ChannelSession, n: int = 10) -> list[float]:
+    """Seconds ``Subscription.close`` takes right after a message was delivered, as in ``ask``'s finally."""
+    samples = []
+    for _ in range(n):
+        delivered = threading.Event()
+        subscription = session.transport.subscribe("bench/close", lambda _data, e=delivered: e.set())
+        session.transport.publish("bench/close", b"x")
+        if not delivered.wait(WAIT_S):
+            subscription.close()
+            raise RuntimeError("a message to the benchmark's own topic was never delivered")
+        t0 = time.perf_counter()
+        subscription.close()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path) -> list[dict]:
+    ours, size = _ours_round_trips(session, log)
+    bare = _bare_round_trips(port, size, tmp)
+    asked = _asked_round_trips(session)
+    closes = _close_after_delivery(session)
+    o50, o99, b50, b99 = _pct(ours, 50), _pct(ours, 99), _pct(bare, 50), _pct(bare, 99)
+    a50 = _pct(asked, 50)
+    c50 = statistics.median(closes)
+    poll = getattr(session.transport, "poll_interval", None)
+    return [
+        row("round trip p50 (request_file -> not_found)", o50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
+            note=f"ours {_ms(o50)} vs bare {_ms(b50)}; {REQUESTS} requests, {size}-byte envelopes, daemon in "
+                 "its own process"),
+        row("round trip p99 (request_file -> not_found)", o99, "redis-py pub/sub echo p99", b99, target="<= 10 ms",
+            note=f"ours {_ms(o99)} vs bare {_ms(b99)}; max ours {_ms(max(ours))}, bare {_ms(max(bare))}"),
+        row("round trip through ask() p50", a50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
+            note=f"p99 {_ms(_pct(asked, 99))} over {ASKS}; subscribes per request and closes before returning; "
+                 f"that close alone: median {_ms(c50)} (poll_interval {poll} s)"),
+    ]
+
+
+# -- case 2: files ----------------------------------------------------------------------------------
+def _copy_from_bucket(bucket: Path, sha256: str, dst: Path) -> None:
+    """The file's bytes straight out of a directory bucket: its object, or its chunks in order."""
+    single = bucket / blob_key(sha256)
+    if single.exists():
+        shutil.copyfile(single, dst)
+        return
+    manifest = json.loads((bucket / manifest_key(sha256)).read_bytes())
+    with open(dst, "wb") as out:
+        for chunk in manifest["chunks"]:
+            with open(bucket / blob_key(chunk["sha256"]), "rb") as src:
+                shutil.copyfileobj(src, out, 2**20)
+
+
+def _file_rows(session: ChannelSession, home_a: Path, home_b: Path, bucket: Path, tmp: Path) -> list[dict]:
+    """``request_file`` of files only A holds; when A's ``finished`` arrived is noted apart (what
+    follows it is B's verified download and the close of ``ask``'s subscription)."""
+    finished: dict[str, float] = {}
+
+    def on_message(env: Envelope) -> None:
+        if env.type == "upload_status" and env.body.get("status") == "finished":
+            finished[str(env.body.get("sha256"))] = time.perf_counter()
+
+    rows = []
+    copy = tmp / "copy.bin"
+    # A session of its own for the watcher: the subscriptions of one session share its gate, which
+    # admits each message once, so a second listener on ``session`` would take answers from ``ask``.
+    watcher = ChannelSession(home_b, CHANNEL, transport=session.transport).listen(on_message)
+    try:
+        for size, count in FILES:
+            best = float("inf")
+            best_upload = 0.0
+            sha256 = ""
+            for _ in range(count):
+                sha256 = store_for(home_a).blobs.put_bytes(os.urandom(size))  # A's store only
+                t0 = time.perf_counter()
+                request_file(session, sha256, store_for(home_b).blobs, timeout=WAIT_S * 4)
+                took = time.perf_counter() - t0
+                store_for(home_b).blobs.verified_path(sha256)  # raises unless the blob is whole and sound
+                if took < best:
+                    best, best_upload = took, finished.get(sha256, t0) - t0
+            peer_s = best_of(lambda s=sha256: _copy_from_bucket(bucket, s, copy))
+            copy.unlink()
+            label = f"{size / 1e6:g} MB"
+            rows.append(row(f"file {label}: request_file to B's verified store", best, "copy from the bucket", peer_s,
+                            note=f"best of {count} files; A's 'finished' at {_ms(best_upload)}, then B's download "
+                                 f"and ask's close {_ms(best - best_upload)}; {size / 1e6 / best:.0f} MB/s vs copy "
+                                 f"{size / 1e6 / peer_s:.0f} MB/s; ours hashes and fsyncs twice, the copy neither"))
+    finally:
+        watcher.close()
+    return rows
+
+
+# -- case 3: the gate -------------------------------------------------------------------------------
+def _gate_rows(home_a: Path, home_b: Path) -> list[dict]:
+    """Gate.check of distinct envelopes from B, as A's daemon admits them, against bare Ed25519 verify."""
+    keys = node_identity(home_b).keys
+    envelopes = [seal(keys, "request_file", CHANNEL, {"sha256": os.urandom(32).hex()}) for _ in range(ENVELOPES)]
+    data = [e.to_bytes() for e in envelopes]
+    current_config = Membership(home_a, CHANNEL).config  # A's view, refreshed when due, as its daemon's gate
+
+    def check_all() -> None:
+        gate = Gate(CHANNEL, current_config)  # a fresh gate each time: every nonce is new to it
+        for d in data:
+            gate.check(d)
+
+    signed = []
+    for e in envelopes:
+        doc = {k: v for k, v in json.loads(e.to_bytes()).items() if k != "signature"}
+        signed.append((bytes.fromhex(e.signature), canonical_json(doc)))
+    public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(keys.public_hex))
+
+    def verify_all() -> None:
+        for signature, message in signed:
+            public.verify(signature, message)
+
+    ours = best_of(check_all) / ENVELOPES
+    bare = best_of(verify_all) / ENVELOPES
+    return [row("envelope check (Gate.check)", ours, "Ed25519PublicKey.verify", bare,
+                note=f"{1 / ours:,.0f} msgs/s vs {1 / bare:,.0f} verifies/s; {ENVELOPES} envelopes of "
+                     f"{len(data[0])} bytes (signed part {len(signed[0][1])} bytes), best of 3")]
+
+
+def run() -> list[dict]:
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="kt-bench-channels-") as tmp_name:
+        tmp = Path(tmp_name)
+        with _redis_server(tmp) as port:
+            redis_uri = f"redis://127.0.0.1:{port}/0"
+            home_a, home_b, bucket = _lab(tmp, redis_uri)
+            log = tmp / "daemon.log"
+            with config.home_layers(home_b), _daemon(home_a, log):
+                # A transport of its own, not the process's shared one: it is closed at the end.
+                session = ChannelSession(home_b, CHANNEL, transport=open_transport(redis_uri))
+                try:
+                    rows += _round_trip_rows(session, port, tmp, log)
+                    rows += _file_rows(session, home_a, home_b, bucket, tmp)
+                finally:
+                    session.transport.close()
+            rows += _gate_rows(home_a, home_b)
+    return rows
