@@ -618,7 +618,7 @@ def test_tiers_choose_where_hits_come_from(home, tmp_path):
     with config.set(tiers=["memory"]):  # the store is not consulted: computes again
         f(1)
     assert len(runs(log)) == 2
-    with config.set(tiers=["memory", "local", "channel"]), pytest.raises(UserError, match="unknown resolution tier"):
+    with config.set(tiers=["memory", "local", "cloud"]), pytest.raises(UserError, match="unknown resolution tier"):
         f(1)
 
 
