@@ -57,7 +57,7 @@ def test_a_file_is_requested_uploaded_by_its_holder_and_loaded_verified(lab):
     owner.start_daemon()
     out = load(member, uri)
     assert out.stdout.strip() == "c0ffee" * 1000
-    assert owner.kachery("node", "status", "--json") and owner.status()["channels"]["lab"]["served"] == {"finished": 1}
+    wait_for(lambda: owner.status()["channels"]["lab"]["served"] == {"finished": 1}, what="the status to count it")
     assert "request_file sha256://" in owner.log_text() and "(member)" in owner.log_text()
     # a second node asking for the same file: the bucket already has it, nothing is uploaded again
     assert load(member, uri).stdout.strip() == "c0ffee" * 1000
@@ -102,7 +102,7 @@ def test_forged_and_replayed_requests_are_dropped(lab, redis_uri):
         load(member, uri)
         sub.close()
         assert captured
-        served = owner.status()["channels"]["lab"]["served"]
+        served = wait_for(lambda: owner.status()["channels"]["lab"]["served"], what="the status to count it")
         bus.publish("channel/lab", captured[0])  # the very bytes again: a replay
         forged = json.loads(captured[0])
         forged["body"]["sha256"] = "00" * 32  # the member's request, altered, with a fresh nonce
@@ -194,6 +194,10 @@ def test_an_unreachable_transport_is_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
     out = owner.kachery("node", "start", "--channel", "lab", check=False, timeout=60)
     assert out.returncode == 1 and "cannot connect" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    # a pure call is not held up by a channel it cannot reach: it computes, with one warning
+    (tmp_path / "dead" / "pipeline.py").write_text(PIPELINE)
+    out = member.py("import pipeline\nprint(pipeline.square(4))")
+    assert out.stdout.strip() == "16" and "cannot connect" in out.stderr
 
 
 PIPELINE = '''

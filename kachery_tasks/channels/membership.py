@@ -59,7 +59,7 @@ class Membership:
 
     def config(self) -> ChannelConfig:
         """The config in force, re-read from the bucket when the refresh interval has passed."""
-        if time.monotonic() - self._checked >= float(kconfig.get("channel_refresh_seconds")):
+        if self.pin.config is None or time.monotonic() - self._checked >= float(kconfig.get("channel_refresh_seconds")):
             self.refresh()
         if self.pin.config is None:
             raise UserError(f"channel {self.name!r} has no config this node can accept yet in "
@@ -68,14 +68,15 @@ class Membership:
 
     def refresh(self) -> ChannelConfig | None:
         """Read the bucket's config now; keep the current one if that fails (and say why, once)."""
-        with self._lock:
-            self._checked = time.monotonic()
+        with self._lock:  # a second caller waits for this read rather than finding no config yet
             try:
                 found = read_published(self.bucket, self.pin)
             except (ChannelConfigError, BucketError, UserError, OSError) as exc:
                 self._once(f"channel {self.name!r}: kept config version "
                            f"{self.pin.config.version if self.pin.config else '(none)'}: {exc}")
                 return self.pin.config
+            finally:
+                self._checked = time.monotonic()  # after the read: a caller meanwhile waited on the lock
             if found is None:
                 self._once(f"channel {self.name!r}: no config in {self.bucket.uri} "
                            f"{channel_config_key(self.name)}; kept what this node had")

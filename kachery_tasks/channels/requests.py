@@ -40,7 +40,7 @@ from ..store.blobs import BlobStore
 from ..store.files import FETCHERS as FILE_FETCHERS
 from .envelope import Envelope, new_request_id
 from .pins import Pins
-from .session import ChannelSession, session_for
+from .session import GAP, ChannelSession, session_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,7 +51,6 @@ NEGATIVE = frozenset({"not_found", "error", "refused"})
 RESEND_S = 5.0
 #: With no provider online, wait this long for one to appear before giving up.
 NO_PROVIDER_GRACE_S = 3.0
-_GAP = object()
 
 
 class RequestFailed(UserError):
@@ -65,16 +64,9 @@ def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Call
     started = time.monotonic()
     deadline = started + limit
     request_id = new_request_id()
-    events: queue.Queue[Any] = queue.Queue()
     answers: list[Envelope] = []
     negative: dict[str, str] = {}
-
-    def on_message(env: Envelope) -> None:
-        if env.request_id == request_id:
-            events.put(env)
-
-    subscription = session.listen(on_message, on_gap=lambda: events.put(_GAP))
-    try:
+    with session.waiting(request_id) as events:
         session.send(type, body, request_id=request_id)
         sent = time.monotonic()
         while True:
@@ -88,7 +80,7 @@ def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Call
                 status = item.body.get("status")
                 if status in NEGATIVE:
                     negative[item.from_node] = f"{status}: {item.body.get('detail', '')}".rstrip(": ")
-            elif item is _GAP:
+            elif item is GAP:
                 log.info("channel %s: the bus reconnected while waiting for %s; re-checking the bucket", session.name, what)
             found = check(answers)
             if found is not None:
@@ -107,8 +99,6 @@ def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Call
             if now - sent >= RESEND_S:
                 session.send(type, body, request_id=request_id)
                 sent = now
-    finally:
-        subscription.close()
 
 
 def channels_allowing(home: Path, permission: str) -> list[ChannelSession]:

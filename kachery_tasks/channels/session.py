@@ -11,8 +11,11 @@ for many results opens one connection.
 from __future__ import annotations
 
 import json
+import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,10 @@ from .uri import open_transport
 
 #: How long a heartbeat's presence lasts without the next one.
 PRESENCE_TTL_S = 30.0
+#: The requests' subscription is closed after this long with no request waiting.
+IDLE_CLOSE_S = 5.0
+#: Put in a waiting request's queue when the bus reconnected (messages may have been lost).
+GAP = object()
 
 _transports: dict[str, Transport] = {}
 _sessions: dict[tuple[Path, str], ChannelSession] = {}
@@ -52,9 +59,12 @@ class ChannelSession:
         join = self.membership.pin.join
         self.bucket_uri = join.bucket
         self.transport = transport if transport is not None else shared_transport(join.transport)
-        self.gate = Gate(name, self.membership.config)
         self.topic = topic_of(name)
         self._writable: Bucket | None = None
+        self._router: Subscription | None = None  # the one subscription that serves waiting requests
+        self._waiters: dict[str, queue.Queue[Any]] = {}
+        self._router_lock = threading.Lock()
+        self._idle_since = 0.0
 
     @property
     def node_id(self) -> str:
@@ -82,16 +92,63 @@ class ChannelSession:
         self.transport.publish(self.topic, env.to_bytes())
         return env
 
-    def listen(self, handler: Callable[[Envelope], None], on_gap: GapHandler | None = None) -> Subscription:
-        """Deliver the admitted messages of other nodes to ``handler`` (on the transport's thread)."""
-        me = self.node_id
+    def listen(self, handler: Callable[[Envelope], None], on_gap: GapHandler | None = None,
+               gate: Gate | None = None) -> Subscription:
+        """Deliver the admitted messages of other nodes to ``handler`` (on the transport's thread).
+
+        Each subscription has a gate of its own (a gate remembers nonces: two subscriptions sharing
+        one would each see a message the other saw as a replay). This node's own messages, which the
+        bus echoes back, are passed over before the gate: checking them would cost a signature check
+        per message sent."""
+        gate = gate if gate is not None else Gate(self.name, self.membership.config)
+        mine = f'"from_node":"{self.node_id}"'.encode()  # canonical JSON: no spaces
 
         def receive(data: bytes) -> None:
-            env = self.gate.admit(data)
-            if env is not None and env.from_node != me:
+            if mine in data:
+                return
+            env = gate.admit(data)
+            if env is not None:
                 handler(env)
 
         return self.transport.subscribe(self.topic, receive, on_gap)
+
+    @contextmanager
+    def waiting(self, request_id: str) -> Iterator[queue.Queue[Any]]:
+        """A queue that receives the answers to ``request_id`` (and :data:`GAP` after a reconnect)
+        while the block runs. One subscription per session serves every request waiting at once, so
+        a request costs no SUBSCRIBE; it is closed once no request has waited for
+        :data:`IDLE_CLOSE_S` seconds (a script that asked once holds no connection afterwards)."""
+        events: queue.Queue[Any] = queue.Queue()
+        with self._router_lock:
+            if self._router is None:
+                self._router = self.listen(self._route, on_gap=self._gap)
+            self._waiters[request_id] = events
+        try:
+            yield events
+        finally:
+            with self._router_lock:
+                self._waiters.pop(request_id, None)
+                if not self._waiters:
+                    self._idle_since = time.monotonic()
+                    timer = threading.Timer(IDLE_CLOSE_S, self._close_if_idle)
+                    timer.daemon = True
+                    timer.start()
+
+    def _route(self, env: Envelope) -> None:
+        events = self._waiters.get(env.request_id)
+        if events is not None:
+            events.put(env)
+
+    def _gap(self) -> None:
+        for events in list(self._waiters.values()):
+            events.put(GAP)
+
+    def _close_if_idle(self) -> None:
+        with self._router_lock:
+            if self._waiters or self._router is None or time.monotonic() - self._idle_since < IDLE_CLOSE_S:
+                return
+            router, self._router = self._router, None
+        router.close()
 
     def announce(self, info: dict[str, Any]) -> None:
         """Say on the bus that this node is here (presence hints; the signed heartbeats are the proof)."""

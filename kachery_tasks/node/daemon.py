@@ -35,6 +35,7 @@ from typing import Any
 
 from ..channels.base import Subscription
 from ..channels.envelope import Envelope
+from ..channels.gate import Gate
 from ..channels.session import ChannelSession
 from ..errors import KacheryError, UserError
 from ..feeds.registry import stored_feed
@@ -46,6 +47,8 @@ log = logging.getLogger("kachery_tasks.node")
 HEARTBEAT_S = 10.0
 #: A peer whose last heartbeat is older than this is no longer listed as seen.
 PEER_FORGET_S = 600.0
+#: The status file is rewritten at most this often (and on every heartbeat).
+STATUS_EVERY_S = 0.5
 #: A feed asked for is published again as it grows for this long after the last request for it.
 FEED_WATCH_S = 3600.0
 
@@ -57,6 +60,7 @@ def status_path(home: Path) -> Path:
 @dataclass
 class _Channel:
     session: ChannelSession
+    gate: Gate
     subscription: Subscription | None = None
     served: dict[str, int] = field(default_factory=dict)  # outcome status -> count
     watched: dict[str, tuple[int, float]] = field(default_factory=dict)  # feed id -> (messages published, until)
@@ -73,7 +77,10 @@ class NodeDaemon:
         self.home = Path(home)
         self.heartbeat_s = heartbeat_s
         self.grace_s = grace_s
-        self.channels = {name: _Channel(ChannelSession(self.home, name)) for name in dict.fromkeys(names)}
+        self.channels = {}
+        for name in dict.fromkeys(names):
+            session = ChannelSession(self.home, name)
+            self.channels[name] = _Channel(session, Gate(name, session.membership.config))
         self.started = time.time()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kachery-node")
         self._in_flight: dict[tuple[str, str], tuple[Envelope, float, Future]] = {}
@@ -81,6 +88,7 @@ class NodeDaemon:
         self._stop = threading.Event()
         self._lock_file: Any = None
         self._state = "starting"
+        self._status_due = threading.Event()
 
     # -- life cycle ----------------------------------------------------------------------------------
     def start(self) -> NodeDaemon:
@@ -93,10 +101,12 @@ class NodeDaemon:
             channel.subscription = channel.session.listen(
                 lambda env, c=channel: self._receive(c, env),
                 on_gap=lambda n=name: log.info("channel %s: the bus reconnected; requests sent meanwhile are "
-                                               "sent again by their requesters", n))
+                                               "sent again by their requesters", n),
+                gate=channel.gate)
         self._state = "running"
         self._beat()
         threading.Thread(target=self._heartbeats, name="kachery-node-heartbeat", daemon=True).start()
+        threading.Thread(target=self._status_writer, name="kachery-node-status", daemon=True).start()
         names = ", ".join(self.channels)
         log.info("node %s serving channel(s) %s", self.channels[next(iter(self.channels))].session.node_id[:12], names)
         return self
@@ -170,12 +180,21 @@ class NodeDaemon:
         sent = f", {outcome.bytes_sent} bytes sent" if outcome.bytes_sent else ""
         log.info("channel %s: %s %s from %s: %s%s%s in %.2f s", channel.session.name, env.type, _subject(env), who,
                  outcome.status, f" ({outcome.detail})" if outcome.detail else "", sent, time.monotonic() - started)
-        self._write_status()
+        self._status_due.set()
 
     # -- heartbeats and status -----------------------------------------------------------------------
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             self._beat()
+
+    def _status_writer(self) -> None:
+        """Rewrite the status file when something changed, at most every :data:`STATUS_EVERY_S`:
+        an fsynced write per request cost a few milliseconds of every answer."""
+        while not self._stop.is_set():
+            if self._status_due.wait(1.0):
+                self._status_due.clear()
+                self._write_status()
+                self._stop.wait(STATUS_EVERY_S)
 
     def _beat(self) -> None:
         for channel in self.channels.values():
@@ -226,7 +245,7 @@ class NodeDaemon:
                 peers[node_id] = {"label": member.label if member else "", "owner": member.owner if member else "",
                                   "last_heartbeat": round(seen, 3), "seconds_ago": round(now - seen, 1)}
             channels[name] = {"config_version": config.version if config else None, "peers": peers,
-                              "served": dict(channel.served), "dropped": dict(channel.session.gate.dropped)}
+                              "served": dict(channel.served), "dropped": dict(channel.gate.dropped)}
         with self._lock:
             flight = [{"channel": c, "type": env.type, "subject": _subject(env), "from": env.from_node,
                        "seconds": round(now - since, 1)} for (c, _), (env, since, _f) in self._in_flight.items()]

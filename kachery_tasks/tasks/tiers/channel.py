@@ -53,47 +53,64 @@ class ChannelTier(Tier):
 
     # -- the protocol ----------------------------------------------------------------------------
     def get(self, task_id: str) -> Hit | Miss:
-        reasons = []
+        reasons: list[str] = []
         for session in self._sessions():
-            view = self._view(session)
-            found = view.get(task_id)  # published to the channel's bucket already?
-            if isinstance(found, Hit):
-                return found
-            if found.reason:
-                reasons.append(found.reason)
-                continue
-            if not session.present("provide_tasks"):
-                continue
             try:
-                hit = ask(session, "request_result", {"task_ids": [task_id]}, check=lambda _a, v=view: _hit(v, task_id),
-                          what=f"the result of task {task_id}", provider_permission="provide_tasks")
-            except RequestFailed as exc:
-                if "none has it" not in str(exc):
-                    reasons.append(str(exc))
+                found = self._get(session, task_id, reasons)
+            except KacheryError as exc:  # the channel unreachable: a miss that says so, then compute
+                log.warning("channel %s: %s", session.name, exc)
+                reasons.append(f"channel {session.name!r}: {exc}")
                 continue
-            return hit
+            if found is not None:
+                return found
         return Miss("; ".join(reasons)) if reasons else ABSENT
+
+    def _get(self, session: ChannelSession, task_id: str, reasons: list[str]) -> Hit | None:
+        """The channel's answer for ``task_id``: from its bucket, else asked of its providers."""
+        view = self._view(session)
+        found = view.get(task_id)  # published to the channel's bucket already?
+        if isinstance(found, Hit):
+            return found
+        if found.reason:  # records there, refused (untrusted, damaged): a provider would send the same
+            reasons.append(found.reason)
+            return None
+        if not session.present("provide_tasks"):
+            return None
+        try:
+            return ask(session, "request_result", {"task_ids": [task_id]}, check=lambda _a: _hit(view, task_id),
+                       what=f"the result of task {task_id}", provider_permission="provide_tasks")
+        except RequestFailed as exc:
+            if "none has it" not in str(exc):
+                reasons.append(str(exc))
+            return None
 
     def missing(self, task_ids: Collection[str]) -> set[str]:
         left = set(task_ids)
         for session in self._sessions():
             if not left:
                 break
-            view = self._view(session)
-            left = view.missing(left)
-            if not left or not session.present("provide_tasks"):
-                continue
-            ids = sorted(left)
-            for start in range(0, len(ids), IDS_PER_REQUEST):
-                batch = ids[start:start + IDS_PER_REQUEST]
-                try:
-                    ask(session, "request_result", {"task_ids": batch}, check=lambda answers, s=session: _all_answered(s, answers),
-                        what=f"the results of {len(batch)} task(s)", provider_permission="provide_tasks")
-                except RequestFailed as exc:
-                    if "none has it" not in str(exc):
-                        log.warning("%s", exc)
-            left = view.missing(left)
+            try:
+                left = self._missing(session, left)
+            except KacheryError as exc:  # unreachable: what it would have had is computed instead
+                log.warning("channel %s: %s", session.name, exc)
         return left
+
+    def _missing(self, session: ChannelSession, ids: set[str]) -> set[str]:
+        """Of ``ids``, those the channel does not have after its providers were asked for them all."""
+        view = self._view(session)
+        left = view.missing(ids)
+        if not left or not session.present("provide_tasks"):
+            return left
+        ordered = sorted(left)
+        for start in range(0, len(ordered), IDS_PER_REQUEST):
+            batch = ordered[start:start + IDS_PER_REQUEST]
+            try:
+                ask(session, "request_result", {"task_ids": batch}, check=lambda answers: _all_answered(session, answers),
+                    what=f"the results of {len(batch)} task(s)", provider_permission="provide_tasks")
+            except RequestFailed as exc:
+                if "none has it" not in str(exc):
+                    log.warning("%s", exc)
+        return view.missing(left)
 
     def prefetch(self, task_ids: Collection[str]) -> Iterator[tuple[str, Fetched | Miss]]:
         """What ``missing`` had the providers publish, fetched in parallel from the channels' buckets
@@ -102,10 +119,13 @@ class ChannelTier(Tier):
         for session in self._sessions():
             if not left:
                 return
-            for task_id, found in self._view(session).prefetch(sorted(left)):
-                if isinstance(found, Fetched):
-                    left.discard(task_id)
-                yield task_id, found
+            try:
+                for task_id, found in self._view(session).prefetch(sorted(left)):
+                    if isinstance(found, Fetched):
+                        left.discard(task_id)
+                    yield task_id, found
+            except KacheryError as exc:  # what is left is fetched, or computed, one by one
+                log.warning("channel %s: %s", session.name, exc)
 
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: a node publishes by its own choice (publish.py), or when a member asks."""
