@@ -12,8 +12,8 @@ Cases:
   keeps; :data:`REQUESTS` requests, p50 and p99). The peer is a bare redis-py publish, echoed by a
   responder in another process on another pub/sub channel, with a payload of the envelope's size
   (targets: p50 <= 2 ms, p99 <= 10 ms). Then the same request through :func:`ask`, which is what
-  ``request_file`` (and so ``kt.load_bytes``) does: it subscribes per request and closes the
-  subscription before returning; the cost of that close is measured on its own.
+  ``request_file`` (and so ``kt.load_bytes``) does: the session's one subscription for requests
+  serves it (no subscribe or close per request).
 - file: ``request_file`` of 1 MB and 100 MB of random bytes A holds and the bucket does not, from
   the request to the verified blob in B's store. The peer is a copy of the same bytes straight out
   of the bucket (``shutil.copyfileobj`` of its objects), once the file is there.
@@ -33,11 +33,9 @@ import queue
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,8 +65,8 @@ CHANNEL = "lab"
 #: Timed round trips (after :data:`WARMUP` untimed ones), for ours and for the bare peer.
 REQUESTS = 300
 WARMUP = 20
-#: Round trips through ``ask``: each costs a subscribe and a close, so fewer.
-ASKS = 20
+#: Round trips through ``ask``.
+ASKS = 50
 #: File sizes (bytes) and how many distinct files of each are fetched (the fastest is kept).
 FILES = ((10**6, 5), (100 * 10**6, 2))
 ENVELOPES = 5000
@@ -278,7 +276,7 @@ def _bare_round_trips(port: int, size: int, tmp: Path) -> list[float]:
 
 
 def _asked_round_trips(session: ChannelSession) -> list[float]:
-    """The same round trip through ``ask`` (a subscription per request, closed before it returns)."""
+    """The same round trip through ``ask`` (the session's shared subscription for requests)."""
 
     def once(_i: int) -> None:
         ask(session, "request_file", {"sha256": os.urandom(32).hex()}, check=lambda answers: answers or None,
@@ -287,31 +285,12 @@ def _asked_round_trips(session: ChannelSession) -> list[float]:
     return _timed(ASKS, once, warmup=2)
 
 
-def _close_after_delivery(session: ChannelSession, n: int = 10) -> list[float]:
-    """Seconds ``Subscription.close`` takes right after a message was delivered, as in ``ask``'s finally."""
-    samples = []
-    for _ in range(n):
-        delivered = threading.Event()
-        subscription = session.transport.subscribe("bench/close", lambda _data, e=delivered: e.set())
-        session.transport.publish("bench/close", b"x")
-        if not delivered.wait(WAIT_S):
-            subscription.close()
-            raise RuntimeError("a message to the benchmark's own topic was never delivered")
-        t0 = time.perf_counter()
-        subscription.close()
-        samples.append(time.perf_counter() - t0)
-    return samples
-
-
 def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path) -> list[dict]:
     ours, size = _ours_round_trips(session, log)
     bare = _bare_round_trips(port, size, tmp)
     asked = _asked_round_trips(session)
-    closes = _close_after_delivery(session)
     o50, o99, b50, b99 = _pct(ours, 50), _pct(ours, 99), _pct(bare, 50), _pct(bare, 99)
     a50 = _pct(asked, 50)
-    c50 = statistics.median(closes)
-    poll = getattr(session.transport, "poll_interval", None)
     return [
         row("round trip p50 (request_file -> not_found)", o50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
             note=f"ours {_ms(o50)} vs bare {_ms(b50)}; {REQUESTS} requests, {size}-byte envelopes, daemon in "
@@ -319,8 +298,7 @@ def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path) -
         row("round trip p99 (request_file -> not_found)", o99, "redis-py pub/sub echo p99", b99, target="<= 10 ms",
             note=f"ours {_ms(o99)} vs bare {_ms(b99)}; max ours {_ms(max(ours))}, bare {_ms(max(bare))}"),
         row("round trip through ask() p50", a50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
-            note=f"p99 {_ms(_pct(asked, 99))} over {ASKS}; subscribes per request and closes before returning; "
-                 f"that close alone: median {_ms(c50)} (poll_interval {poll} s)"),
+            note=f"p99 {_ms(_pct(asked, 99))} over {ASKS}; the session's one subscription serves every request"),
     ]
 
 
@@ -340,7 +318,7 @@ def _copy_from_bucket(bucket: Path, sha256: str, dst: Path) -> None:
 
 def _file_rows(session: ChannelSession, home_a: Path, home_b: Path, bucket: Path, tmp: Path) -> list[dict]:
     """``request_file`` of files only A holds; when A's ``finished`` arrived is noted apart (what
-    follows it is B's verified download and the close of ``ask``'s subscription)."""
+    follows it is B's verified download)."""
     finished: dict[str, float] = {}
 
     def on_message(env: Envelope) -> None:
@@ -370,7 +348,7 @@ def _file_rows(session: ChannelSession, home_a: Path, home_b: Path, bucket: Path
             label = f"{size / 1e6:g} MB"
             rows.append(row(f"file {label}: request_file to B's verified store", best, "copy from the bucket", peer_s,
                             note=f"best of {count} files; A's 'finished' at {_ms(best_upload)}, then B's download "
-                                 f"and ask's close {_ms(best - best_upload)}; {size / 1e6 / best:.0f} MB/s vs copy "
+                                 f"{_ms(best - best_upload)}; {size / 1e6 / best:.0f} MB/s vs copy "
                                  f"{size / 1e6 / peer_s:.0f} MB/s; ours hashes and fsyncs twice, the copy neither"))
     finally:
         watcher.close()
