@@ -21,7 +21,7 @@ import threading
 import time
 
 from .base import GapHandler, MessageHandler, Subscription, Transport, TransportError, check_message
-from .rules import call_handler, check_bytes, check_member, check_topic, check_ttl
+from .rules import call_handler, check_announcement, check_bytes, check_topic
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,7 @@ class MemoryTransport(Transport):
         return subscription
 
     def announce(self, topic: str, member: str, info: bytes, ttl: float) -> None:
-        check_topic(self.uri, topic)
-        check_member(self.uri, member)
-        info = check_bytes(self.uri, "presence info", info)
-        ttl = check_ttl(self.uri, ttl)
+        info, ttl = check_announcement(self.uri, topic, member, info, ttl)
         self._check_open()
         with self._bus.lock:
             self._bus.presence.setdefault(topic, {})[member] = (info, time.monotonic() + ttl)

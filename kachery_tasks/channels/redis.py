@@ -44,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .base import GapHandler, MessageHandler, Subscription, Transport, TransportError, check_message
-from .rules import call_handler, check_bytes, check_member, check_topic, check_ttl
+from .rules import call_handler, check_announcement, check_bytes, check_topic
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,7 @@ class RedisTransport(Transport):
             raise transport_error(self.uri, "PUBLISH", e, self.timeout) from e
 
     def announce(self, topic: str, member: str, info: bytes, ttl: float) -> None:
-        check_topic(self.uri, topic)
-        check_member(self.uri, member)
-        info = check_bytes(self.uri, "presence info", info)
-        ttl = check_ttl(self.uri, ttl)
+        info, ttl = check_announcement(self.uri, topic, member, info, ttl)
         self._check_open()
         try:
             self._client.set(presence_prefix(topic) + member.encode(), info, px=max(1, round(ttl * 1000)))

@@ -48,6 +48,13 @@ def check_ttl(uri: str, ttl: float) -> float:
     return float(ttl)
 
 
+def check_announcement(uri: str, topic: str, member: str, info: bytes, ttl: float) -> tuple[bytes, float]:
+    """The checks of ``Transport.announce``, one place for every transport: ``(info, ttl)``."""
+    check_topic(uri, topic)
+    check_member(uri, member)
+    return check_bytes(uri, "presence info", info), check_ttl(uri, ttl)
+
+
 def _problem(name: object) -> str | None:
     if not isinstance(name, str):
         return f"a name is a str, not {type(name).__name__}"
