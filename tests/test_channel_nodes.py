@@ -303,3 +303,14 @@ def test_the_bucket_tier_trusts_channel_members_that_provide_tasks(lab, tmp_path
     assert "not trusted" in said, said
     assert owner.py("import pipeline\nprint(pipeline.square(11))", **shared).stdout.strip() == "121"
     assert runs(counter) == ["square"] * 5
+
+
+def test_a_nodes_action_log_is_never_provided(lab):
+    owner, member, _, _ = lab
+    log_id = owner.py("import kachery_tasks as kt\n@kt.action\ndef ping(x):\n    return True\n"
+                      "ping.call(1, key='k1')\n"
+                      "from kachery_tasks.feeds.registry import local_names\nprint(local_names()['action-log'])").stdout.strip()
+    owner.start_daemon()
+    out = member.py(f"import kachery_tasks as kt\nkt.load_feed('feed://{log_id}')", check=False)
+    assert out.returncode != 0
+    assert "request_subfeed" in owner.log_text() and "not_found" in owner.log_text()

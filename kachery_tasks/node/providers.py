@@ -8,6 +8,9 @@ only wakes the requester, who re-checks the bucket if it is lost. A node answers
 permissions let it provide; a node without the thing asked for says ``not_found`` at once, so a
 requester whose every online provider lacks it stops waiting.
 
+A node's action log (the task engine's record of what it did to the outside world) is never
+provided: it is answered ``not_found``, as a feed the node does not hold.
+
 Handlers are idempotent: a request sent again (same request id, after a lost message) publishes
 nothing new, since the bucket already holds what the first one wrote.
 """
@@ -24,8 +27,9 @@ from ..channels.envelope import Envelope
 from ..channels.session import ChannelSession
 from ..errors import KacheryError
 from ..feeds.feed import Feed
-from ..feeds.registry import stored_feed
+from ..feeds.registry import local_names, stored_feed
 from ..store.local import store_for
+from ..tasks.actions import LOG_FEED as ACTION_LOG_FEED
 from ..tasks.publish import plan_publish, send
 
 log = logging.getLogger("kachery_tasks.node")
@@ -102,8 +106,10 @@ def provide_feed(session: ChannelSession, env: Envelope) -> Outcome:
     if not session.config().allows(session.node_id, "provide_feeds"):
         return Outcome("refused", "this node lacks provide_feeds")
     feed = stored_feed(feed_id)
-    if feed is None or feed.keys is None:  # a reader's copy: only the writer signs the feed's head
-        why = "feed not stored here" if feed is None else "only a reader's copy here; its writer publishes it"
+    private = feed_id == local_names().get(ACTION_LOG_FEED)
+    if feed is None or feed.keys is None or private:  # a reader's copy: only the writer signs the feed's head
+        why = ("feed not stored here" if feed is None or private
+               else "only a reader's copy here; its writer publishes it")
         return _answer(session, env, "subfeed_count", Outcome("not_found", why), {"feed_id": feed_id})
     counts = republish_feed(session, feed, env.request_id)
     total = sum(counts.values())
