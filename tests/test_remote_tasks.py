@@ -52,12 +52,19 @@ def notify(who):
     _count("notify")
 
 
+@kt.pure(service="lab")
+def digest(signal, raw, doc):
+    _count("digest")
+    return [float(signal.sum()), len(raw), len(doc.read_bytes()), signal.shape[0]]
+
+
 @kt.query(service="lab")
 def unserved(key):
     _count("unserved")
     return key
 '''
-SERVE = ("--serve", "lab_service:scaled", "--serve", "lab_service:lookup", "--serve", "lab_service:notify")
+SERVE = ("--serve", "lab_service:scaled", "--serve", "lab_service:lookup", "--serve", "lab_service:notify",
+         "--serve", "lab_service:digest")
 
 
 @pytest.fixture
@@ -120,6 +127,17 @@ def test_remote_pure_runs_on_the_provider_and_a_second_call_runs_nothing(lab, tm
     assert runs(tmp_path) == ["owner:scaled"]
     # the outsider's own store is empty; its request would be dropped: it is not a member, so it computes here
     assert call(member, "s.scaled.job(21).id").stdout == call(owner, "s.scaled.job(21).id").stdout
+
+
+def test_arrays_bytes_and_files_travel_through_the_bucket_never_pickled(lab, tmp_path):
+    owner, member, _, bucket = lab
+    owner.start_daemon("lab", *SERVE)
+    code = ("import numpy as np, kachery_tasks as kt, lab_service as s\n"
+            "doc = kt.File(kt.store_bytes(b'hello world'))\n"
+            "print(s.digest(np.arange(10000, dtype='f8'), b'x' * 9000, doc))")
+    assert member.py(code).stdout.strip() == str([float(sum(range(10000))), 9000, 11, 10000])
+    assert runs(tmp_path) == ["owner:digest"]
+    assert len(list(bucket.glob("sha256/*/*/*"))) >= 3  # the array, the bytes and the file went as blobs
 
 
 def test_a_pure_request_already_in_the_bucket_is_answered_from_there(lab, tmp_path, redis_uri):
