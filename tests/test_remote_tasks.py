@@ -232,7 +232,7 @@ def test_two_providers_racing_for_requests_run_each_once(lab, tmp_path, redis_ur
 
 def test_forged_answers_and_status_from_non_providers_are_ignored(lab, tmp_path, redis_uri):
     owner, member, outsider, bucket = lab
-    owner.start_daemon("lab", *SERVE)
+    owner.start_daemon("lab", *SERVE, KT_SLOW="1.5")  # the forgeries land while the query runs
     forgers = [node_identity(outsider.home).keys, node_identity(member.home).keys]  # not a member; no provide_tasks
     writable = open_bucket(bucket.as_uri())
     seen: list[str] = []
@@ -250,7 +250,7 @@ def test_forged_answers_and_status_from_non_providers_are_ignored(lab, tmp_path,
     with open_transport(redis_uri) as bus:
         sub = bus.subscribe("channel/lab", lambda m: threading.Thread(target=forge, args=(m,)).start())
         time.sleep(0.3)
-        out = call(member, "s.lookup('z')", KT_SLOW="1.5")
+        out = call(member, "s.lookup('z')")
         sub.close()
     assert seen, "the request was seen"
     assert out.stdout.strip() == "{'key': 'z', 'value': 'one'}", out.stderr
