@@ -121,7 +121,7 @@ def test_remote_pure_runs_on_the_provider_and_a_second_call_runs_nothing(lab, tm
     assert call(member, "s.scaled(21)").stdout.strip() == "42"
     assert runs(tmp_path) == ["owner:scaled"]  # the member computed nothing
     assert list(bucket.glob("records/*/*.json")), "the record was published to the channel's bucket"
-    assert "request_task" in owner.log_text()
+    assert "request_task task lab_service.scaled" in owner.log_text() and ": finished" in owner.log_text()
     # a second call, in a new process: answered with nothing run anywhere
     assert call(member, "s.scaled(21)").stdout.strip() == "42"
     assert runs(tmp_path) == ["owner:scaled"]

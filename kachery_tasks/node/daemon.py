@@ -310,4 +310,6 @@ def _subject(env: Envelope) -> str:
         return f"task {ids[0]}" if len(ids) == 1 else f"{len(ids)} tasks"
     if "feed_id" in body:
         return f"feed {str(body['feed_id'])[:16]}…"
+    if env.type == "request_task":
+        return f"task {str(body.get('name'))[:100]} {str(body.get('task_id'))[:12]}…"
     return ""
