@@ -7,6 +7,7 @@ node that ran it.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def lookup(key):
 @kt.action(service="lab")
 def notify(who):
     _count("notify")
+    time.sleep(float(os.environ.get("KT_SLOW", "0")))
 
 
 @kt.pure(service="lab")
@@ -182,6 +184,25 @@ def test_an_action_requested_twice_with_one_key_runs_once(lab, tmp_path):
     assert runs(tmp_path) == ["owner:notify"]
     actions = owner.kachery("task", "actions").stdout
     assert "k-1" in actions
+
+
+def test_a_provider_killed_mid_action_leaves_it_unknown_and_it_is_not_run_again(lab, tmp_path):
+    owner, member, _, _ = lab
+    owner.start_daemon("lab", *SERVE, KT_SLOW="60")
+    result: list = []
+    caller = threading.Thread(target=lambda: result.append(
+        call(member, "s.notify.call('ann', key='k-9')", check=False, KACHERY_TASKS_REQUEST_TIMEOUT="4")))
+    caller.start()
+    wait_for(lambda: runs(tmp_path) == ["owner:notify"], what="the action to start")
+    owner.stop_daemon(signal.SIGKILL)
+    caller.join(60)
+    out = result[0]
+    assert out.returncode != 0 and "no answer in 4 s" in out.stderr.strip().splitlines()[-1]
+    assert "unknown" in owner.kachery("task", "actions").stdout
+    owner.start_daemon("lab", *SERVE)
+    again = call(member, "s.notify.call('ann', key='k-9')").stdout.strip()
+    assert "state='unknown'" in again and "replayed=True" in again
+    assert runs(tmp_path) == ["owner:notify"]  # not run again until settled
 
 
 def test_a_code_mismatch_names_both_hashes(lab, tmp_path):
