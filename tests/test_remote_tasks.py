@@ -64,6 +64,12 @@ def digest(signal, raw, doc):
 def unserved(key):
     _count("unserved")
     return key
+
+
+@kt.pure(service="lab")
+def unserved_pure(x):
+    _count("unserved_pure")
+    return x + 1
 '''
 SERVE = ("--serve", "lab_service:scaled", "--serve", "lab_service:lookup", "--serve", "lab_service:notify",
          "--serve", "lab_service:digest")
@@ -223,6 +229,9 @@ def test_an_unregistered_name_and_arguments_that_do_not_bind(lab, tmp_path, redi
     # the requester asks only members that announce the name: none does, so it fails fast
     out = call(member, "s.unserved('a')", check=False)
     assert out.returncode != 0 and "no member online serves it" in out.stderr.strip().splitlines()[-1]
+    # a pure task with no provider is computed here: its result is the same wherever it is computed
+    assert call(member, "s.unserved_pure(1)").stdout.strip() == "2"
+    assert runs(tmp_path) == ["member:unserved_pure"]
     keys = node_identity(member.home).keys
     code_hash = served_hash(redis_uri, owner.node_id, "lab_service.scaled")
     base = {"code_hash": code_hash, "kind": "pure", "task_id": "0" * 32, "namespace": ""}
@@ -234,7 +243,7 @@ def test_an_unregistered_name_and_arguments_that_do_not_bind(lab, tmp_path, redi
     assert got[rid1]["status"] == "rejected" and "not served here" in got[rid1]["detail"]
     assert got[rid2]["status"] == "rejected" and "missing a required argument: 'x'" in got[rid2]["detail"]
     assert got[rid3]["status"] == "rejected" and "'nope'" in got[rid3]["detail"]
-    assert runs(tmp_path) == []
+    assert runs(tmp_path) == ["member:unserved_pure"]
 
 
 def test_two_providers_racing_for_requests_run_each_once(lab, tmp_path, redis_uri):
