@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from ..store.local import store_for
 from .provenance import Measure
 from .recording import record_success
 from .remote_wire import decode_value, encode_value, read_answers
-from .task import ActionResult, Job
+from .task import ActionResult, Job, Task
 from .tiers import Hit, tiers_for
 from .tiers.channel import ChannelTier
 
@@ -88,10 +89,7 @@ def resolve_remote(job: Job, find: Finder, *, allow_stale: bool = True, retry: b
 
 
 def _compute_here(job: Job) -> Any:
-    from dataclasses import replace
-
-    from .task import Task
-
+    """The job resolved here as a task without ``service=`` (the same id: service is not identity)."""
     local = Task(job.task.func, job.task.kind, replace(job.task.task_options, service=None))
     return Job(local, job.args, job.settings, id=job.id).result()
 
