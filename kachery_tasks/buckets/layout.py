@@ -180,6 +180,16 @@ def channel_answer_key(channel: str, request_id: str, node_id: str) -> str:
             f"{_check_id(node_id, 'node id')}.json")
 
 
+def channel_claim_key(channel: str, subject: str) -> str:
+    """``channels/<name>/claims/<subject>.json``: which provider runs a task request (node/serving.py).
+
+    Written create-if-absent: of several providers serving the same task, the one whose write
+    succeeds runs it and the others stay silent. ``subject`` is the request id, or for an action a
+    digest of its name and idempotency key (so a repeated key goes to the provider whose action log
+    holds its outcome)."""
+    return f"channels/{_check_id(channel, 'channel name')}/claims/{_check_id(subject, 'claim subject')}.json"
+
+
 def feed_segment_key(feed_id: str, stem: str, start: int, end: int, sha256: str) -> str:
     """``feeds/<feed id>/<stem>/<start>-<end>-<sha256>.jsonl``: messages ``start <= seq < end`` of
     the subfeed whose name hashes to ``stem``, one stored line each; immutable, create-if-absent."""

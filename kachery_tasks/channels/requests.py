@@ -58,12 +58,13 @@ class RequestFailed(UserError):
 
 
 def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Callable[[list[Envelope]], T | None],
-        what: str, provider_permission: str, timeout: float | None = None) -> T:
-    """Publish request ``type`` and return ``check(answers)`` once it is not None (see the module doc)."""
+        what: str, provider_permission: str, timeout: float | None = None, request_id: str | None = None) -> T:
+    """Publish request ``type`` and return ``check(answers)`` once it is not None (see the module doc).
+    ``request_id``: the caller's own (one whose durable answer ``check`` looks for), else a new one."""
     limit = float(config.get("request_timeout") if timeout is None else timeout)
     started = time.monotonic()
     deadline = started + limit
-    request_id = new_request_id()
+    request_id = request_id or new_request_id()
     answers: list[Envelope] = []
     negative: dict[str, str] = {}
     with session.waiting(request_id) as events:

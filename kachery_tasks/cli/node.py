@@ -21,6 +21,7 @@ from ..fs import group_id
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
 from ..node.daemon import NodeDaemon, read_status
+from ..node.serving import import_served
 from ..store import current_store
 from .config_cmd import update_home_file
 from .output import print_json, print_mapping, print_table
@@ -103,11 +104,15 @@ def info_cmd(as_json: bool) -> None:
 @click.option("--grace", default=30.0, show_default=True, help="Seconds in-flight requests get to finish on SIGTERM.")
 @click.option("--heartbeat", default=10.0, show_default=True,
               help="Seconds between heartbeats (and checks of the feeds members follow).")
-def start_cmd(channels: tuple[str, ...], workers: int, grace: float, heartbeat: float) -> None:
+@click.option("--serve", "serve", multiple=True, metavar="MODULE:FUNCTION",
+              help="A task to run for the channels' members (repeat for several; see docs/remote.md).")
+def start_cmd(channels: tuple[str, ...], workers: int, grace: float, heartbeat: float, serve: tuple[str, ...]) -> None:
     """Run this node as a provider: answer the channels' requests for files, feeds and results until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("kachery_tasks.channels.membership").setLevel(logging.WARNING)
-    daemon = NodeDaemon(config.home(), list(channels), workers=workers, grace_s=grace, heartbeat_s=heartbeat).start()
+    tasks = [import_served(spec) for spec in serve]
+    daemon = NodeDaemon(config.home(), list(channels), workers=workers, grace_s=grace, heartbeat_s=heartbeat,
+                        serve=tasks).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
     daemon.run_until_stopped()

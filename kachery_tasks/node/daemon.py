@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,9 @@ from ..channels.session import ChannelSession
 from ..errors import KacheryError, UserError
 from ..feeds.registry import stored_feed
 from ..fs import make_dirs, write_atomic
-from .providers import HANDLERS, Outcome, feed_size, handle, republish_feed
+from .outcome import Outcome
+from .providers import HANDLERS, feed_size, handle, republish_feed
+from .serving import SERVED
 
 log = logging.getLogger("kachery_tasks.node")
 
@@ -71,7 +74,8 @@ class NodeDaemon:
     """A long-lived node answering the requests of the channels ``names`` for ``home``."""
 
     def __init__(self, home: Path, names: list[str], *, workers: int = 4, heartbeat_s: float = HEARTBEAT_S,
-                 grace_s: float = 30.0) -> None:
+                 grace_s: float = 30.0, serve: Iterable[Any] = ()) -> None:
+        """``serve``: tasks this node runs for the channel's members (node/serving.py)."""
         if not names:
             raise UserError("name at least one channel to serve: kachery node start --channel NAME")
         self.home = Path(home)
@@ -81,6 +85,8 @@ class NodeDaemon:
         for name in dict.fromkeys(names):
             session = ChannelSession(self.home, name)
             self.channels[name] = _Channel(session, Gate(name, session.membership.config))
+        for task in serve:
+            SERVED.add(task)
         self.started = time.time()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kachery-node")
         self._in_flight: dict[tuple[str, str], tuple[Envelope, float, Future]] = {}
@@ -204,7 +210,7 @@ class NodeDaemon:
             try:
                 config = session.config()  # refreshed when due
                 info = {"label": config.members[session.node_id].label if session.node_id in config.members else "",
-                        "pid": os.getpid(), "since": int(self.started)}
+                        "pid": os.getpid(), "since": int(self.started), "serves": SERVED.serves()}
                 session.announce(info)
                 session.send("heartbeat", {"served": sum(channel.served.values())})
             except KacheryError as exc:
@@ -304,4 +310,6 @@ def _subject(env: Envelope) -> str:
         return f"task {ids[0]}" if len(ids) == 1 else f"{len(ids)} tasks"
     if "feed_id" in body:
         return f"feed {str(body['feed_id'])[:16]}…"
+    if env.type == "request_task":
+        return f"task {str(body.get('name'))[:100]} {str(body.get('task_id'))[:12]}…"
     return ""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..buckets.feeds import publish_feed
 from ..channels.envelope import Envelope
@@ -31,22 +30,14 @@ from ..feeds.registry import local_names, stored_feed
 from ..store.local import store_for
 from ..tasks.actions import LOG_FEED as ACTION_LOG_FEED
 from ..tasks.publish import plan_publish, send
+from .outcome import Outcome
+from .serving import provide_task
 
 log = logging.getLogger("kachery_tasks.node")
 
 _HEX64 = frozenset("0123456789abcdef")
 #: How often an upload in progress is reported to the requester.
 PROGRESS_EVERY_S = 1.0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One line of the daemon's log, and what ``kachery node status`` counts."""
-
-    status: str  # finished, not_found, refused, error
-    detail: str = ""
-    bytes_sent: int = 0
-    count: int = 0  # messages of a feed in the bucket
 
 
 def provide_file(session: ChannelSession, env: Envelope) -> Outcome:
@@ -137,6 +128,7 @@ HANDLERS: dict[str, Callable[[ChannelSession, Envelope], Outcome]] = {
     "request_file": provide_file,
     "request_result": provide_result,
     "request_subfeed": provide_feed,
+    "request_task": provide_task,
 }
 
 
@@ -146,7 +138,8 @@ def handle(session: ChannelSession, env: Envelope) -> Outcome:
     try:
         return handler(session, env)
     except KacheryError as exc:
-        kind = {"request_file": "upload_status", "request_result": "task_status"}.get(env.type, "subfeed_count")
+        kind = {"request_file": "upload_status", "request_result": "task_status",
+                "request_task": "task_status"}.get(env.type, "subfeed_count")
         return _answer(session, env, kind, Outcome("error", str(exc).splitlines()[0][:300]), {})
 
 

@@ -19,6 +19,7 @@ from .actions import run_action
 from .compute import compute
 from .provenance import Measure
 from .recording import rebuild_error, record_failure, record_success
+from .remote import resolve_remote
 from .stats import STATS
 from .task import Job
 from .tiers import Fetched, Hit, Tier, tiers_for
@@ -32,7 +33,10 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
             upstream: Mapping[str, Any] | None = None, missed: bool = False) -> Any:
     """Resolve ``job``. ``upstream`` maps task ids of upstream jobs to values already computed
     (Dask passes them), so those are not resolved again; ``missed`` says the caller has just looked
-    the job up and found nothing (it is looked up again under the lock)."""
+    the job up and found nothing (it is looked up again under the lock). A task with ``service=``
+    is resolved by a channel member that serves it (remote.py)."""
+    if job.task.task_options.service is not None:
+        return resolve_remote(job, find, allow_stale=allow_stale, retry=retry)
     if job.kind == "pure":
         return _resolve_pure(job, upstream, missed)
     if job.kind == "query":

@@ -57,11 +57,16 @@ class TaskOptions:
     rtol: float | None = None
     atol: float | None = None
     call_options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # kept as a dict
+    #: Resolve the task remotely: a member of a joined channel serving it runs it (tasks/remote.py).
+    #: Not part of the function's identity: the task id is the same wherever it runs.
+    service: str | None = None
 
     def __post_init__(self) -> None:
         if self.version is not None and not isinstance(self.version, str):
             raise UserError(f"version= takes a string such as '2', not {self.version!r}")
         check_codec(self.codec)
+        if self.service is not None and (not isinstance(self.service, str) or not self.service):
+            raise UserError(f"service= takes a non-empty string naming what serves the task, not {self.service!r}")
         object.__setattr__(self, "ignore_globals", tuple(sorted(self.ignore_globals)))
         object.__setattr__(self, "call_options", dict(self.call_options or {}))
 
@@ -104,6 +109,7 @@ class Task:
     rtol = _option("rtol")
     atol = _option("atol")
     call_options = _option("call_options")
+    service = _option("service")
 
     # -- identity --------------------------------------------------------------------------------
     def __kachery_function_id__(self) -> FunctionId:

@@ -67,7 +67,7 @@ class ChannelTier(Tier):
 
     def _get(self, session: ChannelSession, task_id: str, reasons: list[str]) -> Hit | None:
         """The channel's answer for ``task_id``: from its bucket, else asked of its providers."""
-        view = self._view(session)
+        view = self.view(session)
         found = view.get(task_id)  # published to the channel's bucket already?
         if isinstance(found, Hit):
             return found
@@ -97,7 +97,7 @@ class ChannelTier(Tier):
 
     def _missing(self, session: ChannelSession, ids: set[str]) -> set[str]:
         """Of ``ids``, those the channel does not have after its providers were asked for them all."""
-        view = self._view(session)
+        view = self.view(session)
         left = view.missing(ids)
         if not left or not session.present("provide_tasks"):
             return left
@@ -120,7 +120,7 @@ class ChannelTier(Tier):
             if not left:
                 return
             try:
-                for task_id, found in self._view(session).prefetch(sorted(left)):
+                for task_id, found in self.view(session).prefetch(sorted(left)):
                     if isinstance(found, Fetched):
                         left.discard(task_id)
                     yield task_id, found
@@ -139,7 +139,7 @@ class ChannelTier(Tier):
         except KacheryError as exc:
             log.warning("channels: %s", exc)
 
-    def _view(self, session: ChannelSession) -> BucketTier:
+    def view(self, session: ChannelSession) -> BucketTier:
         """A bucket tier over the channel's bucket, trusting its members with ``provide_tasks`` as
         the config in force says (rebuilt when the config changes, so revocation takes effect)."""
         cfg = session.config()

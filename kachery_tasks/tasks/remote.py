@@ -1,0 +1,215 @@
+"""Calling a task a channel member serves: ``@pure(service=…)``, ``@query(service=…)``, ``@action(service=…)``.
+
+The call becomes a ``request_task`` (tasks/remote_wire.py) sent to a joined channel where this node
+holds ``request_tasks`` and a member online announces that it serves the task's name (the daemon's
+presence carries ``serves: {name: code_hash}``, node/serving.py). It is the requester pattern of
+channels/requests.py: the answer is a durable object in the channel's bucket, re-checked on every
+message, after a gap, and once a second; the request is resent with the same id.
+
+- **pure**: the local tiers first (a record anywhere this node reads is the answer, nothing is
+  asked); then the provider publishes the record to the channel's bucket and it is read through the
+  channel tier's view, with every check of the bucket tier and the channel's trust (members holding
+  ``provide_tasks``). With no provider online, or none serving the name, the task is **computed
+  here**: a pure result is the same wherever it is computed, so that costs time, never correctness.
+- **query**: the provider's fresh result (in its signed answer); recorded here, so that when no
+  provider answers in time (or none is online) the last recorded result is returned with a
+  :class:`StaleResultWarning`, as a local query that fails does. With nothing recorded: one line.
+- **action**: the provider runs it through its own action log, keyed by this call's idempotency key
+  (``f.call(key=…)``, else the task id); a repeated key returns the recorded outcome. Never run here.
+
+A provider's refusal (its code differs: ``code_mismatch`` with both hashes; the arguments do not bind)
+is an error here once every provider serving the name refused; a failure of the task itself is final.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..channels.envelope import Envelope, new_request_id
+from ..channels.pins import Pins
+from ..channels.requests import RequestFailed, ask, channels_allowing
+from ..channels.session import ChannelSession
+from ..errors import KacheryError, StaleResultWarning, UserError
+from ..store.local import store_for
+from .provenance import Measure
+from .recording import record_success
+from .remote_wire import decode_value, encode_value, read_answers
+from .task import ActionResult, Job, Task
+from .tiers import Hit, tiers_for
+from .tiers.channel import ChannelTier
+
+log = logging.getLogger("kachery_tasks")
+
+#: Statuses of an answer that refuse the request before running it (another provider may accept).
+REFUSALS = frozenset({"code_mismatch", "rejected"})
+
+
+class RemoteTaskError(UserError):
+    """A remote call that failed: refused by its providers, or the task failed there (one line)."""
+
+
+class NoProvider(RemoteTaskError):
+    """No member online serves the task (or this node may not request tasks)."""
+
+
+Finder = Callable[[str, str], Hit | None]
+
+
+def resolve_remote(job: Job, find: Finder, *, allow_stale: bool = True, retry: bool = False) -> Any:
+    """Resolve ``job`` of a task with ``service=`` (see the module doc); ``find`` is the resolver's
+    lookup through the tiers (passed in: the resolver imports this module)."""
+    kind = job.task.kind
+    home = job.settings.home
+    if kind == "pure":
+        hit = find(home, job.id)
+        if hit is not None:
+            return hit.value
+    try:
+        session = provider_session(job)
+    except NoProvider as exc:
+        if kind == "pure":
+            log.info("%s; computing it here", exc)
+            return _compute_here(job)
+        if kind == "query":
+            return _stale(job, find, exc, allow_stale)
+        raise
+    if kind == "action":
+        return _call_action(session, job, retry)
+    if kind == "query":
+        try:
+            return _call_query(session, job)
+        except (RemoteTaskError, RequestFailed) as exc:
+            return _stale(job, find, exc, allow_stale)
+    return _call_pure(session, job, find)
+
+
+def _compute_here(job: Job) -> Any:
+    """The job resolved here as a task without ``service=`` (the same id: service is not identity)."""
+    local = Task(job.task.func, job.task.kind, replace(job.task.task_options, service=None))
+    return Job(local, job.args, job.settings, id=job.id).result()
+
+
+def provider_session(job: Job) -> ChannelSession:
+    """The session of a channel where this node may request tasks and a member online serves
+    ``job``'s task; :class:`NoProvider` (one line) if there is none."""
+    home = Path(job.settings.home)
+    name = job.task.name
+    joined = Pins(home).names()
+    if not joined:
+        raise NoProvider(f"{name} (service {job.task.service!r}): this node joined no channel")
+    sessions = channels_allowing(home, "request_tasks")
+    if not sessions:
+        raise NoProvider(f"{name}: this node lacks request_tasks in channel(s) {', '.join(joined)}; the owner grants "
+                         "it with `kachery channel grant NAME NODE_ID --perm request_tasks`")
+    for session in sessions:
+        try:
+            if serving(session, name):
+                return session
+        except KacheryError as exc:
+            log.warning("channel %s: %s", session.name, exc)
+    raise NoProvider(f"{name} (service {job.task.service!r}): no member online serves it in channel(s) "
+                     f"{', '.join(s.name for s in sessions)}")
+
+
+def serving(session: ChannelSession, name: str) -> dict[str, str]:
+    """Members online with ``provide_tasks`` that announce serving ``name``: node id -> code hash."""
+    found = {}
+    for node_id, info in session.present("provide_tasks").items():
+        serves = info.get("serves")
+        if isinstance(serves, dict) and isinstance(serves.get(name), str):
+            found[node_id] = serves[name]
+    return found
+
+
+def _body(session: ChannelSession, job: Job) -> dict[str, Any]:
+    store = store_for(job.settings.home)
+    bucket = session.writable_bucket()
+    args = {n: encode_value(n, v, store.blobs, bucket) for n, v in job.args.items()}
+    return {"name": job.task.name, "code_hash": job.task.function_id.code_hash, "kind": job.task.kind,
+            "task_id": job.id, "namespace": job.settings.namespace, "args": args}
+
+
+def _request(session: ChannelSession, job: Job, body: dict[str, Any], done: Callable[[dict[str, Any]], Any]) -> Any:
+    """Send ``body`` and return ``done(answer)`` for the first finished answer of a trusted provider."""
+    name = job.task.name
+    request_id = new_request_id()
+
+    def check(_answers: list[Envelope]) -> Any:
+        trusted = session.config().members_with("provide_tasks")
+        found = read_answers(session.bucket, session.name, request_id, trusted)
+        for doc in found.values():
+            if doc.get("status") == "finished":
+                return done(doc)
+            if doc.get("status") == "failed":
+                raise RemoteTaskError(f"{name} failed on {doc['node_id'][:12]}…: {doc.get('detail', '')}")
+        refused = {n: d for n, d in found.items() if d.get("status") in REFUSALS}
+        if refused and set(serving(session, name)) <= set(refused):
+            first = next(iter(refused.values()))
+            raise RemoteTaskError(f"{name}: refused by {len(refused)} provider(s) in channel {session.name!r}: "
+                                  f"{first.get('detail', first.get('status'))}")
+        return None
+
+    return ask(session, "request_task", body, check=check, what=f"task {name} ({job.id[:12]}…)",
+               provider_permission="provide_tasks", request_id=request_id)
+
+
+def _call_pure(session: ChannelSession, job: Job, find: Finder) -> Any:
+    view = _channel_view(job.settings.home, session)
+
+    def done(_doc: dict[str, Any]) -> Any:
+        view.forget(job.id)
+        hit = view.get(job.id)
+        if not isinstance(hit, Hit):
+            raise RemoteTaskError(f"{job.task.name}: the provider said finished, but the channel's bucket has no "
+                                  f"trusted record of task {job.id} ({hit.reason or 'absent'})")
+        return hit
+
+    hit = _request(session, job, _body(session, job), done)
+    for tier in tiers_for(job.settings.home):  # brought into the local tiers, as any tier's hit is
+        if tier.name in ("memory", "local"):
+            try:
+                tier.put(job.id, hit)
+            except (OSError, KacheryError) as exc:
+                log.warning("task %s was fetched but not kept in tier %s: %s", job.id[:12], tier.name, exc)
+    return hit.value
+
+
+def _call_query(session: ChannelSession, job: Job) -> Any:
+    store = store_for(job.settings.home)
+    value = _request(session, job, _body(session, job),
+                     lambda doc: decode_value("result", doc.get("result"), store.blobs, session.bucket))
+    if job.settings.cache and not job.settings.read_only:
+        record_success(job, store, value, Measure())  # the last result, for the stale fallback
+    return value
+
+
+def _call_action(session: ChannelSession, job: Job, retry: bool) -> ActionResult:
+    body = {**_body(session, job), "key": job.action_key or job.id, "retry": bool(retry)}
+
+    def done(doc: dict[str, Any]) -> ActionResult:
+        out = doc.get("outcome") or {}
+        return ActionResult(bool(out.get("ok")), out.get("error"), str(out.get("state", "unknown")),
+                            bool(out.get("replayed")))
+
+    return _request(session, job, body, done)
+
+
+def _stale(job: Job, find: Finder, exc: Exception, allow_stale: bool) -> Any:
+    hit = find(job.settings.home, job.id) if job.settings.cache else None
+    if hit is None or not allow_stale:
+        raise exc
+    warnings.warn(StaleResultWarning(f"{job.task.name}: {exc}; returning its last recorded result"), stacklevel=5)
+    return hit.value
+
+
+def _channel_view(home: str, session: ChannelSession):
+    """The channel tier's view of ``session``'s bucket (the one in force, so what it learns is shared)."""
+    for tier in tiers_for(home):
+        if isinstance(tier, ChannelTier):
+            return tier.view(session)
+    return ChannelTier(home).view(session)
