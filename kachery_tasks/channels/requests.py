@@ -106,8 +106,8 @@ def channels_allowing(home: Path, permission: str) -> list[ChannelSession]:
     """Sessions of the channels ``home`` joined in which this node holds ``permission``."""
     found = []
     for name in Pins(home).names():
-        session = session_for(home, name)
-        try:
+        try:  # a channel whose bucket cannot be opened is passed over, with one warning
+            session = session_for(home, name)
             if session.config().allows(session.node_id, permission):
                 found.append(session)
         except UserError as exc:

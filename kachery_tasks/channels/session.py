@@ -65,6 +65,7 @@ class ChannelSession:
         self._waiters: dict[str, queue.Queue[Any]] = {}
         self._router_lock = threading.Lock()
         self._idle_since = 0.0
+        self._closer_due = False
 
     @property
     def node_id(self) -> str:
@@ -130,9 +131,9 @@ class ChannelSession:
                 self._waiters.pop(request_id, None)
                 if not self._waiters:
                     self._idle_since = time.monotonic()
-                    timer = threading.Timer(IDLE_CLOSE_S, self._close_if_idle)
-                    timer.daemon = True
-                    timer.start()
+                    if not self._closer_due:  # one timer at a time, however many requests end
+                        self._closer_due = True
+                        self._start_closer(IDLE_CLOSE_S)
 
     def _route(self, env: Envelope) -> None:
         events = self._waiters.get(env.request_id)
@@ -143,11 +144,22 @@ class ChannelSession:
         for events in list(self._waiters.values()):
             events.put(GAP)
 
+    def _start_closer(self, delay: float) -> None:
+        timer = threading.Timer(delay, self._close_if_idle)
+        timer.daemon = True
+        timer.start()
+
     def _close_if_idle(self) -> None:
         with self._router_lock:
-            if self._waiters or self._router is None or time.monotonic() - self._idle_since < IDLE_CLOSE_S:
+            if self._router is None or self._waiters:
+                self._closer_due = False  # the next request to end starts a timer again
+                return
+            idle = time.monotonic() - self._idle_since
+            if idle < IDLE_CLOSE_S:  # a request came and went since: wait out the rest
+                self._start_closer(IDLE_CLOSE_S - idle)
                 return
             router, self._router = self._router, None
+            self._closer_due = False
         router.close()
 
     def announce(self, info: dict[str, Any]) -> None:
