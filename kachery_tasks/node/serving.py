@@ -137,7 +137,7 @@ def provide_task(session: ChannelSession, env: Envelope) -> Outcome:
         if job.id != task_id:
             return _answer(session, env, Outcome("rejected", f"{name}: the arguments give task {job.id} here, not "
                                                  f"the requester's {task_id} (a value changed on the way)"))
-        if task.kind == "pure" and any(True for _ in bucket.list(records_prefix(task_id))):
+        if task.kind == "pure" and _published_by_provider(session, bucket, task_id):
             return _answer(session, env, Outcome("finished", "already in the channel's bucket; nothing run"))
         if not _claim(session, env, task, body):
             return Outcome("claimed", "claimed by another provider")
@@ -163,6 +163,15 @@ def _run(session: ChannelSession, env: Envelope, job: Job, body: dict[str, Any])
         return _answer(session, env, Outcome("finished", f"{len(out.records)} record(s) published", out.bytes_sent))
     except Exception as exc:  # noqa: BLE001 - the task's own failure, answered, never a dead daemon
         return _answer(session, env, Outcome("failed", f"{type(exc).__name__}: {_line(exc)}"))
+
+
+def _published_by_provider(session: ChannelSession, bucket: Any, task_id: str) -> bool:
+    """Whether the channel's bucket holds a record of ``task_id`` by a member holding
+    ``provide_tasks``: one a requester trusts. A record by anyone else does not count, or the
+    requester would be told "finished" and find nothing it may use."""
+    prefix = records_prefix(task_id)
+    providers = session.config().members_with("provide_tasks")
+    return any(info.key[len(prefix):].removesuffix(".json") in providers for info in bucket.list(prefix))
 
 
 def _claim(session: ChannelSession, env: Envelope, task: Task, body: dict[str, Any]) -> bool:
