@@ -90,6 +90,17 @@ class Node:
         return self.daemon_log.read_text() if self.daemon_log.exists() else ""
 
 
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    """``predicate()``'s first true value, polled every 0.1 s; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def make_lab(tmp: Path, redis_uri: str, counter: Path, **config: str) -> tuple[Node, Node, Node, Path]:
     """Owner (admitted to everything, provides), member (requests only), outsider (joined, not admitted)."""
     bucket = tmp / "bucket"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from channel_nodes import make_lab, stop_all
+from channel_nodes import make_lab, stop_all, wait_for
 
 from kachery_tasks.channels.envelope import seal
 from kachery_tasks.channels.uri import open_transport
@@ -38,16 +38,6 @@ def store(node, data_hex: str, times: int = 1) -> str:
 def load(node, uri: str, *, check: bool = True, **extra: str):
     """``kt.load_bytes(uri)`` on ``node`` (a subprocess); its output is the bytes in hex."""
     return node.py(f"import kachery_tasks as kt\nprint(kt.load_bytes({uri!r}).hex())", check=check, **extra)
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_file_is_requested_uploaded_by_its_holder_and_loaded_verified(lab):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from channel_nodes import make_lab, stop_all
+from channel_nodes import make_lab, stop_all, wait_for
 
 from kachery_tasks.buckets.uri import open_bucket
 from kachery_tasks.channels.envelope import seal
@@ -111,16 +111,6 @@ def raw_request(redis_uri: str, keys: KeyPair, body: dict) -> str:
 def served_hash(redis_uri: str, owner_id: str, name: str) -> str:
     with open_transport(redis_uri) as bus:
         return json.loads(bus.present("channel/lab")[owner_id])["serves"][name]
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_remote_pure_runs_on_the_provider_and_a_second_call_runs_nothing(lab, tmp_path):
