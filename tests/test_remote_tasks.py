@@ -203,7 +203,11 @@ def test_a_provider_killed_mid_action_leaves_it_unknown_and_it_is_not_run_again(
 
 def test_a_code_mismatch_names_both_hashes(lab, tmp_path):
     owner, member, _, _ = lab
+    assert "no member online serves tasks" in member.kachery("channel", "services", "lab").stdout
     owner.start_daemon("lab", *SERVE)
+    listed = json.loads(member.kachery("channel", "services", "lab", "--json").stdout)
+    served = {row["task"]: row for row in listed}
+    assert "lab_service.scaled" in served and served["lab_service.scaled"]["node"] == owner.node_id
     out = call(member, "s.scaled(3)", check=False, KT_FACTOR="3")
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and "code_mismatch" in last, out.stderr

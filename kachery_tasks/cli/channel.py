@@ -1,4 +1,4 @@
-"""``kachery channel create | join | grant | revoke | group | show | ls | leave``.
+"""``kachery channel create | join | grant | revoke | group | show | ls | services | leave``.
 
 Onboarding a node is two commands: the node runs ``kachery channel join JOIN_STRING`` and prints the
 one command its owner runs (``kachery channel grant …``). Both ends print what they did; the join
@@ -17,6 +17,7 @@ from ..channels import admin
 from ..channels.config import PERMISSIONS, ChannelConfig, parse_permissions
 from ..channels.membership import Membership
 from ..channels.pins import JoinString, Pins
+from ..channels.session import session_for
 from ..identity import node_identity
 from .output import print_json, print_listing, print_table
 
@@ -156,6 +157,27 @@ def ls_cmd(as_json: bool) -> None:
                      "bucket": pin.join.bucket, "transport": pin.join.transport})
     print_listing(rows, ["channel", "owned", "version", "permissions", "bucket", "transport"], as_json,
                   title="channels joined")
+
+
+@channel.command("services")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def services_cmd(name: str, as_json: bool) -> None:
+    """Who serves what in channel NAME: the tasks each member online announces, with their code hashes."""
+    session = session_for(config.home(), name)
+    cfg = session.config()
+    rows = []
+    for node_id, info in sorted(session.present("provide_tasks").items()):
+        serves = info.get("serves") if isinstance(info.get("serves"), dict) else {}
+        member = cfg.members[node_id]
+        for task_name, code_hash in sorted(serves.items()):
+            rows.append({"task": task_name, "code_hash": code_hash, "node": node_id,
+                         "label": member.label or member.owner})
+    if not rows and not as_json:
+        click.echo(f"no member online serves tasks in channel {name!r} "
+                   f"(a provider runs `kachery node start --channel {name} --serve module:function`)")
+        return
+    print_listing(rows, ["task", "code_hash", "node", "label"], as_json, title=f"served in {name}")
 
 
 @channel.command("leave")
