@@ -162,8 +162,7 @@ def _call_pure(session: ChannelSession, job: Job, find: Finder) -> Any:
     view = _channel_view(job.settings.home, session)
 
     def done(_doc: dict[str, Any]) -> Any:
-        view.forget(job.id)
-        hit = view.get(job.id)
+        hit = view.look_again(job.id)
         if not isinstance(hit, Hit):
             raise RemoteTaskError(f"{job.task.name}: the provider said finished, but the channel's bucket has no "
                                   f"trusted record of task {job.id} ({hit.reason or 'absent'})")

@@ -173,10 +173,11 @@ class BucketTier(Tier):
     def put(self, task_id: str, hit: Hit) -> None:
         """Nothing: what is published goes through publish.py, by the node's own choice."""
 
-    def forget(self, task_id: str) -> None:
-        """Drop the remembered miss of ``task_id``: a caller that knows it was just published (the
-        channel tier, after a member answered) looks again at once."""
+    def look_again(self, task_id: str) -> Hit | Miss:
+        """``get``, past the remembered miss of ``task_id``: for a caller that knows it was just
+        published (the channel tier and remote calls, after a member answered)."""
         self._missed.pop(task_id, None)
+        return self.get(task_id)
 
     def prefetch(self, task_ids: Collection[str]) -> Iterator[tuple[str, Fetched | Miss]]:
         if self.parallelism < 1 or not task_ids:

@@ -154,8 +154,7 @@ class ChannelTier(Tier):
 
 
 def _hit(view: BucketTier, task_id: str) -> Hit | None:
-    view.forget(task_id)
-    found = view.get(task_id)
+    found = view.look_again(task_id)
     return found if isinstance(found, Hit) else None
 
 
