@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,14 +151,18 @@ def test_a_second_daemon_on_the_same_home_is_refused(lab):
     assert out.returncode == 1 and "already running" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_a_daemon_killed_mid_upload_leaves_nothing_corrupt_and_a_restart_serves(lab):
+def test_a_daemon_killed_mid_upload_leaves_nothing_corrupt_and_a_restart_serves(lab, redis_uri):
     owner, member, _, bucket = lab
     uri = owner.py("import os, kachery_tasks as kt\nprint(kt.store_bytes(os.urandom(96 * 2**20)))").stdout.strip()
     owner.start_daemon()
-    proc = subprocess.Popen([sys.executable, "-c", f"import kachery_tasks as kt\nkt.load_bytes({uri!r})"],
-                            env={**member.env, "KACHERY_TASKS_REQUEST_TIMEOUT": "8"}, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: "started" in owner.log_text() or any(bucket.glob("sha256/*/*/*")), what="the upload to start")
-    owner.stop_daemon(signal.SIGKILL)
+    started = threading.Event()  # the provider's upload_status "started", sent just before the upload
+    with open_transport(redis_uri) as bus:
+        bus.subscribe("channel/lab", lambda m: started.set() if b'"status":"started"' in m else None)
+        proc = subprocess.Popen([sys.executable, "-c", f"import kachery_tasks as kt\nkt.load_bytes({uri!r})"],
+                                env={**member.env, "KACHERY_TASKS_REQUEST_TIMEOUT": "8"}, stderr=subprocess.PIPE,
+                                text=True)
+        assert started.wait(60), "the upload never started"
+        owner.stop_daemon(signal.SIGKILL)  # at once: polling the bucket for a first chunk let it finish
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and ("no answer in 8 s" in err or "no member with provide_files" in err), err
     manifests = list(bucket.glob("manifests/*/*/*.json"))
