@@ -76,8 +76,13 @@ DEFAULTS: dict[str, Any] = {
     # Channel messages timestamped further than this from this node's clock are refused (replays of
     # older ones are refused by their nonce within the window, and by their age after it).
     "clock_window_seconds": 60.0,
-    # How long a request to a channel (a file, a feed, a result) waits for an answer.
+    # How long a request to a channel (a file, a feed, a result, a task) waits for word from a
+    # provider: an answer, or news that it is queued, running or uploading (each resets the wait).
     "request_timeout": 30.0,
+    # A node serving tasks runs at most this many requests at once; more wait in a queue, in order.
+    # With a Dask cluster (`kachery node start --workers N` or `--dask-scheduler`), 0 means the
+    # cluster's thread count; without one, 0 means 4.
+    "serve_concurrency": 0,
     # A Unix group that shares the home: directories setgid and group-writable.
     "shared_group": None,
     # Progress bars in the command line for files larger than this.

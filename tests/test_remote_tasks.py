@@ -184,16 +184,22 @@ def test_an_action_requested_twice_with_one_key_runs_once(lab, tmp_path):
 
 def test_a_provider_killed_mid_action_leaves_it_unknown_and_it_is_not_run_again(lab, tmp_path):
     owner, member, _, _ = lab
-    owner.start_daemon("lab", *SERVE, KT_SLOW="60")
+    owner.start_daemon("lab", *SERVE, "--heartbeat", "0.5", KT_SLOW="60")
     result: list = []
     caller = threading.Thread(target=lambda: result.append(
-        call(member, "s.notify.call('ann', key='k-9')", check=False, KACHERY_TASKS_REQUEST_TIMEOUT="4")))
+        call(member, "s.notify.call('ann', key='k-9')", check=False, KACHERY_TASKS_REQUEST_TIMEOUT="20")))
     caller.start()
     wait_for(lambda: runs(tmp_path) == ["owner:notify"], what="the action to start")
+    time.sleep(2)  # heartbeats with word of the running action reach the requester
     owner.stop_daemon(signal.SIGKILL)
+    killed = time.monotonic()
     caller.join(60)
     out = result[0]
-    assert out.returncode != 0 and "no answer in 4 s" in out.stderr.strip().splitlines()[-1]
+    last = out.stderr.strip().splitlines()[-1]
+    # told in one line which provider, which action, since when; long before the 20 s timeout
+    assert out.returncode != 0 and "stopped heartbeating" in last and "running since" in last, out.stderr
+    assert owner.node_id[:12] in last and "k-9" in last and "outcome is unknown" in last
+    assert time.monotonic() - killed < 15
     assert "unknown" in owner.kachery("task", "actions").stdout
     owner.start_daemon("lab", *SERVE)
     again = call(member, "s.notify.call('ann', key='k-9')").stdout.strip()

@@ -13,7 +13,10 @@ It gives up, with one line naming what was asked, of whom and for how long:
 - when every member that may provide it and is online has answered that it does not have it;
 - when no member that may provide it is online (after :data:`NO_PROVIDER_GRACE_S`, since presence is
   refreshed every few seconds);
-- at ``request_timeout`` (config key, seconds).
+- after ``request_timeout`` (config key, seconds) without word from a provider: the time counts
+  from the request, and again from each message saying the work goes on (:data:`PROGRESS`: queued,
+  running, uploading), so an upload of hours or a task of hours is waited for as long as its
+  provider reports on it, and a provider that goes silent is given up on within the timeout.
 
 The file source registered here (``store.files.FETCHERS``) is what makes ``kt.load_file(uri)`` and
 ``kachery load`` ask the channels this node joined when the store and the buckets miss; the feed
@@ -47,6 +50,8 @@ T = TypeVar("T")
 
 #: Statuses of an answer that mean "not from me".
 NEGATIVE = frozenset({"not_found", "error", "refused"})
+#: Statuses that mean "working on it": each starts the wait for the answer again.
+PROGRESS = frozenset({"queued", "running", "started", "uploading"})
 #: Send the request again after this long without the answer (it may have been lost).
 RESEND_S = 5.0
 #: With no provider online, wait this long for one to appear before giving up.
@@ -58,9 +63,13 @@ class RequestFailed(UserError):
 
 
 def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Callable[[list[Envelope]], T | None],
-        what: str, provider_permission: str, timeout: float | None = None, request_id: str | None = None) -> T:
+        what: str, provider_permission: str, timeout: float | None = None, request_id: str | None = None,
+        renewed: Callable[[], float] | None = None) -> T:
     """Publish request ``type`` and return ``check(answers)`` once it is not None (see the module doc).
-    ``request_id``: the caller's own (one whose durable answer ``check`` looks for), else a new one."""
+    ``request_id``: the caller's own (one whose durable answer ``check`` looks for), else a new one.
+    ``check`` may raise to give up sooner (a refusal, a provider that stopped heartbeating).
+    ``renewed``: when the caller last started the wait over (a monotonic time: it asked again
+    because the provider it waited on died), which the timeout then counts from."""
     limit = float(config.get("request_timeout") if timeout is None else timeout)
     started = time.monotonic()
     deadline = started + limit
@@ -79,7 +88,9 @@ def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Call
             if isinstance(item, Envelope):
                 answers.append(item)
                 status = item.body.get("status")
-                if status in NEGATIVE:
+                if status in PROGRESS:
+                    deadline = time.monotonic() + limit
+                elif status in NEGATIVE:
                     negative[item.from_node] = f"{status}: {item.body.get('detail', '')}".rstrip(": ")
             elif item is GAP:
                 log.info("channel %s: the bus reconnected while waiting for %s; re-checking the bucket", session.name, what)
@@ -87,6 +98,8 @@ def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Call
             if found is not None:
                 return found
             now = time.monotonic()
+            if renewed is not None:
+                deadline = max(deadline, renewed() + limit)
             providers = session.present(provider_permission)
             whom = f"{len(providers)} member(s) with {provider_permission} online in channel {session.name!r}"
             if providers and set(providers) <= set(negative):
@@ -96,7 +109,8 @@ def ask(session: ChannelSession, type: str, body: dict[str, Any], *, check: Call
                 raise RequestFailed(f"asked channel {session.name!r} for {what}: no member with {provider_permission} "
                                     f"is online (start one with `kachery node start --channel {session.name}`)")
             if now >= deadline:
-                raise RequestFailed(f"asked {whom} for {what}: no answer in {limit:g} s (config request_timeout)")
+                heard = "no answer" if not answers else "no word from a provider"
+                raise RequestFailed(f"asked {whom} for {what}: {heard} in {limit:g} s (config request_timeout)")
             if now - sent >= RESEND_S:
                 session.send(type, body, request_id=request_id)
                 sent = now

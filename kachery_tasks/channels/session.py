@@ -162,9 +162,11 @@ class ChannelSession:
             self._closer_due = False
         router.close()
 
-    def announce(self, info: dict[str, Any]) -> None:
-        """Say on the bus that this node is here (presence hints; the signed heartbeats are the proof)."""
-        self.transport.announce(self.topic, self.node_id, json.dumps(info, sort_keys=True).encode(), PRESENCE_TTL_S)
+    def announce(self, info: dict[str, Any], ttl: float = PRESENCE_TTL_S) -> None:
+        """Say on the bus that this node is here for ``ttl`` seconds (presence hints; the signed
+        heartbeats are the proof). A daemon passes a few of its heartbeat periods, so that a node
+        that died stops being present soon: another provider takes over its requests only then."""
+        self.transport.announce(self.topic, self.node_id, json.dumps(info, sort_keys=True).encode(), ttl)
 
     def present(self, permission: str | None = None) -> dict[str, dict[str, Any]]:
         """Members announced on the bus (with ``permission``, if given), other than this node."""

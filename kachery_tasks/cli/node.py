@@ -21,6 +21,7 @@ from ..fs import group_id
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
 from ..node.daemon import NodeDaemon, read_status
+from ..node.executors import DaskExecution, run_here
 from ..node.serving import import_served
 from ..store import current_store
 from .config_cmd import update_home_file
@@ -100,22 +101,44 @@ def info_cmd(as_json: bool) -> None:
 @node.command("start")
 @click.option("--channel", "channels", multiple=True, required=True, metavar="NAME",
               help="A joined channel to serve (repeat for several).")
-@click.option("--workers", default=4, show_default=True, help="Requests answered at once.")
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="Requests answered at once (file uploads, feeds, checks and claims of served tasks).")
 @click.option("--grace", default=30.0, show_default=True, help="Seconds in-flight requests get to finish on SIGTERM.")
-@click.option("--heartbeat", default=10.0, show_default=True,
-              help="Seconds between heartbeats (and checks of the feeds members follow).")
+@click.option("--heartbeat", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds between heartbeats (and word to requesters on their tasks in flight).")
 @click.option("--serve", "serve", multiple=True, metavar="MODULE:FUNCTION",
               help="A task to run for the channels' members (repeat for several; see docs/remote.md).")
-def start_cmd(channels: tuple[str, ...], workers: int, grace: float, heartbeat: float, serve: tuple[str, ...]) -> None:
-    """Run this node as a provider: answer the channels' requests for files, feeds and results until SIGTERM."""
+@click.option("--concurrency", type=click.IntRange(1, 4096), default=None,
+              help="Served tasks run at once; more wait in a queue [default: config serve_concurrency, "
+                   "else the cluster's threads, else 4].")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Run served tasks on a distributed.LocalCluster of this many worker processes.")
+@click.option("--dask-scheduler", "scheduler", metavar="ADDRESS", default=None,
+              help="Run served tasks on the distributed cluster whose scheduler is at ADDRESS (tcp://host:8786).")
+def start_cmd(channels: tuple[str, ...], threads: int, grace: float, heartbeat: float, serve: tuple[str, ...],
+              concurrency: int | None, workers: int | None, scheduler: str | None) -> None:
+    """Run this node as a provider: answer the channels' requests for files, feeds, results and tasks until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("kachery_tasks.channels.membership").setLevel(logging.WARNING)
+    if workers is not None and scheduler is not None:
+        raise UserError("give --workers (a LocalCluster started here) or --dask-scheduler (an existing cluster), not both")
     tasks = [import_served(spec) for spec in serve]
-    daemon = NodeDaemon(config.home(), list(channels), workers=workers, grace_s=grace, heartbeat_s=heartbeat,
-                        serve=tasks).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop())
-    daemon.run_until_stopped()
+    execution = None
+    if workers is not None or scheduler is not None:
+        if not tasks:
+            raise UserError("--workers and --dask-scheduler run served tasks: name them with --serve MODULE:FUNCTION")
+        execution = DaskExecution.connect(scheduler) if scheduler else DaskExecution.local(workers or 1)
+        logging.getLogger("kachery_tasks.node").info("served tasks run on %s", execution.describe())
+    try:
+        limit = concurrency or int(config.get("serve_concurrency")) or (execution.threads() if execution else None)
+        daemon = NodeDaemon(config.home(), list(channels), threads=threads, grace_s=grace, heartbeat_s=heartbeat,
+                            serve=tasks, concurrency=limit, execute=execution or run_here).start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: daemon.stop())
+        daemon.run_until_stopped()
+    finally:
+        if execution is not None:
+            execution.close()
 
 
 @node.command("status")
@@ -142,4 +165,9 @@ def status_cmd(as_json: bool) -> None:
         if rows:
             print_table(rows, ["node", "label", "owner", "last heartbeat (s ago)"], title=f"peers seen in {name}")
     if status["in_flight"]:
-        print_table(status["in_flight"], ["channel", "type", "subject", "from", "seconds"], title="in flight")
+        print_table([{"state": "", **row} for row in status["in_flight"]],
+                    ["channel", "type", "subject", "state", "from", "seconds"], title="in flight")
+    tasks = status.get("tasks") or {}
+    if tasks.get("serves"):
+        click.echo(f"serves {len(tasks['serves'])} task(s): {tasks['running']} running, {tasks['queued']} queued, "
+                   f"at most {tasks['concurrency']} at once")

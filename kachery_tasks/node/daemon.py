@@ -6,6 +6,11 @@ permissions let it answer (:mod:`.providers`) on a small thread pool, sends a si
 presence announcement every ``heartbeat_s``, keeps each channel's config fresh (a revocation of this
 node, or of a requester, takes effect at the next refresh), and logs one line per request.
 
+**Served tasks** (``serve=``, node/serving.py) are admitted and claimed on that pool, then run by a
+:class:`~.runner.TaskRunner`: at most ``concurrency`` at once (config ``serve_concurrency``), in
+this process or on a Dask cluster (``execute``, node/executors.py), the rest queued in order; every
+heartbeat tells each requester that its request is still queued or running.
+
 **One per home.** A lock on ``<home>/node/daemon.lock`` refuses a second daemon on the same home.
 
 **Status.** ``<home>/node/daemon.json`` is rewritten (atomically) every heartbeat and when a request
@@ -13,8 +18,9 @@ starts or ends: the channels with their config version, the peers seen (verified
 label and time, requests served and dropped, and what is in flight. ``kachery node status`` reads it
 and checks that the process is alive.
 
-**Stopping.** SIGTERM or SIGINT: the subscriptions close (no new requests), requests in flight get
-``grace_s`` seconds to finish, and the status says ``stopped``. An upload cut short (by the grace
+**Stopping.** SIGTERM or SIGINT: the subscriptions close (no new requests), queued tasks are
+released (their claims removed, so their requesters' next ask goes to another provider), requests
+in flight get ``grace_s`` seconds to finish, and the status says ``stopped``. An upload cut short (by the grace
 running out, or by SIGKILL) leaves nothing under a final name in the bucket: objects are written to
 a temporary name and renamed (directory) or committed whole (GCS), so the requester just times out
 and a later request starts again.
@@ -34,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from ..channels.base import Subscription
 from ..channels.envelope import Envelope
 from ..channels.gate import Gate
@@ -41,9 +48,11 @@ from ..channels.session import ChannelSession
 from ..errors import KacheryError, UserError
 from ..feeds.registry import stored_feed
 from ..fs import make_dirs, write_atomic
+from .executors import Execute, run_here
 from .outcome import Outcome
 from .providers import HANDLERS, feed_size, handle, republish_feed
-from .serving import SERVED
+from .runner import TaskRunner
+from .serving import SERVED, Admitted, admit_task, answer
 
 log = logging.getLogger("kachery_tasks.node")
 
@@ -54,6 +63,12 @@ PEER_FORGET_S = 600.0
 STATUS_EVERY_S = 0.5
 #: A feed asked for is published again as it grows for this long after the last request for it.
 FEED_WATCH_S = 3600.0
+#: Served tasks run at once when neither the caller nor config ``serve_concurrency`` says, without a cluster.
+DEFAULT_CONCURRENCY = 4
+#: Presence lasts this many heartbeat periods: a node that died stops being present after that.
+PRESENCE_PERIODS = 3.0
+#: Message types the daemon acts on (the requests it answers, and cancellations of served tasks).
+ACTED_ON = frozenset(HANDLERS) | {"request_task", "cancel"}
 
 
 def status_path(home: Path) -> Path:
@@ -73,9 +88,12 @@ class _Channel:
 class NodeDaemon:
     """A long-lived node answering the requests of the channels ``names`` for ``home``."""
 
-    def __init__(self, home: Path, names: list[str], *, workers: int = 4, heartbeat_s: float = HEARTBEAT_S,
-                 grace_s: float = 30.0, serve: Iterable[Any] = ()) -> None:
-        """``serve``: tasks this node runs for the channel's members (node/serving.py)."""
+    def __init__(self, home: Path, names: list[str], *, threads: int = 4, heartbeat_s: float = HEARTBEAT_S,
+                 grace_s: float = 30.0, serve: Iterable[Any] = (), concurrency: int | None = None,
+                 execute: Execute = run_here) -> None:
+        """``threads``: requests answered at once (a file upload, a claim); ``serve``: tasks this node
+        runs for the channel's members (node/serving.py), ``concurrency`` of them at once (default:
+        config ``serve_concurrency``), each through ``execute`` (node/executors.py)."""
         if not names:
             raise UserError("name at least one channel to serve: kachery node start --channel NAME")
         self.home = Path(home)
@@ -88,7 +106,10 @@ class NodeDaemon:
         for task in serve:
             SERVED.add(task)
         self.started = time.time()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kachery-node")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kachery-node")
+        limit = concurrency or int(config.get("serve_concurrency")) or DEFAULT_CONCURRENCY
+        self.runner = TaskRunner(limit, execute, self._task_done, heartbeat_s)
+        self._republishing: set[str] = set()
         self._in_flight: dict[tuple[str, str], tuple[Envelope, float, Future]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -100,8 +121,8 @@ class NodeDaemon:
     def start(self) -> NodeDaemon:
         self._take_lock()
         for name, channel in self.channels.items():
-            config = channel.session.config()  # a one-line error now if the channel cannot be read
-            if not config.is_member(channel.session.node_id):
+            conf = channel.session.config()  # a one-line error now if the channel cannot be read
+            if not conf.is_member(channel.session.node_id):
                 raise UserError(f"this node is not a member of channel {name!r} yet; its owner admits it with "
                                 f"`kachery channel grant {name} {channel.session.node_id} --owner EMAIL`")
             channel.subscription = channel.session.listen(
@@ -133,6 +154,7 @@ class NodeDaemon:
             if channel.subscription is not None:
                 channel.subscription.close()
         deadline = time.monotonic() + self.grace_s
+        still_running = self.runner.close(self.grace_s)
         with self._lock:
             pending = [f for _, _, f in self._in_flight.values()]
         for future in pending:
@@ -144,7 +166,7 @@ class NodeDaemon:
             except Exception:  # noqa: BLE001 - reported by the task itself
                 pass
         with self._lock:
-            abandoned = len(self._in_flight)
+            abandoned = len(self._in_flight) + still_running
         if abandoned:
             log.warning("stopped with %d request(s) unfinished after %g s; their requesters will time out "
                         "and ask again", abandoned, self.grace_s)
@@ -158,7 +180,7 @@ class NodeDaemon:
         if env.type == "heartbeat":
             channel.peers[env.from_node] = time.time()
             return
-        if env.type not in HANDLERS or self._stop.is_set():
+        if env.type not in ACTED_ON or self._stop.is_set():
             return
         key = (channel.session.name, env.request_id)
         with self._lock:
@@ -169,19 +191,45 @@ class NodeDaemon:
 
     def _serve(self, channel: _Channel, env: Envelope) -> None:
         started = time.monotonic()
+        outcome: Outcome | None
         try:
-            outcome = handle(channel.session, env)
+            if env.type == "request_task":
+                outcome = self._admit(channel, env)
+            elif env.type == "cancel":
+                outcome = self.runner.cancel(channel.session, env)
+            else:
+                outcome = handle(channel.session, env)
         except Exception as exc:  # a bug must not kill the daemon: log it with its traceback
             log.exception("channel %s: %s %s failed", channel.session.name, env.type, env.request_id[:8])
             outcome = Outcome("error", f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._in_flight.pop((channel.session.name, env.request_id), None)
+        if outcome is not None:
+            self._log(channel, env, outcome, started)
+
+    def _admit(self, channel: _Channel, env: Envelope) -> Outcome | None:
+        """A served task: checked and claimed here, then queued in the runner (None: the runner
+        logs it when it ends)."""
+        if self.runner.holds(channel.session, env):
+            return None
+        try:
+            admitted = admit_task(channel.session, env)
+        except KacheryError as exc:
+            return answer(channel.session, env, Outcome("error", str(exc).splitlines()[0][:300]))
+        if isinstance(admitted, Admitted):
+            self.runner.submit(channel.session, env, admitted)
+            return None
+        return admitted
+
+    def _task_done(self, session: ChannelSession, env: Envelope, outcome: Outcome, queued: float) -> None:
+        self._log(self.channels[session.name], env, outcome, queued)
+
+    def _log(self, channel: _Channel, env: Envelope, outcome: Outcome, started: float) -> None:
         channel.served[outcome.status] = channel.served.get(outcome.status, 0) + 1
         if env.type == "request_subfeed" and outcome.status == "finished":
             channel.watched[env.body["feed_id"]] = (outcome.count, time.monotonic() + FEED_WATCH_S)
-        config = channel.session.config()
-        member = config.members.get(env.from_node)
+        member = channel.session.config().members.get(env.from_node)
         who = f"{env.from_node[:12]}…" + (f" ({member.label or member.owner})" if member else "")
         sent = f", {outcome.bytes_sent} bytes sent" if outcome.bytes_sent else ""
         log.info("channel %s: %s %s from %s: %s%s%s in %.2f s", channel.session.name, env.type, _subject(env), who,
@@ -203,23 +251,35 @@ class NodeDaemon:
                 self._stop.wait(STATUS_EVERY_S)
 
     def _beat(self) -> None:
-        for channel in self.channels.values():
-            self._republish_feeds(channel)
+        """Presence, the signed heartbeat and word on each served task in flight; a feed that grew is
+        published on the pool, so a long upload never delays a heartbeat (requesters read a provider
+        silent for a few periods as dead)."""
         for name, channel in self.channels.items():
             session = channel.session
             try:
-                config = session.config()  # refreshed when due
-                info = {"label": config.members[session.node_id].label if session.node_id in config.members else "",
+                conf = session.config()  # refreshed when due
+                info = {"label": conf.members[session.node_id].label if session.node_id in conf.members else "",
                         "pid": os.getpid(), "since": int(self.started), "serves": SERVED.serves()}
-                session.announce(info)
+                session.announce(info, ttl=PRESENCE_PERIODS * self.heartbeat_s)
                 session.send("heartbeat", {"served": sum(channel.served.values())})
             except KacheryError as exc:
                 log.warning("channel %s: heartbeat failed: %s", name, exc)
+        self.runner.beat()
+        for name, channel in self.channels.items():
+            if channel.watched and name not in self._republishing and not self._stop.is_set():
+                self._republishing.add(name)
+                self._pool.submit(self._republish_feeds, channel)
         self._write_status()
 
     def _republish_feeds(self, channel: _Channel) -> None:
         """Live replication: feeds a member asked for are published again when they grow, and a
         ``subfeed_count`` tells the channel (readers pull the new messages from the bucket)."""
+        try:
+            self._republish_watched(channel)
+        finally:
+            self._republishing.discard(channel.session.name)
+
+    def _republish_watched(self, channel: _Channel) -> None:
         now = time.monotonic()
         for feed_id, (published, until) in list(channel.watched.items()):
             if now > until:
@@ -242,22 +302,24 @@ class NodeDaemon:
         channels = {}
         for name, channel in self.channels.items():
             pin = channel.session.membership.pin
-            config = pin.config
+            conf = pin.config
             peers = {}
             for node_id, seen in sorted(channel.peers.items()):
                 if now - seen > PEER_FORGET_S:
                     continue
-                member = config.members.get(node_id) if config else None
+                member = conf.members.get(node_id) if conf else None
                 peers[node_id] = {"label": member.label if member else "", "owner": member.owner if member else "",
                                   "last_heartbeat": round(seen, 3), "seconds_ago": round(now - seen, 1)}
-            channels[name] = {"config_version": config.version if config else None, "peers": peers,
+            channels[name] = {"config_version": conf.version if conf else None, "peers": peers,
                               "served": dict(channel.served), "dropped": dict(channel.gate.dropped)}
         with self._lock:
             flight = [{"channel": c, "type": env.type, "subject": _subject(env), "from": env.from_node,
                        "seconds": round(now - since, 1)} for (c, _), (env, since, _f) in self._in_flight.items()]
+        tasks = {"serves": sorted(SERVED.serves()), "concurrency": self.runner.limit,
+                 "running": self.runner.running(), "queued": self.runner.waiting()}
         return {"pid": os.getpid(), "state": self._state, "started": round(self.started, 3),
                 "updated": round(now, 3), "node_id": next(iter(self.channels.values())).session.node_id,
-                "channels": channels, "in_flight": flight}
+                "channels": channels, "tasks": tasks, "in_flight": flight + self.runner.in_flight()}
 
     def _write_status(self) -> None:
         try:

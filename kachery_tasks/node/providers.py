@@ -31,7 +31,6 @@ from ..store.local import store_for
 from ..tasks.actions import LOG_FEED as ACTION_LOG_FEED
 from ..tasks.publish import plan_publish, send
 from .outcome import Outcome
-from .serving import provide_task
 
 log = logging.getLogger("kachery_tasks.node")
 
@@ -128,8 +127,7 @@ HANDLERS: dict[str, Callable[[ChannelSession, Envelope], Outcome]] = {
     "request_file": provide_file,
     "request_result": provide_result,
     "request_subfeed": provide_feed,
-    "request_task": provide_task,
-}
+}  # request_task: node/serving.py admits it and node/runner.py runs it (daemon.py)
 
 
 def handle(session: ChannelSession, env: Envelope) -> Outcome:
@@ -138,8 +136,7 @@ def handle(session: ChannelSession, env: Envelope) -> Outcome:
     try:
         return handler(session, env)
     except KacheryError as exc:
-        kind = {"request_file": "upload_status", "request_result": "task_status",
-                "request_task": "task_status"}.get(env.type, "subfeed_count")
+        kind = {"request_file": "upload_status", "request_result": "task_status"}.get(env.type, "subfeed_count")
         return _answer(session, env, kind, Outcome("error", str(exc).splitlines()[0][:300]), {})
 
 

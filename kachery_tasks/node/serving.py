@@ -20,9 +20,14 @@ tasks/remote_wire.py, then a ``task_status`` message that only wakes the request
    across the channel, not only per node). Why the bucket and not Redis (``SET NX``): the bucket
    is the channel's durable store, which every provider can write and which outlives a restarted
    Redis; a claim lost with Redis would let a second provider run an action again.
-6. run: pure through the engine (recorded, then published with its blobs: tasks/publish.py), query
-   fresh (never this node's stale fallback), action through this node's action log keyed by the
-   requester's key. A failure of the task answers ``failed`` with its one line.
+   A claim whose holder is no longer present on the bus (its daemon stopped heartbeating) is taken
+   over by the next provider the resent request reaches, for a pure task or a query only.
+6. queue (node/runner.py): at most ``serve_concurrency`` run at once; the requester hears
+   ``queued``, then ``running``, then again every heartbeat while it waits or runs;
+7. run, here or on a Dask cluster (node/executors.py): pure through the engine (recorded, then
+   published with its blobs: tasks/publish.py), query fresh (never this node's stale fallback),
+   action through this node's action log keyed by the requester's key. A failure of the task
+   answers ``failed`` with its one line.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 import xxhash
 
 from .. import config
-from ..buckets import AlreadyExists
+from ..buckets import AlreadyExists, NotFound, PreconditionFailed
 from ..buckets.layout import channel_claim_key, records_prefix
 from ..channels.envelope import Envelope
 from ..channels.session import ChannelSession
@@ -48,6 +53,7 @@ from ..store.local import store_for
 from ..tasks.publish import plan_publish, send
 from ..tasks.remote_wire import decode_value, encode_value, write_answer
 from ..tasks.task import Job, Task
+from .executors import Execute
 from .outcome import Outcome
 
 log = logging.getLogger("kachery_tasks.node")
@@ -108,23 +114,35 @@ def import_served(spec: str) -> Task:
     return obj
 
 
-def provide_task(session: ChannelSession, env: Envelope) -> Outcome:
-    """Answer a ``request_task`` (module doc)."""
+@dataclass(frozen=True)
+class Admitted:
+    """A request this node claimed: the call rebuilt from its arguments, waiting for its turn
+    (node/runner.py)."""
+
+    job: Job
+    claim: str  # the claim's key in the channel's bucket
+    action_key: str | None = None
+    retry: bool = False
+
+
+def admit_task(session: ChannelSession, env: Envelope) -> Outcome | Admitted:
+    """Steps 1 to 5 of the module doc: an :class:`Outcome` already answered (or silence: ``claimed``,
+    ``refused``), or the :class:`Admitted` call this node claimed and is to run."""
     if not session.config().allows(session.node_id, "provide_tasks"):
         return Outcome("refused", "this node lacks provide_tasks")
     body = env.body
     name, kind, code_hash = body.get("name"), body.get("kind"), body.get("code_hash")
     args, task_id = body.get("args"), body.get("task_id")
     if not (isinstance(name, str) and isinstance(code_hash, str) and isinstance(args, dict) and isinstance(task_id, str)):
-        return _answer(session, env, Outcome("rejected", "a request_task needs name, code_hash, args and task_id"))
+        return answer(session, env, Outcome("rejected", "a request_task needs name, code_hash, args and task_id"))
     task = SERVED.get(name)
     if task is None:
-        return _answer(session, env, Outcome("rejected", f"task {name} is not served here"))
+        return answer(session, env, Outcome("rejected", f"task {name} is not served here"))
     ours = task.function_id.code_hash
     if kind != task.kind or code_hash != ours:
         detail = (f"{name}: code_mismatch: the requester's code hash is {code_hash}, this provider's {ours}"
                   if kind == task.kind else f"{name} is a {task.kind} task here, not {kind}")
-        return _answer(session, env, Outcome("code_mismatch", detail), {"ours": ours, "yours": code_hash})
+        return answer(session, env, Outcome("code_mismatch", detail), {"ours": ours, "yours": code_hash})
     store = store_for(str(session.home))
     bucket = session.writable_bucket()
     namespace = body.get("namespace")
@@ -133,36 +151,52 @@ def provide_task(session: ChannelSession, env: Envelope) -> Outcome:
             values = {n: decode_value(n, e, store.blobs, bucket) for n, e in args.items()}
             job = task.job(**values)
         except (UserError, KacheryError) as exc:
-            return _answer(session, env, Outcome("rejected", f"arguments do not bind: {_line(exc)}"))
-        if job.id != task_id:
-            return _answer(session, env, Outcome("rejected", f"{name}: the arguments give task {job.id} here, not "
-                                                 f"the requester's {task_id} (a value changed on the way)"))
-        if task.kind == "pure" and _published_by_provider(session, bucket, task_id):
-            return _answer(session, env, Outcome("finished", "already in the channel's bucket; nothing run"))
-        if not _claim(session, env, task, body):
-            return Outcome("claimed", "claimed by another provider")
-        _status(session, env, "running")
-        return _run(session, env, job, body)
+            return answer(session, env, Outcome("rejected", f"arguments do not bind: {_line(exc)}"))
+    if job.id != task_id:
+        return answer(session, env, Outcome("rejected", f"{name}: the arguments give task {job.id} here, not "
+                                            f"the requester's {task_id} (a value changed on the way)"))
+    if task.kind == "pure" and _published_by_provider(session, bucket, task_id):
+        return answer(session, env, Outcome("finished", "already in the channel's bucket; nothing run"))
+    action_key = str(body.get("key") or task_id) if task.kind == "action" else None
+    claim = _claim(session, env, task, action_key)
+    if claim is None:
+        return Outcome("claimed", "claimed by another provider")
+    return Admitted(job, claim, action_key, bool(body.get("retry")))
 
 
-def _run(session: ChannelSession, env: Envelope, job: Job, body: dict[str, Any]) -> Outcome:
+def run_admitted(session: ChannelSession, env: Envelope, admitted: Admitted, execute: Execute) -> Outcome:
+    """Step 7: run the claimed call through ``execute`` (here, or on a Dask cluster) and answer."""
     store = store_for(str(session.home))
-    bucket = session.writable_bucket()
+    job = admitted.job
     kind = job.task.kind
     try:
         if kind == "action":
-            keyed = Job(job.task, job.args, job.settings, action_key=str(body.get("key") or job.id))
-            result = keyed.result(retry=bool(body.get("retry")))
+            keyed = Job(job.task, job.args, job.settings, action_key=admitted.action_key)
+            result = execute(keyed, {"retry": admitted.retry})
             outcome = {"ok": result.ok, "error": result.error, "state": result.state, "replayed": result.replayed}
-            return _answer(session, env, Outcome("finished", result.state), {"outcome": outcome})
+            return answer(session, env, Outcome("finished", result.state), {"outcome": outcome})
         if kind == "query":
-            value = job.result(allow_stale=False)
-            return _answer(session, env, Outcome("finished"), {"result": encode_value("result", value, store.blobs, bucket)})
-        job.result()
-        out = send(plan_publish(store, job.id), store, bucket)
-        return _answer(session, env, Outcome("finished", f"{len(out.records)} record(s) published", out.bytes_sent))
+            value = execute(job, {"allow_stale": False})
+            encoded = encode_value("result", value, store.blobs, session.writable_bucket())
+            return answer(session, env, Outcome("finished"), {"result": encoded})
+        execute(job, {})
+        out = send(plan_publish(store, job.id), store, session.writable_bucket())
+        return answer(session, env, Outcome("finished", f"{len(out.records)} record(s) published", out.bytes_sent))
     except Exception as exc:  # noqa: BLE001 - the task's own failure, answered, never a dead daemon
-        return _answer(session, env, Outcome("failed", f"{type(exc).__name__}: {_line(exc)}"))
+        return answer(session, env, Outcome("failed", f"{type(exc).__name__}: {_line(exc)}"))
+
+
+def release(session: ChannelSession, env: Envelope, admitted: Admitted) -> Outcome:
+    """A claimed request that never ran (cancelled by its requester, or queued when the daemon
+    stopped): its claim is removed, so a later request (for an action: with its key) may run."""
+    bucket = session.writable_bucket()
+    try:
+        held = _read_claim(bucket, admitted.claim)
+        if held is not None and held[0].get("node_id") == session.node_id:
+            bucket.delete(admitted.claim)
+    except KacheryError as exc:
+        log.warning("channel %s: could not remove claim %s: %s", session.name, admitted.claim, exc)
+    return Outcome("cancelled", "cancelled by its requester before it ran")
 
 
 def _published_by_provider(session: ChannelSession, bucket: Any, task_id: str) -> bool:
@@ -174,37 +208,72 @@ def _published_by_provider(session: ChannelSession, bucket: Any, task_id: str) -
     return any(info.key[len(prefix):].removesuffix(".json") in providers for info in bucket.list(prefix))
 
 
-def _claim(session: ChannelSession, env: Envelope, task: Task, body: dict[str, Any]) -> bool:
-    """True if this node runs the request: its claim was written now, or earlier (a resent request)."""
-    if task.kind == "action":
-        subject = "action-" + xxhash.xxh3_128_hexdigest(orjson.dumps([task.name, str(body.get("key") or body["task_id"])]))
+def _claim(session: ChannelSession, env: Envelope, task: Task, action_key: str | None) -> str | None:
+    """The claim's key if this node runs the request: its claim was written now, or earlier (a
+    resent request), or taken over from a provider no longer present; None if another node holds it.
+
+    A claim is taken over (compare-and-swap on the generation read, so of two providers taking over
+    one wins) only for a pure task or a query, whose second run costs time, never a wrong answer.
+    An action's claim is never taken over: the holder's action log is what knows whether it ran."""
+    if action_key is not None:
+        subject = "action-" + xxhash.xxh3_128_hexdigest(orjson.dumps([task.name, action_key]))
     else:
         subject = env.request_id
     key = channel_claim_key(session.name, subject)
     bucket = session.writable_bucket()
-    claim = {"node_id": session.node_id, "request_id": env.request_id, "time": time.time()}
-    try:
-        bucket.write(key, orjson.dumps(claim))
-        return True
-    except AlreadyExists:
+    mine = {"node_id": session.node_id, "request_id": env.request_id, "time": time.time()}
+    for _ in range(3):  # a claim released between our write and our read is written again
         try:
-            held = orjson.loads(b"".join(bucket.read(key)))
-        except (KacheryError, orjson.JSONDecodeError):
-            return False
-        return isinstance(held, dict) and held.get("node_id") == session.node_id
+            bucket.write(key, orjson.dumps(mine))
+            return key
+        except AlreadyExists:
+            pass
+        held = _read_claim(bucket, key)
+        if held is None:
+            continue
+        doc, generation = held
+        holder = doc.get("node_id")
+        if holder == session.node_id:
+            return key
+        if action_key is not None or holder in session.present():
+            return None
+        try:
+            bucket.write_if_generation(key, orjson.dumps({**mine, "taken_from": holder}), generation)
+        except PreconditionFailed:
+            return None
+        log.warning("channel %s: took over request %s (task %s) from %s…, which is no longer present",
+                    session.name, env.request_id[:8], task.name, str(holder)[:12])
+        return key
+    return None
 
 
-def _answer(session: ChannelSession, env: Envelope, outcome: Outcome, extra: dict[str, Any] | None = None) -> Outcome:
+def _read_claim(bucket: Any, key: str) -> tuple[dict[str, Any], int] | None:
+    """The claim at ``key`` and its generation (stat first: the bytes are then at least as new), or
+    None if there is none; an unreadable claim counts as held by nobody known."""
+    info = bucket.stat(key)
+    if info is None:
+        return None
+    try:
+        doc = orjson.loads(b"".join(bucket.read(key)))
+    except NotFound:
+        return None
+    except orjson.JSONDecodeError:
+        doc = {}
+    return (doc if isinstance(doc, dict) else {}), info.generation
+
+
+def answer(session: ChannelSession, env: Envelope, outcome: Outcome, extra: dict[str, Any] | None = None) -> Outcome:
     """Write the signed answer object, then say so with a ``task_status``."""
-    answer = {"status": outcome.status, "detail": outcome.detail, **(extra or {})}
-    write_answer(session.writable_bucket(), session.identity.keys, session.name, env.request_id, answer)
-    _status(session, env, outcome.status, outcome.detail)
+    doc = {"status": outcome.status, "detail": outcome.detail, **(extra or {})}
+    write_answer(session.writable_bucket(), session.identity.keys, session.name, env.request_id, doc)
+    report(session, env, outcome.status, outcome.detail)
     return outcome
 
 
-def _status(session: ChannelSession, env: Envelope, status: str, detail: str = "") -> None:
+def report(session: ChannelSession, env: Envelope, state: str, detail: str = "", **extra: Any) -> None:
+    """Send a ``task_status`` for ``env``'s request (a wake-up or a progress report; never the answer)."""
     try:
-        session.send("task_status", {"status": status, **({"detail": detail[:300]} if detail else {})},
+        session.send("task_status", {"status": state, **({"detail": detail[:300]} if detail else {}), **extra},
                      request_id=env.request_id)
     except KacheryError as exc:  # the answer is in the bucket; the requester finds it there
         log.warning("channel %s: could not send task_status for request %s: %s", session.name, env.request_id[:8], exc)

@@ -19,11 +19,24 @@ message, after a gap, and once a second; the request is resent with the same id.
 
 A provider's refusal (its code differs: ``code_mismatch`` with both hashes; the arguments do not bind)
 is an error here once every provider serving the name refused; a failure of the task itself is final.
+
+**Liveness.** The provider that claimed the request says ``queued``, then ``running``, and again
+on every heartbeat, with its heartbeat period: the wait lasts as long as it reports (hours of
+sorting are waited for). A provider no longer present on the bus, or silent for
+:data:`SILENT_PERIODS` periods, is taken for dead, in one line naming it, the task, and since when
+it had it. For an action that is the end: its
+outcome is unknown until settled on that node (never run again elsewhere). For a pure task or a
+query the request is sent again at once, and another provider serving the name takes it over
+(node/serving.py); with none, the line is the error (for a query: the stale fallback).
+
+**Cancel.** A call that gives up (its timeout, Ctrl-C) sends ``cancel`` for its request: the
+provider drops it if it is still queued and lets it finish if it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -47,6 +60,9 @@ log = logging.getLogger("kachery_tasks")
 
 #: Statuses of an answer that refuse the request before running it (another provider may accept).
 REFUSALS = frozenset({"code_mismatch", "rejected"})
+#: A provider that has a request and sends no word of it for this many of its heartbeat periods
+#: (plus a second) is taken for dead, as it is when its presence (as long) runs out (node/daemon.py).
+SILENT_PERIODS = 3.0
 
 
 class RemoteTaskError(UserError):
@@ -58,11 +74,13 @@ class NoProvider(RemoteTaskError):
 
 
 Finder = Callable[[str, str], Hit | None]
+Keeper = Callable[[str, str, str, Hit], None]
 
 
-def resolve_remote(job: Job, find: Finder, *, allow_stale: bool = True, retry: bool = False) -> Any:
-    """Resolve ``job`` of a task with ``service=`` (see the module doc); ``find`` is the resolver's
-    lookup through the tiers (passed in: the resolver imports this module)."""
+def resolve_remote(job: Job, find: Finder, keep: Keeper, *, allow_stale: bool = True, retry: bool = False) -> Any:
+    """Resolve ``job`` of a task with ``service=`` (see the module doc). ``find`` is the resolver's
+    lookup through the tiers and ``keep`` its copy rule for a hit found otherwise (passed in: the
+    resolver imports this module)."""
     kind = job.task.kind
     home = job.settings.home
     if kind == "pure":
@@ -85,7 +103,7 @@ def resolve_remote(job: Job, find: Finder, *, allow_stale: bool = True, retry: b
             return _call_query(session, job)
         except (RemoteTaskError, RequestFailed) as exc:
             return _stale(job, find, exc, allow_stale)
-    return _call_pure(session, job, find)
+    return _call_pure(session, job, keep)
 
 
 def _compute_here(job: Job) -> Any:
@@ -138,27 +156,110 @@ def _request(session: ChannelSession, job: Job, body: dict[str, Any], done: Call
     """Send ``body`` and return ``done(answer)`` for the first finished answer of a trusted provider."""
     name = job.task.name
     request_id = new_request_id()
+    what = f"task {name} ({job.id[:12]}…)" if job.task.kind != "action" else f"action {name} (key {body['key']!r})"
+    watch = _Watch()
 
-    def check(_answers: list[Envelope]) -> Any:
+    def check(answers: list[Envelope]) -> Any:
         trusted = session.config().members_with("provide_tasks")
         found = read_answers(session.bucket, session.name, request_id, trusted)
         for doc in found.values():
             if doc.get("status") == "finished":
+                watch.answered = True
                 return done(doc)
             if doc.get("status") == "failed":
+                watch.answered = True
                 raise RemoteTaskError(f"{name} failed on {doc['node_id'][:12]}…: {doc.get('detail', '')}")
         refused = {n: d for n, d in found.items() if d.get("status") in REFUSALS}
-        if refused and set(serving(session, name)) <= set(refused):
+        online = serving(session, name)
+        if refused and set(online) <= set(refused):
+            watch.answered = True
             first = next(iter(refused.values()))
             raise RemoteTaskError(f"{name}: refused by {len(refused)} provider(s) in channel {session.name!r}: "
                                   f"{first.get('detail', first.get('status'))}")
+        watch.update(answers)
+        for node_id, held in watch.gone(online):
+            _provider_gone(session, job, body, request_id, what, watch, node_id, held, online)
         return None
 
-    return ask(session, "request_task", body, check=check, what=f"task {name} ({job.id[:12]}…)",
-               provider_permission="provide_tasks", request_id=request_id)
+    try:
+        return ask(session, "request_task", body, check=check, what=what, provider_permission="provide_tasks",
+                   request_id=request_id, renewed=lambda: watch.renewed)
+    except BaseException:
+        if not watch.answered:
+            _cancel(session, request_id)
+        raise
 
 
-def _call_pure(session: ChannelSession, job: Job, find: Finder) -> Any:
+class _Watch:
+    """What the providers said of one request: who holds it (queued or running), since when, with
+    what heartbeat period, and when it was last heard of here."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.holders: dict[str, dict[str, Any]] = {}
+        self.dead: set[str] = set()
+        self.renewed = time.monotonic()
+        self.answered = False
+
+    def update(self, answers: list[Envelope]) -> None:
+        for env in answers[self.seen:]:
+            body = env.body
+            if body.get("status") in ("queued", "running"):
+                every = body.get("every")
+                since = body.get("since")
+                self.holders[env.from_node] = {
+                    "state": body["status"], "heard": time.monotonic(), "heard_at": time.time(),
+                    "every": float(every) if isinstance(every, int | float) and 0 < every < 3600 else 10.0,
+                    "since": float(since) if isinstance(since, int | float) else time.time()}
+                self.dead.discard(env.from_node)
+        self.seen = len(answers)
+
+    def gone(self, online: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+        """Holders no longer ``online``, or silent for longer than :data:`SILENT_PERIODS` of their
+        periods: now taken for dead (a later word from one brings it back)."""
+        now = time.monotonic()
+        gone = [(n, h) for n, h in self.holders.items()
+                if n not in online or now - h["heard"] > SILENT_PERIODS * h["every"] + 1.0]
+        for node_id, _ in gone:
+            del self.holders[node_id]
+            self.dead.add(node_id)
+        return gone
+
+
+def _provider_gone(session: ChannelSession, job: Job, body: dict[str, Any], request_id: str, what: str,
+                   watch: _Watch, node_id: str, held: dict[str, Any], online: dict[str, str]) -> None:
+    """The provider holding the request went silent: say so in one line; for a pure task or a
+    query, ask again at once (another provider takes it over), else raise that line."""
+    member = session.config().members.get(node_id)
+    who = f"{node_id[:12]}…" + (f" ({member.label or member.owner})" if member else "")
+    line = (f"{what}: provider {who} stopped heartbeating at {_clock(held['heard_at'])}; it had the request "
+            f"{held['state']} since {_clock(held['since'])}")
+    if job.task.kind == "action":
+        if held["state"] == "running":
+            raise RemoteTaskError(f"{line}; the action's outcome is unknown until settled on that node (`kachery "
+                                  "task actions` there, then `kachery task resolve`, or call again with retry=True)")
+        raise RemoteTaskError(f"{line}; it had not started, and runs when that node is back (call again then)")
+    others = set(online) - watch.dead
+    if not others:
+        raise RemoteTaskError(f"{line}; no other member online serves it")
+    log.warning("%s; asking the %d other provider(s)", line, len(others))
+    watch.renewed = time.monotonic()
+    session.send("request_task", body, request_id=request_id)
+
+
+def _cancel(session: ChannelSession, request_id: str) -> None:
+    """Tell the providers this request is given up (best effort: the call is failing anyway)."""
+    try:
+        session.send("cancel", {}, request_id=request_id)
+    except Exception as exc:  # noqa: BLE001 - never hide why the call is failing
+        log.info("channel %s: could not send cancel for request %s: %s", session.name, request_id[:8], exc)
+
+
+def _clock(wall: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(wall))
+
+
+def _call_pure(session: ChannelSession, job: Job, keep: Keeper) -> Any:
     view = _channel_view(job.settings.home, session)
 
     def done(_doc: dict[str, Any]) -> Any:
@@ -169,12 +270,7 @@ def _call_pure(session: ChannelSession, job: Job, find: Finder) -> Any:
         return hit
 
     hit = _request(session, job, _body(session, job), done)
-    for tier in tiers_for(job.settings.home):  # brought into the local tiers, as any tier's hit is
-        if tier.name in ("memory", "local"):
-            try:
-                tier.put(job.id, hit)
-            except (OSError, KacheryError) as exc:
-                log.warning("task %s was fetched but not kept in tier %s: %s", job.id[:12], tier.name, exc)
+    keep(job.settings.home, ChannelTier.name, job.id, hit)  # brought into the tiers before it, as any hit is
     return hit.value
 
 

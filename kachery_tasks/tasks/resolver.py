@@ -36,7 +36,7 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
     the job up and found nothing (it is looked up again under the lock). A task with ``service=``
     is resolved by a channel member that serves it (remote.py)."""
     if job.task.task_options.service is not None:
-        return resolve_remote(job, find, allow_stale=allow_stale, retry=retry)
+        return resolve_remote(job, find, keep_found, allow_stale=allow_stale, retry=retry)
     if job.kind == "pure":
         return _resolve_pure(job, upstream, missed)
     if job.kind == "query":
@@ -62,6 +62,14 @@ def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None) -
         if misses is not None and found.reason is not None:
             misses.append((tier.name, found.reason))
     return None
+
+
+def keep_found(home: str, tier_name: str, task_id: str, found: Hit) -> None:
+    """The copy rule of :func:`find` for a hit tier ``tier_name`` gave some other way (a remote
+    call reads the channel's bucket through the channel tier's view): every tier before it keeps it."""
+    tiers = tiers_for(home)
+    i = next((i for i, tier in enumerate(tiers) if tier.name == tier_name), len(tiers))
+    _copy_down(tiers, i, task_id, "put", found)
 
 
 def _copy_down(tiers: Sequence[Tier], i: int, task_id: str, how: str, found: Hit | Fetched) -> None:
