@@ -35,6 +35,28 @@ def per_call(fn: Callable[[], Any], calls: int, repeat: int = 3) -> float:
     return best_of(lambda: [fn() for _ in range(calls)], repeat) / calls
 
 
+def pct(samples: Sequence[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank) of ``samples``."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def timed(n: int, once: Callable[[int], Any], warmup: int = 20) -> list[float]:
+    """Seconds of each of ``n`` calls ``once(i)`` (i = 0 .. n-1), after ``warmup`` untimed ones
+    (i = -warmup .. -1)."""
+    samples = []
+    for i in range(-warmup, n):
+        t0 = time.perf_counter()
+        once(i)
+        if i >= 0:
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
 def row(case: str, ours_s: float, peer: str, peer_s: float | None, note: str = "", target: str = "") -> dict:
     ratio = peer_s / ours_s if peer_s and ours_s else None
     return {"case": case, "ours_s": ours_s, "peer": peer, "peer_s": peer_s,

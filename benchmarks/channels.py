@@ -1,8 +1,8 @@
 """Channels: a request's round trip over a real redis-server, a file fetched through a provider, and
 the gate's rate of checking envelopes, each against the bare operation underneath.
 
-Setup (all in a temp dir, removed at the end): a redis-server of its own on a free loopback port (no
-persistence), a directory bucket, homes A and B; A creates channel "lab" and admits B with the
+Setup (benchmarks/_lab.py; all in a temp dir, removed at the end): a redis-server of its own on a
+free loopback port (no persistence), a directory bucket, homes A and B; A creates channel "lab" and admits B with the
 requester permissions. A's ``kachery node start --channel lab`` runs as a separate process, as in
 real use; B is this process.
 
@@ -31,14 +31,10 @@ import json
 import os
 import queue
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -46,22 +42,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from kachery_tasks import config
 from kachery_tasks.buckets.layout import blob_key, manifest_key
-from kachery_tasks.channels.admin import create_channel, grant
 from kachery_tasks.channels.envelope import Envelope, new_request_id, seal
 from kachery_tasks.channels.gate import Gate
 from kachery_tasks.channels.membership import Membership
-from kachery_tasks.channels.pins import Pins
 from kachery_tasks.channels.requests import ask, request_file
 from kachery_tasks.channels.session import ChannelSession
 from kachery_tasks.channels.uri import open_transport
-from kachery_tasks.identity import canonical_json, init_node, node_identity
-from kachery_tasks.node.daemon import status_path
+from kachery_tasks.identity import canonical_json, node_identity
 from kachery_tasks.store.local import store_for
 
-from ._common import best_of, row
+from ._common import best_of, ms, pct, row, timed
+from ._lab import CHANNEL, daemon, make_lab, node_env, redis_server, stop, tail
 
-REPO = Path(__file__).resolve().parents[1]
-CHANNEL = "lab"
 #: Timed round trips (after :data:`WARMUP` untimed ones), for ours and for the bare peer.
 REQUESTS = 300
 WARMUP = 20
@@ -82,127 +74,6 @@ print("ready", flush=True)
 for m in p.listen():
     r.publish("bench:pong", m["data"])
 """
-
-
-# -- processes --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    """A loopback port nothing listens on now: the server must not meet another test's or a real one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it does not end within 10 s (its own grace is shorter)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextmanager
-def _redis_server(tmp: Path) -> Iterator[int]:
-    """A redis-server of this benchmark's own (no persistence); yields its port once it answers PING."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = _free_port()
-    log = tmp / "redis-server.log"
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp), "--logfile", str(log), "--daemonize", "no"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        with redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1, protocol=2) as client:
-            deadline = time.monotonic() + 20
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited at start: {_tail(log)}")
-                try:
-                    if client.ping():
-                        break
-                except redis.RedisError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not answer PING in 20 s: {_tail(log)}") from None
-                    time.sleep(0.02)
-        yield port
-    finally:
-        _stop(process)
-
-
-def _env(home: Path) -> dict[str, str]:
-    """The environment of a node's process: its home and this checkout, no other kachery setting."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KACHERY_TASKS_")}
-    env["KACHERY_TASKS_HOME"] = str(home)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return env
-
-
-@contextmanager
-def _daemon(home: Path, log: Path) -> Iterator[subprocess.Popen]:
-    """``kachery node start --channel lab`` for ``home``, yielded once its status says running."""
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "kachery_tasks.cli", "node", "start", "--channel", CHANNEL],
-                                   env=_env(home), stdout=out, stderr=subprocess.STDOUT, cwd=home)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the node daemon exited ({process.returncode}): {_tail(log)}")
-            try:
-                if json.loads(status_path(home).read_text()).get("state") == "running":
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the node daemon did not say running in 60 s: {_tail(log)}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        _stop(process)
-
-
-def _lab(tmp: Path, redis_uri: str) -> tuple[Path, Path, Path]:
-    """Homes A (owner, provides everything) and B (admitted with the requester permissions), and the
-    directory bucket of channel lab; made through the library, as the CLI's commands would."""
-    bucket, home_a, home_b = tmp / "bucket", tmp / "a", tmp / "b"
-    bucket.mkdir()
-    init_node(home_a, "alice@lab.org", "a")
-    b = init_node(home_b, "bob@lab.org", "b")
-    _, join = create_channel(home_a, CHANNEL, bucket=bucket.as_uri(), transport=redis_uri)
-    Pins(home_b).pin(join)
-    grant(home_a, CHANNEL, b.node_id, None, owner="bob@lab.org", label="b")
-    return home_a, home_b, bucket
-
-
-# -- figures ----------------------------------------------------------------------------------------
-def _pct(samples: list[float], p: float) -> float:
-    """The ``p``-th percentile (nearest rank) of ``samples``."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms"
-
-
-def _timed(n: int, once: Callable[[int], None], warmup: int = WARMUP) -> list[float]:
-    """Seconds of each of ``n`` calls ``once(i)``, after ``warmup`` untimed ones."""
-    samples = []
-    for i in range(-warmup, n):
-        t0 = time.perf_counter()
-        once(i)
-        if i >= 0:
-            samples.append(time.perf_counter() - t0)
-    return samples
 
 
 # -- case 1: round trips ----------------------------------------------------------------------------
@@ -226,7 +97,7 @@ def _ours_round_trips(session: ChannelSession, log: Path) -> tuple[list[float], 
             try:
                 got_id, status = answers.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"no upload_status from the node daemon in {WAIT_S:g} s: {_tail(log)}") from None
+                raise RuntimeError(f"no upload_status from the node daemon in {WAIT_S:g} s: {tail(log)}") from None
             if got_id == request_id:
                 if status != "not_found":
                     raise RuntimeError(f"the daemon answered {status!r} for a file it does not hold")
@@ -234,7 +105,7 @@ def _ours_round_trips(session: ChannelSession, log: Path) -> tuple[list[float], 
 
     subscription = session.listen(on_message)
     try:
-        return _timed(REQUESTS, once), size
+        return timed(REQUESTS, once, WARMUP), size
     finally:
         subscription.close()
 
@@ -244,13 +115,13 @@ def _bare_round_trips(port: int, size: int, tmp: Path) -> list[float]:
     log = tmp / "responder.log"
     with open(log, "wb") as err:
         responder = subprocess.Popen([sys.executable, "-c", RESPONDER, str(port)], stdout=subprocess.PIPE,
-                                     stderr=err, env=_env(tmp))
+                                     stderr=err, env=node_env(tmp))
     client = redis.Redis(port=port, socket_timeout=WAIT_S, protocol=2)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe("bench:pong")
         if responder.stdout.readline().strip() != b"ready":
-            raise RuntimeError(f"the redis-py responder did not start: {_tail(log)}")
+            raise RuntimeError(f"the redis-py responder did not start: {tail(log)}")
         deadline = time.monotonic() + WAIT_S
         while dict(client.pubsub_numsub("bench:ping")).get(b"bench:ping", 0) < 1:
             if time.monotonic() > deadline:
@@ -268,11 +139,11 @@ def _bare_round_trips(port: int, size: int, tmp: Path) -> list[float]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no echo from the redis-py responder in {WAIT_S:g} s")
 
-        return _timed(REQUESTS, once)
+        return timed(REQUESTS, once, WARMUP)
     finally:
         pubsub.close()
         client.close()
-        _stop(responder)
+        stop(responder)
 
 
 def _asked_round_trips(session: ChannelSession) -> list[float]:
@@ -282,23 +153,23 @@ def _asked_round_trips(session: ChannelSession) -> list[float]:
         ask(session, "request_file", {"sha256": os.urandom(32).hex()}, check=lambda answers: answers or None,
             what="a missing file", provider_permission="provide_files", timeout=WAIT_S)
 
-    return _timed(ASKS, once, warmup=2)
+    return timed(ASKS, once, 2)
 
 
 def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path) -> list[dict]:
     ours, size = _ours_round_trips(session, log)
     bare = _bare_round_trips(port, size, tmp)
     asked = _asked_round_trips(session)
-    o50, o99, b50, b99 = _pct(ours, 50), _pct(ours, 99), _pct(bare, 50), _pct(bare, 99)
-    a50 = _pct(asked, 50)
+    o50, o99, b50, b99 = pct(ours, 50), pct(ours, 99), pct(bare, 50), pct(bare, 99)
+    a50 = pct(asked, 50)
     return [
         row("round trip p50 (request_file -> not_found)", o50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
-            note=f"ours {_ms(o50)} vs bare {_ms(b50)}; {REQUESTS} requests, {size}-byte envelopes, daemon in "
+            note=f"ours {ms(o50)} vs bare {ms(b50)}; {REQUESTS} requests, {size}-byte envelopes, daemon in "
                  "its own process"),
         row("round trip p99 (request_file -> not_found)", o99, "redis-py pub/sub echo p99", b99, target="<= 10 ms",
-            note=f"ours {_ms(o99)} vs bare {_ms(b99)}; max ours {_ms(max(ours))}, bare {_ms(max(bare))}"),
+            note=f"ours {ms(o99)} vs bare {ms(b99)}; max ours {ms(max(ours))}, bare {ms(max(bare))}"),
         row("round trip through ask() p50", a50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
-            note=f"p99 {_ms(_pct(asked, 99))} over {ASKS}; the session's one subscription serves every request"),
+            note=f"p99 {ms(pct(asked, 99))} over {ASKS}; the session's one subscription serves every request"),
     ]
 
 
@@ -347,8 +218,8 @@ def _file_rows(session: ChannelSession, home_a: Path, home_b: Path, bucket: Path
             copy.unlink()
             label = f"{size / 1e6:g} MB"
             rows.append(row(f"file {label}: request_file to B's verified store", best, "copy from the bucket", peer_s,
-                            note=f"best of {count} files; A's 'finished' at {_ms(best_upload)}, then B's download "
-                                 f"{_ms(best - best_upload)}; {size / 1e6 / best:.0f} MB/s vs copy "
+                            note=f"best of {count} files; A's 'finished' at {ms(best_upload)}, then B's download "
+                                 f"{ms(best - best_upload)}; {size / 1e6 / best:.0f} MB/s vs copy "
                                  f"{size / 1e6 / peer_s:.0f} MB/s; ours hashes and fsyncs twice, the copy neither"))
     finally:
         watcher.close()
@@ -389,11 +260,11 @@ def run() -> list[dict]:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kt-bench-channels-") as tmp_name:
         tmp = Path(tmp_name)
-        with _redis_server(tmp) as port:
+        with redis_server(tmp) as port:
             redis_uri = f"redis://127.0.0.1:{port}/0"
-            home_a, home_b, bucket = _lab(tmp, redis_uri)
+            home_a, (home_b,), bucket = make_lab(tmp, redis_uri)
             log = tmp / "daemon.log"
-            with config.home_layers(home_b), _daemon(home_a, log):
+            with config.home_layers(home_b), daemon(home_a, log):
                 # A transport of its own, not the process's shared one: it is closed at the end.
                 session = ChannelSession(home_b, CHANNEL, transport=open_transport(redis_uri))
                 try:
