@@ -37,8 +37,8 @@ from kachery_tasks.identity import node_identity
 from ._common import ms, pct, row
 from ._lab import CHANNEL, daemon, make_lab, node_env, redis_server, tail
 
-#: The provider's flags, besides ``--channel`` and ``--serve``: the daemon's request-handler threads.
-PROVIDER_ARGS = ("--workers", "2")
+#: The provider's flags, besides ``--channel`` and ``--serve``: two served tasks run at once (as two workers).
+PROVIDER_ARGS = ("--concurrency", "2")
 SERVED = "benchmarks._remote_node"
 SERVE = ("--serve", f"{SERVED}:plus_one", "--serve", f"{SERVED}:square")
 #: Timed remote (and local) calls of case 1.

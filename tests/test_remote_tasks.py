@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +34,8 @@ FACTOR = int(os.environ.get("KT_FACTOR", "2"))
 def _count(name):
     with open(os.environ["KT_TEST_COUNTER"], "a") as fh:
         fh.write(os.path.basename(os.environ["KACHERY_TASKS_HOME"]) + ":" + name + "\\n")
+    with open(os.environ["KT_TEST_COUNTER"] + ".pids", "a") as fh:
+        fh.write(str(os.getpid()) + "\\n")
 
 
 @kt.pure(service="lab")
@@ -89,6 +93,16 @@ def lab(tmp_path: Path, redis_uri: str):
 def runs(tmp_path: Path) -> list[str]:
     counter = tmp_path / "runs.txt"
     return counter.read_text().split() if counter.exists() else []
+
+
+def ran_in(tmp_path: Path) -> set[int]:
+    """The process ids the served tasks ran in."""
+    return {int(p) for p in (tmp_path / "runs.txt.pids").read_text().split()}
+
+
+def daemon_pid(node) -> int:
+    assert node.daemon is not None
+    return node.daemon.pid
 
 
 def call(node, expr: str, *, check: bool = True, **extra: str):
@@ -299,3 +313,92 @@ def test_a_requester_without_request_tasks_is_refused(lab, tmp_path, redis_uri):
                                   "task_id": "0" * 32, "namespace": "", "args": {"key": {"json": "a"}}})
     wait_for(lambda: owner.status()["channels"]["lab"]["dropped"].get("not_permitted"), what="the drop")
     assert runs(tmp_path) == [] and answers(bucket) == []
+
+
+# -- liveness, takeover, the queue and cancel, Dask ------------------------------------------------
+def test_a_task_longer_than_request_timeout_is_waited_for_while_its_provider_reports(lab, tmp_path):
+    owner, member, _, _ = lab
+    owner.start_daemon("lab", *SERVE, "--heartbeat", "0.5", KT_SLOW="5")
+    out = call(member, "s.lookup('slow')", KACHERY_TASKS_REQUEST_TIMEOUT="2")
+    assert out.stdout.strip() == "{'key': 'slow', 'value': 'one'}" and "StaleResultWarning" not in out.stderr
+    assert runs(tmp_path) == ["owner:lookup"]
+
+
+def test_a_provider_killed_mid_query_is_named_and_another_provider_takes_it_over(lab, tmp_path):
+    owner, member, outsider, bucket = lab
+    owner.kachery("channel", "grant", "lab", outsider.node_id, "--owner", "eve@else.org", "--perm", "provide_tasks")
+    for node in (owner, outsider):
+        node.start_daemon("lab", *SERVE, "--heartbeat", "0.5", KT_SLOW="4")
+    nodes = {"owner": owner, "outsider": outsider}
+    result: list = []
+    caller = threading.Thread(target=lambda: result.append(call(member, "s.lookup('t')", check=False)))
+    caller.start()
+    first = wait_for(lambda: runs(tmp_path), what="the query to start")[0].split(":")[0]
+    time.sleep(1)  # word of the running query reaches the requester
+    nodes[first].stop_daemon(signal.SIGKILL)
+    caller.join(90)
+    out = result[0]
+    other = "outsider" if first == "owner" else "owner"
+    assert out.returncode == 0 and out.stdout.strip() == "{'key': 't', 'value': 'one'}", out.stderr
+    assert "StaleResultWarning" not in out.stderr
+    told = [line for line in out.stderr.splitlines() if "stopped heartbeating" in line]
+    assert told and nodes[first].node_id[:12] in told[0] and "running since" in told[0], out.stderr
+    assert runs(tmp_path) == [f"{first}:lookup", f"{other}:lookup"]
+    claims = [json.loads(p.read_text()) for p in bucket.glob("channels/lab/claims/*.json")]
+    assert [c["node_id"] for c in claims] == [nodes[other].node_id]
+    assert claims[0]["taken_from"] == nodes[first].node_id
+
+
+def test_a_queued_request_is_cancelled_when_its_requester_gives_up(lab, tmp_path):
+    owner, member, _, bucket = lab
+    owner.start_daemon("lab", *SERVE, "--heartbeat", "0.5", "--concurrency", "1", KT_SLOW="4")
+    first: list = []
+    caller = threading.Thread(target=lambda: first.append(call(member, "s.lookup('first')")))
+    caller.start()
+    wait_for(lambda: runs(tmp_path) == ["owner:lookup"], what="the first query to run")
+    code = "import lab_service as s\ns.lookup('second')"
+    second = subprocess.Popen([sys.executable, "-c", code], env=member.env, cwd=member.home.parent,
+                              stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: owner.status()["tasks"]["queued"] == 1, what="the second query to queue")
+    second.send_signal(signal.SIGINT)  # the requester gives up: Ctrl-C
+    _, err = second.communicate(timeout=60)
+    assert second.returncode != 0 and "KeyboardInterrupt" in err
+    wait_for(lambda: any(a["status"] == "cancelled" for a in answers(bucket)), what="the cancelled answer")
+    caller.join(60)
+    assert first[0].stdout.strip() == "{'key': 'first', 'value': 'one'}"
+    time.sleep(1)
+    assert runs(tmp_path) == ["owner:lookup"]  # the second never ran
+    assert "cancelled" in owner.log_text()
+
+
+def test_served_tasks_run_on_a_local_cluster_started_by_the_daemon(lab, tmp_path):
+    owner, member, _, _ = lab
+    owner.start_daemon("lab", *SERVE, "--workers", "1")
+    assert call(member, "s.scaled(5)").stdout.strip() == "10"
+    assert call(member, "s.lookup('c')").stdout.strip() == "{'key': 'c', 'value': 'one'}"
+    assert "ok=True" in call(member, "s.notify.call('cat', key='k-c')").stdout
+    assert "ok=True" in call(member, "s.notify.call('cat', key='k-c')").stdout
+    assert runs(tmp_path) == ["owner:scaled", "owner:lookup", "owner:notify"]
+    assert "served tasks run on Dask scheduler" in owner.log_text() and "(1 worker thread(s))" in owner.log_text()
+    assert daemon_pid(owner) not in ran_in(tmp_path)  # in the cluster's worker process, not the daemon
+    assert "k-c" in owner.kachery("task", "actions").stdout
+
+
+def test_served_tasks_run_on_an_existing_cluster(lab, tmp_path):
+    owner, member, _, _ = lab
+    script = ("from distributed import LocalCluster\n"
+              "c = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)\n"
+              "print(c.scheduler_address, flush=True)\ninput()\n")
+    cluster = subprocess.Popen([sys.executable, "-c", script], env=owner.env, cwd=owner.home.parent,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("tcp://"), address
+        owner.start_daemon("lab", *SERVE, "--dask-scheduler", address)
+        assert call(member, "s.scaled(7)").stdout.strip() == "14"
+        assert runs(tmp_path) == ["owner:scaled"]
+        assert f"served tasks run on Dask scheduler {address}" in owner.log_text()
+        assert daemon_pid(owner) not in ran_in(tmp_path)
+    finally:
+        cluster.kill()
+        cluster.wait(30)

@@ -1,8 +1,10 @@
 """The served tasks a daemon claimed: at most ``limit`` run at once, the rest wait in order.
 
-Each claimed request is reported to its requester as it moves: ``queued`` when it is taken, then
-``running``, then the same again on every heartbeat of the daemon (:meth:`TaskRunner.beat`), with
-``since`` (when it was queued or started, wall time) and ``every`` (the heartbeat period). That is
+Each claimed request is reported to its requester as it moves: ``queued`` when it has to wait for a
+slot, ``running`` when a queued one starts, and where it stands on every heartbeat of the daemon
+(:meth:`TaskRunner.beat`), with ``since`` (when it was queued or started, wall time) and ``every``
+(the heartbeat period). A request that starts at once is not reported until the next heartbeat: most
+tasks finish sooner, and their answer is then the only message sent. That is
 what the requester's liveness rests on: a request whose provider stops reporting for a few periods
 is one whose provider died (tasks/remote.py says so in one line, and another provider may take a
 pure task or a query over).
@@ -42,6 +44,7 @@ class _Entry:
     queued: float = field(default_factory=time.time)  # wall time
     queued_mono: float = field(default_factory=time.monotonic)
     state: str = "queued"
+    reported: bool = False
     started: float | None = None
     future: Future | None = None
 
@@ -72,9 +75,13 @@ class TaskRunner:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                waits = sum(e.state in ("queued", "running") for e in self._entries.values()) >= self.limit
                 entry = self._entries[key] = _Entry(session, env, admitted)
                 entry.future = self._pool.submit(self._run, key, entry)
-        self._report(entry)
+            else:
+                waits = True  # sent again: say where it is
+        if waits:
+            self._report(entry)
         return Outcome("queued", f"{self.waiting()} waiting, {self.running()} running of {self.limit}")
 
     def cancel(self, session: ChannelSession, env: Envelope) -> Outcome:
@@ -148,7 +155,8 @@ class TaskRunner:
             if entry.state != "queued":
                 return
             entry.state, entry.started = "running", time.time()
-        self._report(entry)
+        if entry.reported:  # it was queued: the requester hears that it runs now
+            self._report(entry)
         try:
             outcome = run_admitted(entry.session, entry.env, entry.admitted, self._execute)
         except Exception as exc:  # a bug must not kill the daemon or leave the requester waiting
@@ -163,4 +171,5 @@ class TaskRunner:
     def _report(self, entry: _Entry) -> None:
         since = entry.started if entry.state == "running" and entry.started else entry.queued
         if entry.state in ("queued", "running"):
+            entry.reported = True
             report(entry.session, entry.env, entry.state, since=round(since, 3), every=self.every)

@@ -37,7 +37,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -71,7 +71,7 @@ class Registry:
         the channel again."""
         if not isinstance(task, Task):
             raise UserError(f"only tasks (@pure, @query, @action) can be served, not {type(task).__name__}")
-        local = Task(task.func, task.kind, replace(task.task_options, service=None))
+        local = task.here()
         with self._lock:
             self._tasks[local.name] = local
         return local

@@ -39,7 +39,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from ..store.local import store_for
 from .provenance import Measure
 from .recording import record_success
 from .remote_wire import decode_value, encode_value, read_answers
-from .task import ActionResult, Job, Task
+from .task import ActionResult, Job
 from .tiers import Hit, tiers_for
 from .tiers.channel import ChannelTier
 
@@ -108,8 +107,7 @@ def resolve_remote(job: Job, find: Finder, keep: Keeper, *, allow_stale: bool = 
 
 def _compute_here(job: Job) -> Any:
     """The job resolved here as a task without ``service=`` (the same id: service is not identity)."""
-    local = Task(job.task.func, job.task.kind, replace(job.task.task_options, service=None))
-    return Job(local, job.args, job.settings, id=job.id).result()
+    return Job(job.task.here(), job.args, job.settings, id=job.id).result()
 
 
 def provider_session(job: Job) -> ChannelSession:

@@ -131,6 +131,14 @@ class Task:
         merged = {**self.task_options.call_options, **check_call_options(options)}
         return Task(self.func, self.kind, replace(self.task_options, call_options=merged))
 
+    def here(self) -> Task:
+        """This task without ``service=``: resolved in this process, never asked of a channel (how a
+        provider runs what it serves, and how a pure task with no provider online is computed).
+        Its id is the same: the service is where a task runs, not what it computes."""
+        if self.task_options.service is None:
+            return self
+        return Task(self.func, self.kind, replace(self.task_options, service=None))
+
     def job(self, *args: Any, **kwargs: Any) -> Job:
         """Bind arguments (defaults applied) into a job; nothing runs."""
         bound = _bind_simple(self._simple, args, kwargs) if self._simple is not None else None
@@ -206,9 +214,10 @@ class Task:
         exposed = self._exposed()
         if exposed is self:
             return self.func.__qualname__
-        if exposed is not None:  # f.options(...): the exposed task by reference, plus the options
-            return (_with_options, (exposed, self.task_options.call_options))
-        return (Task, (self.func, self.kind, self.task_options))
+        call_options = self.task_options.call_options
+        if exposed is not None and replace(exposed.task_options, call_options=call_options) == self.task_options:
+            return (_with_options, (exposed, call_options))  # f.options(...): the exposed task, plus the options
+        return (Task, (self.func, self.kind, self.task_options))  # other options (f.here()): all of them
 
 
 # -- the engine above -----------------------------------------------------------------------------
