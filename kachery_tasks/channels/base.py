@@ -23,6 +23,7 @@ in :mod:`.uri` picks one by the URI's scheme.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -53,10 +54,16 @@ class Subscription(ABC):
 
 
 class Transport(ABC):
-    """A publish/subscribe bus with presence, opened by URI."""
+    """A publish/subscribe bus with presence, opened by URI.
+
+    The bookkeeping every implementation shares lives here: the subscriptions it opened (closed
+    with it: :meth:`_track`, :meth:`_forget`) and the closed state (:meth:`_check_open`)."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        self._lock = threading.Lock()
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
 
     @abstractmethod
     def publish(self, topic: str, message: bytes) -> None:
@@ -80,9 +87,37 @@ class Transport(ABC):
     def present(self, topic: str) -> dict[str, bytes]:
         """The members announced on ``topic`` whose ttl has not run out, with their latest info."""
 
-    @abstractmethod
     def close(self) -> None:
         """Stop every subscription and release connections (idempotent)."""
+        with self._lock:
+            self._closed = True
+            subscriptions = list(self._subscriptions)
+        for subscription in subscriptions:
+            subscription.close()
+        self._release()
+
+    def _release(self) -> None:  # noqa: B027 - a hook: an in-process bus holds nothing to release
+        """Release what the implementation holds (connections), once its subscriptions are closed."""
+
+    def _track(self, subscription: Subscription) -> bool:
+        """Keep ``subscription`` to close with the transport; False if the transport was closed
+        meanwhile (the caller closes the subscription and raises :meth:`_closed_error`)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._subscriptions.add(subscription)
+            return True
+
+    def _forget(self, subscription: Subscription) -> None:
+        with self._lock:
+            self._subscriptions.discard(subscription)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> TransportError:
+        return TransportError(f"{self.uri}: this transport was closed; open the channel's transport again")
 
     def __enter__(self) -> Transport:
         return self

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 
-from .base import GapHandler, MessageHandler, Subscription, Transport, TransportError, check_message
+from .base import GapHandler, MessageHandler, Subscription, Transport, check_message
 from .rules import call_handler, check_announcement, check_bytes, check_topic
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,6 @@ class MemoryTransport(Transport):
             raise ValueError(f"{uri}: max_queue is a number of messages (1 or more), not {max_queue!r}")
         self._bus = _bus(uri.partition("://")[2])
         self._max_queue = max_queue
-        self._lock = threading.Lock()
-        self._subscriptions: set[_MemorySubscription] = set()
-        self._closed = False
 
     def publish(self, topic: str, message: bytes) -> None:
         check_topic(self.uri, topic)
@@ -127,10 +124,11 @@ class MemoryTransport(Transport):
 
     def subscribe(self, topic: str, on_message: MessageHandler, on_gap: GapHandler | None = None) -> Subscription:
         check_topic(self.uri, topic)
-        with self._lock:
-            self._check_open()
-            subscription = _MemorySubscription(self, topic, on_message, on_gap, self._max_queue)
-            self._subscriptions.add(subscription)
+        self._check_open()
+        subscription = _MemorySubscription(self, topic, on_message, on_gap, self._max_queue)
+        if not self._track(subscription):
+            subscription.close()
+            raise self._closed_error()
         with self._bus.lock:
             self._bus.subscribers.setdefault(topic, set()).add(subscription)
         return subscription
@@ -151,17 +149,3 @@ class MemoryTransport(Transport):
                 del members[member]
             return {member: info for member, (info, _) in members.items()}
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            subscriptions = list(self._subscriptions)
-        for subscription in subscriptions:
-            subscription.close()
-
-    def _forget(self, subscription: _MemorySubscription) -> None:
-        with self._lock:
-            self._subscriptions.discard(subscription)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise TransportError(f"{self.uri}: this transport was closed; open the channel's transport again")

@@ -123,9 +123,6 @@ class RedisTransport(Transport):
             socket_timeout=timeout, socket_connect_timeout=self.connect_timeout,
             retry=Retry(NoBackoff(), 0), protocol=2, health_check_interval=0)
         self._client = self.new_client()
-        self._lock = threading.Lock()
-        self._subscriptions: set[_RedisSubscription] = set()
-        self._closed = False
 
     def new_client(self) -> redis.Redis:
         """A client with its own connection pool (connects on first use)."""
@@ -173,31 +170,13 @@ class RedisTransport(Transport):
         check_topic(self.uri, topic)
         self._check_open()
         subscription = _RedisSubscription(self, topic, on_message, on_gap)
-        with self._lock:
-            if not self._closed:
-                self._subscriptions.add(subscription)
-                return subscription
+        if self._track(subscription):
+            return subscription
         subscription.close()  # the transport was closed while it connected
         raise self._closed_error()
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            subscriptions = list(self._subscriptions)
-        for subscription in subscriptions:
-            subscription.close()
+    def _release(self) -> None:
         self._client.close()
-
-    def _forget(self, subscription: _RedisSubscription) -> None:
-        with self._lock:
-            self._subscriptions.discard(subscription)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise self._closed_error()
-
-    def _closed_error(self) -> TransportError:
-        return TransportError(f"{self.uri}: this transport was closed; open the channel's transport again")
 
 
 class _RedisSubscription(Subscription):

@@ -6,11 +6,13 @@ presence carries ``serves: {name: code_hash}``, node/serving.py). It is the requ
 channels/requests.py: the answer is a durable object in the channel's bucket, re-checked on every
 message, after a gap, and once a second; the request is resent with the same id.
 
-- **pure**: the local tiers first (a record anywhere this node reads is the answer, nothing is
-  asked); then the provider publishes the record to the channel's bucket and it is read through the
-  channel tier's view, with every check of the bucket tier and the channel's trust (members holding
-  ``provide_tasks``). With no provider online, or none serving the name, the task is **computed
-  here**: a pure result is the same wherever it is computed, so that costs time, never correctness.
+- **pure**: the tiers first, but for the channel tier (a record this node reads is the answer,
+  nothing is asked; the provider looks in the channel itself, so asking the channel tier too would
+  cost a second request); then the provider publishes the record to the channel's bucket and it is
+  read through the channel tier's view, with every check of the bucket tier and the channel's trust
+  (members holding ``provide_tasks``). With no provider online, or none serving the name, the
+  channel tier is asked (a member may hold the record), and then the task is **computed here**: a
+  pure result is the same wherever it is computed, so that costs time, never correctness.
 - **query**: the provider's fresh result (in its signed answer); recorded here, so that when no
   provider answers in time (or none is online) the last recorded result is returned with a
   :class:`StaleResultWarning`, as a local query that fails does. With nothing recorded: one line.
@@ -40,7 +42,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..channels.envelope import Envelope, new_request_id
 from ..channels.pins import Pins
@@ -72,7 +74,12 @@ class NoProvider(RemoteTaskError):
     """No member online serves the task (or this node may not request tasks)."""
 
 
-Finder = Callable[[str, str], Hit | None]
+class Finder(Protocol):
+    """The resolver's lookup through the tiers (resolver.find)."""
+
+    def __call__(self, home: str, task_id: str, *, skip: frozenset[str] = ...) -> Hit | None: ...
+
+
 Keeper = Callable[[str, str, str, Hit], None]
 
 
@@ -82,14 +89,17 @@ def resolve_remote(job: Job, find: Finder, keep: Keeper, *, allow_stale: bool = 
     resolver imports this module)."""
     kind = job.task.kind
     home = job.settings.home
-    if kind == "pure":
-        hit = find(home, job.id)
+    if kind == "pure":  # the channel tier is not asked: the provider looks in the channel itself
+        hit = find(home, job.id, skip=frozenset({ChannelTier.name}))
         if hit is not None:
             return hit.value
     try:
         session = provider_session(job)
     except NoProvider as exc:
         if kind == "pure":
+            hit = find(home, job.id)  # a member that holds it may still send it
+            if hit is not None:
+                return hit.value
             log.info("%s; computing it here", exc)
             return _compute_here(job)
         if kind == "query":

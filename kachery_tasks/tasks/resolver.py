@@ -45,15 +45,19 @@ def resolve(job: Job, *, allow_stale: bool = True, retry: bool = False,
 
 
 # -- lookups ---------------------------------------------------------------------------------------
-def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None) -> Hit | None:
+def find(home: str, task_id: str, misses: list[tuple[str, str]] | None = None, *,
+         skip: frozenset[str] = frozenset()) -> Hit | None:
     """The first hit for ``task_id`` among the tiers in force for ``home``, or None.
 
     The one rule of copying: what a tier found is put into every tier before it, nearest first (a
     bucket hit lands in the local store, then in memory), so the next call finds it sooner.
     ``misses`` collects ``(tier name, reason)`` for each record a tier found and did not use
-    (``explain`` shows them)."""
+    (``explain`` shows them). Tiers named in ``skip`` are not asked (a remote call asks its
+    provider instead of the channel tier: one request, not two)."""
     tiers = tiers_for(home)
     for i, tier in enumerate(tiers):
+        if tier.name in skip:
+            continue
         found = tier.get(task_id)
         if type(found) is Hit:
             STATS.count(tier.hit_stat)
