@@ -164,12 +164,12 @@ def _pure_rows(lab: Lab, remote_p50: float) -> list[dict]:
     return [
         row("remote pure, first call (A computes + publishes) p50", pct(published, 50),
             "remote query p50 (case 1)", remote_p50,
-            note=f"C's {n} calls of square, distinct args; p99 {ms(pct(published, 99))}; each is a request_result "
-                 "(channel tier, not_found) then a request_task; the peer publishes nothing"),
+            note=f"C's {n} calls of square, distinct args; p99 {ms(pct(published, 99))}; each is one request_task "
+                 "(after a read of the channel's bucket); the peer publishes nothing"),
         row("remote pure answered from the bucket p50 (B)", p50, "bucket tier read p50", b50,
             note=f"{n} records A published, B never called them; p99 {ms(pct(ours, 99))} vs {ms(pct(bare, 99))}; "
-                 f"counter: square ran {len(after_publish)} times, all on A, none for B's calls (B's channel tier "
-                 "reads the bucket, A is not asked); peer: BucketTier over the channel's bucket trusting A"),
+                 f"counter: square ran {len(after_publish)} times, all on A, none for B's calls (B reads the "
+                 "channel's bucket through the channel tier's view, A is not asked); peer: BucketTier over the channel's bucket trusting A"),
     ]
 
 

@@ -10,7 +10,8 @@ message, after a gap, and once a second; the request is resent with the same id.
   nothing is asked; the provider looks in the channel itself, so asking the channel tier too would
   cost a second request); then the provider publishes the record to the channel's bucket and it is
   read through the channel tier's view, with every check of the bucket tier and the channel's trust
-  (members holding ``provide_tasks``). With no provider online, or none serving the name, the
+  (members holding ``provide_tasks``); a record already there is read with no request at all. With
+  no provider online, or none serving the name, the
   channel tier is asked (a member may hold the record), and then the task is **computed here**: a
   pure result is the same wherever it is computed, so that costs time, never correctness.
 - **query**: the provider's fresh result (in its signed answer); recorded here, so that when no
@@ -90,7 +91,7 @@ def resolve_remote(job: Job, find: Finder, keep: Keeper, *, allow_stale: bool = 
     kind = job.task.kind
     home = job.settings.home
     if kind == "pure":  # the channel tier is not asked: the provider looks in the channel itself
-        hit = find(home, job.id, skip=frozenset({ChannelTier.name}))
+        hit = find(home, job.id, skip=frozenset({ChannelTier.name})) or _published(job, keep)
         if hit is not None:
             return hit.value
     try:
@@ -268,6 +269,7 @@ def _clock(wall: float) -> str:
 
 
 def _call_pure(session: ChannelSession, job: Job, keep: Keeper) -> Any:
+    """The record the provider publishes to the channel's bucket now."""
     view = _channel_view(job.settings.home, session)
 
     def done(_doc: dict[str, Any]) -> Any:
@@ -280,6 +282,21 @@ def _call_pure(session: ChannelSession, job: Job, keep: Keeper) -> Any:
     hit = _request(session, job, _body(session, job), done)
     keep(job.settings.home, ChannelTier.name, job.id, hit)  # brought into the tiers before it, as any hit is
     return hit.value
+
+
+def _published(job: Job, keep: Keeper) -> Hit | None:
+    """The record of ``job`` already in the bucket of a channel this node may request tasks in,
+    read through the channel tier's view (its checks and trust), with no request sent."""
+    for session in channels_allowing(Path(job.settings.home), "request_tasks"):
+        try:
+            hit = _channel_view(job.settings.home, session).get(job.id)
+        except KacheryError as exc:
+            log.warning("channel %s: %s", session.name, exc)
+            continue
+        if isinstance(hit, Hit):
+            keep(job.settings.home, ChannelTier.name, job.id, hit)
+            return hit
+    return None
 
 
 def _call_query(session: ChannelSession, job: Job) -> Any:
