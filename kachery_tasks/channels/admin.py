@@ -156,6 +156,30 @@ def revoke(home: Path, name: str, target: str, permissions: Iterable[str] | None
     return update_channel(home, name, change)
 
 
+def change_permissions(home: Path, name: str, node_id: str, *, add: Iterable[str] = (),
+                       remove: Iterable[str] = ()) -> ChannelConfig:
+    """Give member ``node_id`` the permissions ``add`` and take ``remove``, as one new version.
+
+    A form that shows a member's permissions sends what was ticked and what was shown; the
+    difference is applied to the config in force when it is written, so a change another owner
+    made meanwhile (to other permissions, or other members) is kept, never overwritten."""
+    check_node_id(node_id)
+    add, remove = tuple(add), tuple(remove)
+
+    def change(config: ChannelConfig) -> ChannelConfig:
+        member = config.members.get(node_id)
+        if member is None:
+            raise UserError(f"node {node_id[:12]}… is not a member of channel {name!r}")
+        if node_id == config.owner_key and remove:
+            raise UserError("the channel's own key keeps every permission")
+        kept = merge_permissions(member.permissions, add, remove)
+        if kept == member.permissions:
+            return config
+        return config.with_member(node_id, Member(owner=member.owner, label=member.label, groups=member.groups,
+                                                  permissions=kept))
+    return update_channel(home, name, change)
+
+
 def set_group(home: Path, name: str, group: str, node_id: str, *, member_of: bool) -> ChannelConfig:
     """Put member ``node_id`` into ``group`` (created with no permissions if new), or take it out."""
     check_name(group, "group name")

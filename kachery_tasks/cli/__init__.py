@@ -26,6 +26,7 @@ from .config_cmd import config_group
 from .demo import demo
 from .feed import feed
 from .files import cat, info, load, store, verify
+from .hub import hub
 from .mutable import mutable
 from .node import node
 from .task import task
@@ -72,7 +73,7 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 
 def _add_groups() -> None:
-    for command in (store, load, cat, info, verify, publish_cmd, bucket, channel, mutable, node, config_group, feed, task, demo):
+    for command in (store, load, cat, info, verify, publish_cmd, bucket, channel, mutable, node, config_group, feed, task, demo, hub):
         main.add_command(command)
     # Installed plugins add their own groups (kachery-spikesort adds `kachery spikesort`).
     for entry in importlib.metadata.entry_points(group=PLUGIN_ENTRY_POINTS):

@@ -18,7 +18,11 @@ from ..channels.config import PERMISSIONS, ChannelConfig, parse_permissions
 from ..channels.membership import Membership
 from ..channels.pins import JoinString, Pins
 from ..channels.session import session_for
+from ..errors import UserError
+from ..hub.join import is_token as is_hub_token
+from ..hub.join import join_with_token
 from ..identity import node_identity
+from .hub import call_api
 from .output import print_json, print_listing, print_table
 
 _PERM_HELP = "Comma-separated permissions: " + ", ".join(PERMISSIONS) + "."
@@ -43,10 +47,15 @@ def create_cmd(name: str, bucket_uri: str, transport: str) -> None:
 
 
 @channel.command("join")
-@click.argument("join_string")
+@click.argument("join_string", metavar="JOIN_STRING|HUB_TOKEN")
 def join_cmd(join_string: str) -> None:
-    """Join a channel from the join string its owner gave you; prints the command the owner runs to admit you."""
+    """Join a channel from the join string its owner gave you (prints the command the owner runs to
+    admit you), or from a hub's one-time join token (admitted at once)."""
     home = config.home()
+    if is_hub_token(join_string):
+        join, perms = join_with_token(home, join_string)
+        click.echo(f"joined channel {join.channel!r} through its hub, with permissions: {', '.join(perms)}")
+        return
     join = JoinString.parse(join_string)
     Pins(home).pin(join)
     me = node_identity(home)
@@ -75,22 +84,49 @@ def join_cmd(join_string: str) -> None:
               help=_PERM_HELP + " A new member without --perm gets request_files, request_feeds, request_tasks.")
 @click.option("--owner", default=None, metavar="EMAIL", help="E-mail of the node's owner (needed to admit a new node).")
 @click.option("--label", default=None, metavar="TEXT", help="A name for the node in listings.")
-def grant_cmd(name: str, target: str, perms: str | None, owner: str | None, label: str | None) -> None:
+@click.option("--hub", "hub_url", default=None, metavar="URL",
+              help="Make the change through the hub at URL, which holds the channel's key (`kachery hub login` first).")
+def grant_cmd(name: str, target: str, perms: str | None, owner: str | None, label: str | None,
+              hub_url: str | None) -> None:
     """Admit a node or give it (or a @group) permissions (owner only)."""
     parsed = parse_permissions(perms) if perms is not None else None
     if target.startswith("@") and parsed is None:
         raise click.UsageError("give the group's permissions with --perm")
+    if hub_url:
+        body = {"target": target, "permissions": list(parsed) if parsed is not None else None,
+                "owner": owner or "", "label": label or ""}
+        answer = call_api("POST", f"/api/channels/{_hub_channel(hub_url, name)}/grant", body, url=hub_url)
+        click.echo(f"channel {name!r} is now at version {answer['version']} (through the hub {hub_url})")  # type: ignore[index]
+        return
     cfg = admin.grant(config.home(), name, target, parsed, owner=owner, label=label)
     _say_change(cfg, target)
+
+
+def _hub_channel(hub_url: str, name: str) -> str:
+    """The id at the hub of the channel called ``name`` that the signed-in user owns."""
+    owned = [c for c in call_api("GET", "/api/channels", url=hub_url)  # type: ignore[union-attr]
+             if c["name"] == name and c["role"] == "owner"]
+    if not owned:
+        raise UserError(f"you own no channel called {name!r} at the hub {hub_url}")
+    if len(owned) > 1:
+        raise UserError(f"you own {len(owned)} channels called {name!r} at the hub {hub_url}; use its page")
+    return str(owned[0]["id"])
 
 
 @channel.command("revoke")
 @click.argument("name")
 @click.argument("target", metavar="NODE_ID|@GROUP")
 @click.option("--perm", "perms", default=None, metavar="LIST", help=_PERM_HELP + " Without it the node (or group) is removed.")
-def revoke_cmd(name: str, target: str, perms: str | None) -> None:
+@click.option("--hub", "hub_url", default=None, metavar="URL",
+              help="Make the change through the hub at URL, which holds the channel's key (`kachery hub login` first).")
+def revoke_cmd(name: str, target: str, perms: str | None, hub_url: str | None) -> None:
     """Take permissions from a node or @group, or remove it (owner only)."""
     parsed = parse_permissions(perms) if perms is not None else None
+    if hub_url:
+        body = {"target": target, "permissions": list(parsed) if parsed is not None else None}
+        answer = call_api("POST", f"/api/channels/{_hub_channel(hub_url, name)}/revoke", body, url=hub_url)
+        click.echo(f"channel {name!r} is now at version {answer['version']} (through the hub {hub_url})")  # type: ignore[index]
+        return
     cfg = admin.revoke(config.home(), name, target, parsed)
     _say_change(cfg, target)
 

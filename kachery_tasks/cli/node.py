@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..fs import group_id
 from ..identity import init_node, node_identity
 from ..identity.node import key_path
+from ..identity.proofs import prove
 from ..node.daemon import NodeDaemon, read_status
 from ..node.executors import DaskExecution, run_here
 from ..node.serving import import_served
@@ -96,6 +97,13 @@ def info_cmd(as_json: bool) -> None:
         },
         as_json,
     )
+
+
+@node.command("prove")
+@click.argument("challenge")
+def prove_cmd(challenge: str) -> None:
+    """Sign CHALLENGE (shown on a hub's channel page) with this node's key; paste the line it prints there."""
+    click.echo(prove(node_identity(config.home()), challenge))
 
 
 @node.command("start")
