@@ -1,8 +1,8 @@
 """Sign-in through an OpenID Connect issuer: the authorization code flow with PKCE, state and nonce.
 
-authlib's OAuth 2 client makes the authorization URL (with the S256 code challenge) and exchanges
-the code; joserfc (authlib's JOSE library) verifies the ID token against the issuer's keys and checks
-its issuer, audience, expiry and nonce.
+authlib's OAuth 2 client (over httpx2, which authlib 1.9 prefers to httpx) makes the authorization
+URL (with the S256 code challenge) and exchanges the code; joserfc (authlib's JOSE library)
+verifies the ID token against the issuer's keys and checks its issuer, audience, expiry and nonce.
 
 State, nonce and code verifier are kept **server-side** (the hub's database, keyed by the state,
 good once for ten minutes), not in the session cookie: authlib's Starlette integration keeps them
@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import httpx2
 from authlib.integrations.httpx_client import OAuth2Client
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -73,10 +73,10 @@ class OIDC:
 
     def _get_json(self, url: str) -> dict[str, Any]:
         try:
-            response = httpx.get(url, timeout=TIMEOUT_S)
+            response = httpx2.get(url, timeout=TIMEOUT_S)
             response.raise_for_status()
             data = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx2.HTTPError, ValueError) as exc:
             raise IssuerUnavailable(f"the identity provider {self.issuer} cannot be reached ({type(exc).__name__}: "
                                     f"{str(exc)[:120]}); try again later") from None
         if not isinstance(data, dict):
@@ -108,7 +108,7 @@ class OIDC:
             with self._client(redirect_uri) as client:
                 token = client.fetch_token(meta["token_endpoint"], code=code, code_verifier=login.verifier,
                                            grant_type="authorization_code")
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise IssuerUnavailable(f"the identity provider {self.issuer} cannot be reached ({type(exc).__name__}); "
                                     "try again later") from None
         except Exception as exc:  # noqa: BLE001 - authlib raises OAuthError subclasses and ValueError
