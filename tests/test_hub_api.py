@@ -318,3 +318,33 @@ def test_the_api_with_a_bearer_token_and_without(lab, tmp_path):
     # the cookie without the CSRF header may read, not change
     assert tc.get("/api/channels").status_code == 200
     assert tc.post(f"/api/channels/{cid}/grant", json={"target": bob.node_id}).status_code == 403
+
+
+def test_the_command_line_signs_in_and_grants_through_the_hub(lab, tmp_path, kachery):
+    from hub_fixtures import serve_asgi
+
+    def run_kachery(*args: str, check: bool = True):
+        proc = kachery(*args)
+        proc.stdout, proc.stderr = proc.stdout.decode(), proc.stderr.decode()
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    app, bucket = lab
+    tc = client(app)
+    csrf = sign_in(tc, "alice@lab.org")
+    cid = create(tc, csrf, bucket)
+    token = re.search(r'id="api-token">([^<]+)<', tc.post("/tokens", data={"csrf": csrf}).text).group(1)
+    bob = node(tmp_path, "bob")
+    with serve_asgi(app) as base:
+        bad = run_kachery("hub", "login", base, "--token", "kth_wrong", check=False)
+        assert bad.returncode == 1 and "unknown or expired" in bad.stderr and "Traceback" not in bad.stderr
+        assert "signed in to" in run_kachery("hub", "login", base, "--token", token).stdout
+        out = run_kachery("channel", "grant", "lab", bob.node_id, "--owner", "bob@lab.org", "--perm", "request_files",
+                          "--hub", base)
+        assert "version 2" in out.stdout
+        assert stored(bucket).members[bob.node_id].permissions == ("request_files",)
+        out = run_kachery("channel", "revoke", "lab", bob.node_id, "--hub", base)
+        assert "version 3" in out.stdout and bob.node_id not in stored(bucket).members
+        missing = run_kachery("channel", "grant", "nope", bob.node_id, "--hub", base, check=False)
+        assert missing.returncode == 1 and "no channel called 'nope'" in missing.stderr
+    assert "channel lab" in tc.get(f"/c/{cid}/audit").text
