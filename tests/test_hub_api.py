@@ -348,3 +348,24 @@ def test_the_command_line_signs_in_and_grants_through_the_hub(lab, tmp_path, kac
         missing = run_kachery("channel", "grant", "nope", bob.node_id, "--hub", base, check=False)
         assert missing.returncode == 1 and "no channel called 'nope'" in missing.stderr
     assert "channel lab" in tc.get(f"/c/{cid}/audit").text
+
+
+def test_file_buckets_only_where_the_hubs_admin_allows(tmp_path):
+    allowed = tmp_path / "shared"
+    allowed.mkdir()
+    app = create_app(tmp_path / "hub", public_url="http://testserver", bound_host="127.0.0.1",
+                     file_bucket_roots=(allowed,))
+    tc = client(app)
+    csrf = sign_in(tc, "alice@lab.org")
+    outside = tmp_path / "elsewhere"
+    response = tc.post("/channels", data={"name": "lab", "bucket": outside.as_uri(), "transport": "memory://x",
+                                          "csrf": csrf})
+    assert response.status_code == 400 and "only under" in response.text and not outside.exists()
+    (allowed / "lab-bucket").mkdir()
+    assert create(tc, csrf, allowed / "lab-bucket")
+    exposed = create_app(tmp_path / "hub2", public_url="http://testserver", bound_host="0.0.0.0")
+    token = exposed.state.hub.db.new_api_token(exposed.state.hub.db.user_for("x", "a", "a@x.org", ""), "t")
+    answer = client(exposed).post("/api/channels", headers={"Authorization": f"Bearer {token}"},
+                                  json={"name": "lab", "bucket": outside.as_uri(), "transport": "memory://x"})
+    assert answer.status_code == 400 and "no channels on file://" in answer.json()["detail"]
+    assert not outside.exists() and not list((tmp_path / "hub2").glob("channels/*"))

@@ -31,8 +31,11 @@ def hub() -> None:
               help="A file holding the client secret (or set KACHERY_HUB_CLIENT_SECRET).")
 @click.option("--public-url", default=None, metavar="URL",
               help="Where browsers reach the hub (for the sign-in redirect) [default: http://HOST:PORT].")
+@click.option("--file-buckets", "file_buckets", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="A directory under which users may make file:// buckets (repeat; default: any on loopback, "
+                   "none otherwise).")
 def serve_cmd(host: str, port: int, root: str | None, issuer: str | None, client_id: str | None,
-              client_secret_file: str | None, public_url: str | None) -> None:
+              client_secret_file: str | None, public_url: str | None, file_buckets: tuple[str, ...]) -> None:
     """Serve the hub until interrupted. Without --issuer, only the dev sign-in, and only on loopback."""
     try:
         import uvicorn
@@ -47,7 +50,8 @@ def serve_cmd(host: str, port: int, root: str | None, issuer: str | None, client
         secret = Path(client_secret_file).read_text().strip()
     hub_root = Path(root) if root else config.home() / "hub"
     app = create_app(hub_root, issuer=issuer, client_id=client_id, client_secret=secret,
-                     public_url=public_url or f"http://{host}:{port}", bound_host=host)
+                     public_url=public_url or f"http://{host}:{port}", bound_host=host,
+                     file_bucket_roots=tuple(Path(d) for d in file_buckets))
     click.echo(f"kachery hub on http://{host}:{port} (state in {hub_root})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

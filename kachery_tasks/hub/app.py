@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -32,7 +32,14 @@ from .channels import HubChannels
 from .db import Channel, HubDB, Session, User
 from .join import encode_token
 from .oidc import OIDC, IssuerUnavailable
-from .security import check_challenge, dev_sign_in_allowed, load_secret, make_challenge, same_token
+from .security import (
+    check_challenge,
+    dev_sign_in_allowed,
+    is_loopback,
+    load_secret,
+    make_challenge,
+    same_token,
+)
 
 log = logging.getLogger("kachery_tasks.hub")
 
@@ -52,6 +59,7 @@ class Hub:
     secret: bytes
     public_url: str
     bound_host: str
+    file_bucket_roots: tuple[Path, ...] = ()
 
     @property
     def secure_cookies(self) -> bool:
@@ -73,14 +81,17 @@ class SignInNeeded(Exception):
 
 def create_app(root: Path, *, issuer: str | None = None, client_id: str | None = None,
                client_secret: str | None = None, public_url: str = "http://127.0.0.1:8080",
-               bound_host: str = "127.0.0.1") -> FastAPI:
+               bound_host: str = "127.0.0.1", file_bucket_roots: tuple[Path, ...] = ()) -> FastAPI:
     """The hub whose state lives in ``root``. ``issuer``/``client_id``: the OpenID Connect provider
     (without one, only the dev sign-in, on loopback). ``public_url``: where browsers reach the hub
-    (the redirect URI is ``<public_url>/auth/callback``)."""
+    (the redirect URI is ``<public_url>/auth/callback``). ``file_bucket_roots``: directories under
+    which users may put ``file://`` buckets (the hub writes there as itself); with none, a hub bound
+    to loopback allows any, and any other allows none."""
     root = Path(root)
     db = HubDB(root / "hub.db")
     oidc = OIDC(issuer, client_id or "", client_secret) if issuer and client_id else None
-    hub = Hub(root, db, HubChannels(root, db), oidc, load_secret(root), public_url.rstrip("/"), bound_host)
+    hub = Hub(root, db, HubChannels(root, db), oidc, load_secret(root), public_url.rstrip("/"), bound_host,
+              tuple(Path(r).resolve() for r in file_bucket_roots))
     app = FastAPI(title="kachery hub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -147,6 +158,21 @@ def create_app(root: Path, *, issuer: str | None = None, client_id: str | None =
         if owner and role != "owner":
             raise HTTPProblem(403, "only the channel's owners change it")
         return channel, role
+
+    def check_bucket(uri: str) -> None:
+        """A ``file://`` bucket is a directory the hub writes as itself: only where its admin allows."""
+        parsed = urlparse(uri.strip())
+        if parsed.scheme != "file":
+            return
+        if not hub.file_bucket_roots:
+            if is_loopback(hub.bound_host):
+                return
+            raise UserError("this hub makes no channels on file:// buckets (its admin allows directories with "
+                            "`kachery hub serve --file-buckets DIR`); use a gs:// bucket")
+        path = Path(unquote(parsed.path)).resolve()
+        if not any(path == r or r in path.parents for r in hub.file_bucket_roots):
+            roots = ", ".join(str(r) for r in hub.file_bucket_roots)
+            raise UserError(f"this hub makes file:// buckets only under {roots}; choose a directory there")
 
     # -- sign-in -----------------------------------------------------------------------------------
     @app.get("/signin", response_class=HTMLResponse)
@@ -223,6 +249,7 @@ def create_app(root: Path, *, issuer: str | None = None, client_id: str | None =
                        transport: Annotated[str, Form()], csrf: Annotated[str, Form()] = "") -> Response:
         user = form_user(request, csrf)
         try:
+            check_bucket(bucket)
             channel = hub.channels.create(user, name.strip(), bucket, transport)
         except UserError as exc:
             return render(request, "new_channel.html", 400, error=str(exc),
@@ -364,6 +391,7 @@ def create_app(root: Path, *, issuer: str | None = None, client_id: str | None =
     def api_create(request: Request, body: dict[str, str]) -> dict[str, Any]:
         user = api_user(request, changing=True)
         try:
+            check_bucket(str(body.get("bucket", "")))
             channel = hub.channels.create(user, str(body.get("name", "")), str(body.get("bucket", "")),
                                           str(body.get("transport", "")))
         except UserError as exc:

@@ -17,6 +17,7 @@ without breaking its chain.
 from __future__ import annotations
 
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..channels import admin
 from ..channels.config import ChannelConfig, check_name
 from ..channels.membership import read_published
 from ..channels.pins import Pins
-from ..errors import UserError
+from ..errors import KacheryError, UserError
 from ..feeds.registry import local_feed
 from ..identity import init_node, node_identity
 from .db import Channel, HubDB, User
@@ -86,7 +87,7 @@ class HubChannels:
             return "owner"
         try:
             members = self.config(channel).members.values()
-        except UserError:
+        except (KacheryError, OSError):  # its bucket unreadable now: only its owners see it
             return None
         return "member" if any(m.owner.lower() == user.email.lower() for m in members) else None
 
@@ -101,13 +102,19 @@ class HubChannels:
 
     # -- changing ----------------------------------------------------------------------------------
     def create(self, user: User, name: str, bucket: str, transport: str) -> Channel:
-        """A new channel with a key of its own, version 1 written to ``bucket``; ``user`` owns it."""
+        """A new channel with a key of its own, version 1 written to ``bucket``; ``user`` owns it.
+        A refusal (a bad name or URI, a bucket that cannot be written or already holds the name)
+        leaves nothing: no key, no row, nothing in the bucket."""
         check_name(name, "channel name")
         channel = Channel(secrets.token_hex(8), name, bucket.strip(), transport.strip(), user.id, time.time())
         home = self.home(channel)
-        init_node(home, owner=user.email, label=f"hub: {name}")
-        admin.create_channel(home, name, bucket=channel.bucket, transport=channel.transport)
-        self.db.add_channel(channel)
+        try:
+            init_node(home, owner=user.email, label=f"hub: {name}")
+            admin.create_channel(home, name, bucket=channel.bucket, transport=channel.transport)
+            self.db.add_channel(channel)
+        except BaseException:
+            shutil.rmtree(home.parent, ignore_errors=True)
+            raise
         self._audit(channel, user, "create", f"channel {name} on {channel.bucket} via {channel.transport}", 1)
         return channel
 
