@@ -242,6 +242,20 @@ def test_outsiders_see_nothing_members_look_owners_change(lab, tmp_path):
     assert response.status_code == 403
     assert bob_node.node_id in stored(bucket, "secret-project").members
 
+    # the same rules through the API
+    def bearer(tc, csrf):
+        token = re.search(r'id="api-token">([^<]+)<', tc.post("/tokens", data={"csrf": csrf}).text).group(1)
+        return {"Authorization": f"Bearer {token}"}
+
+    as_eve, as_bob = bearer(eve, e_csrf), bearer(bob, b_csrf)
+    assert eve.get("/api/channels", headers=as_eve).json() == []
+    for response in (eve.get(f"/api/channels/{cid}", headers=as_eve),
+                     eve.post(f"/api/channels/{cid}/revoke", headers=as_eve, json={"target": bob_node.node_id})):
+        assert response.status_code == 404 and "secret-project" not in response.text
+    assert bob.get(f"/api/channels/{cid}", headers=as_bob).json()["role"] == "member"
+    assert bob.post(f"/api/channels/{cid}/revoke", headers=as_bob, json={"target": bob_node.node_id}).status_code == 403
+    assert bob_node.node_id in stored(bucket, "secret-project").members
+
 
 def test_forms_need_their_csrf_token_and_no_get_changes_anything(lab, tmp_path):
     app, bucket = lab

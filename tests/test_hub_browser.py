@@ -92,6 +92,11 @@ def test_an_owner_runs_a_channel_from_the_browser_and_a_running_node_obeys(tmp_p
             got = laptop.py(f"import kachery_tasks as kt\nprint(len(kt.load_bytes({uri!r})))").stdout.strip()
             assert got == "9000"
 
+            # the server's page: online, with its last heartbeat
+            page.goto(f"{channel_url}/nodes/{server_id}")
+            assert "Online: last heartbeat at" in page.inner_text("#presence")
+            page.goto(channel_url)
+
             # untick the server's provide_files: the running daemon obeys after its refresh
             row = page.locator(f'tr[data-node="{server_id}"]')
             row.locator('input[type=checkbox][value="provide_files"]').uncheck()

@@ -498,6 +498,11 @@ def _presence(channel: Channel, node_id: str) -> dict[str, Any] | None:
         info = json.loads(raw)
     except ValueError:
         info = {}
-    if isinstance(info, dict) and isinstance(info.get("since"), int | float):
+    if not isinstance(info, dict):
+        return {}
+    if isinstance(info.get("since"), int | float):
         info["since_text"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["since"]))
-    return info if isinstance(info, dict) else {}
+    if isinstance(info.get("beat"), int | float):
+        info["beat_text"] = time.strftime("%H:%M:%S UTC", time.gmtime(info["beat"]))
+        info["beat_ago"] = max(0, round(time.time() - info["beat"]))
+    return info

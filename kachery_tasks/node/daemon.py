@@ -259,7 +259,8 @@ class NodeDaemon:
             try:
                 conf = session.config()  # refreshed when due
                 info = {"label": conf.members[session.node_id].label if session.node_id in conf.members else "",
-                        "pid": os.getpid(), "since": int(self.started), "serves": SERVED.serves()}
+                        "pid": os.getpid(), "since": int(self.started), "beat": int(time.time()),
+                        "serves": SERVED.serves()}
                 session.announce(info, ttl=PRESENCE_PERIODS * self.heartbeat_s)
                 session.send("heartbeat", {"served": sum(channel.served.values())})
             except KacheryError as exc:
