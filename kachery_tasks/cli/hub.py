@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .. import config
 from ..errors import UserError
 from ..fs import write_atomic
+from ..hub.client import call_hub
 
 
 @click.group()
@@ -70,24 +70,10 @@ def credentials() -> dict[str, str]:
     return data
 
 
-def call_api(method: str, path: str, body: dict | None = None, *, url: str | None = None) -> object:
-    """Call the signed-in hub's API; its refusal or absence is one line."""
+def call_api(method: str, path: str, body: dict | None = None, *, url: str | None = None) -> Any:
+    """Call the signed-in hub's API (at ``url`` if given) with this home's token."""
     creds = credentials()
-    base = (url or creds["url"]).rstrip("/")
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{base}{path}", data=data, method=method, headers={
-        "Authorization": f"Bearer {creds['token']}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - the hub's URL
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("detail")
-        except (ValueError, AttributeError):
-            detail = None
-        raise UserError(f"the hub at {base} refused: {detail or exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise UserError(f"cannot reach the hub at {base} ({exc})") from None
+    return call_hub(url or creds["url"], method, path, body, token=creds["token"])
 
 
 @hub.command("login")

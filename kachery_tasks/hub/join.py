@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from ..channels.membership import Membership
@@ -22,6 +20,7 @@ from ..channels.pins import JoinString, Pins
 from ..errors import UserError
 from ..identity import node_identity
 from ..identity.proofs import prove
+from .client import call_hub
 
 TOKEN_PREFIX = "kachery-hub-join-1."
 
@@ -55,19 +54,7 @@ def join_with_token(home: Path, text: str) -> tuple[JoinString, list[str]]:
     identity = node_identity(home)
     if not identity.owner:
         raise UserError("set this node's owner first (`kachery node init --owner EMAIL`): the channel lists it")
-    request = urllib.request.Request(f"{hub}/api/join", data=json.dumps({"proof": prove(identity, secret)}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    try:  # the standard library's client: a node joins with no web stack installed
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - the hub's own https/http URL
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            detail = json.loads(exc.read()).get("detail")
-        except (ValueError, AttributeError):
-            detail = None
-        raise UserError(f"the hub at {hub} refused: {detail or exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise UserError(f"cannot reach the hub at {hub} ({exc}); is it running?") from None
+    answer = call_hub(hub, "POST", "/api/join", {"proof": prove(identity, secret)})
     join = JoinString.parse(answer["join"])
     Pins(home).pin(join)
     Membership(home, join.channel).refresh()

@@ -51,7 +51,7 @@ from ..fs import make_dirs, write_atomic
 from .executors import Execute, run_here
 from .outcome import Outcome
 from .providers import HANDLERS, feed_size, handle, republish_feed
-from .runner import TaskRunner
+from .runner import TaskRunner, finish_within
 from .serving import SERVED, Admitted, admit_task, answer
 
 log = logging.getLogger("kachery_tasks.node")
@@ -157,14 +157,7 @@ class NodeDaemon:
         still_running = self.runner.close(self.grace_s)
         with self._lock:
             pending = [f for _, _, f in self._in_flight.values()]
-        for future in pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                future.result(timeout=left)
-            except Exception:  # noqa: BLE001 - reported by the task itself
-                pass
+        finish_within(pending, deadline)
         with self._lock:
             abandoned = len(self._in_flight) + still_running
         if abandoned:

@@ -138,15 +138,7 @@ class TaskRunner:
             if entry.future is not None:
                 entry.future.cancel()
             release(entry.session, entry.env, entry.admitted)
-        deadline = time.monotonic() + grace_s
-        for future in running:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                future.result(timeout=left)
-            except Exception:  # noqa: BLE001 - reported by the task itself
-                pass
+        finish_within(running, time.monotonic() + grace_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
         return self.running()
 
@@ -173,3 +165,16 @@ class TaskRunner:
         if entry.state in ("queued", "running"):
             entry.reported = True
             report(entry.session, entry.env, entry.state, since=round(since, 3), every=self.every)
+
+
+def finish_within(futures: list[Future], deadline: float) -> None:
+    """Wait for ``futures`` until ``deadline`` (monotonic) at the latest; their own failures are
+    theirs to report (each request answers or logs its error)."""
+    for future in futures:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            future.result(timeout=left)
+        except Exception:  # noqa: BLE001 - reported by the request itself
+            pass
