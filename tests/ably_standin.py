@@ -39,6 +39,32 @@ Realtime protocol (numeric actions as in ``ProtocolMessageAction``):
 - AUTH: an in-band token from the client (``auth.authorize()``) answered by CONNECTED; the server
   can ask for one (``request_reauth()``).
 
+Hooks for tests (callable from the test's thread): ``drop_connections(refuse_for=0)`` (close every
+socket without DISCONNECTED; optionally refuse upgrades for a while: an outage), ``lose_resume()``,
+``expire_tokens()``, ``request_reauth()``, ``break_continuity(channel)`` (unsolicited ATTACHED
+without RESUMED: the SDK's channel ``update`` event), ``issue_token()``, ``add_key()``,
+``presence_members()``; settable ``max_message_size``, ``heartbeat_interval``, ``max_idle_interval``,
+``presence_timeout``; ``counters`` (a Counter of what it saw: ``recv:<ACTION>``, ``acks``,
+``nack:<code>``, ``resumed``, ``resume_failed``, ``backlogged``, ``tokens_issued``, ...) and
+``received`` (every protocol message, decoded).
+
+How the SDK (3.1.4) shows what happens, found while proving this server:
+
+- after any reconnect (resumed or not) and after an in-band AUTH it re-sends ATTACH for every
+  attached channel (``Channels._on_connected``), so a lost resume is a channel ``attached`` event
+  (previous ``attaching``) with ``ChannelStateChange.resumed is False``, plus the connection's
+  ``connected`` state change with ``reason.code == 80008`` and a new
+  ``connection.connection_manager.connection_id``; a successful resume is the same event with
+  ``resumed is True``. The ``update`` event (RTL12) only comes from an ATTACHED while already attached.
+- on DISCONNECTED 40142 it awaits ``auth_callback`` with ``connection.state`` still CONNECTED and the
+  transport already disposed (``ConnectionManager.on_disconnected``): a publish in that window raises
+  ``websockets.exceptions.ConnectionClosedOK``, not an AblyException.
+- it refuses messages over 65536 bytes itself (``validate_message_size``, 40009) and ignores
+  ``maxMessageSize`` from CONNECTED, so the server's own 40009 shows only below that (set
+  ``max_message_size``).
+- basic (key) auth over REST without TLS is refused by the SDK (40103, ``ably/http/http.py``): REST
+  clients here use tokens (``use_token_auth=True`` with the key signs TokenRequests locally).
+
 REST: ``GET /time``, ``POST /keys/<keyName>/requestToken`` (TokenRequest checked: HMAC-SHA256 of the
 key secret as in ``TokenRequest.sign_request``, timestamp within 10 min, nonce not replayed, key
 capability intersected), ``POST /channels/<name>/messages``, ``GET /channels/<name>/presence``.
@@ -410,6 +436,19 @@ class AblyStandin:
             return len(hit)
         return self.call(expire)
 
+    def break_continuity(self, channel: str) -> int:
+        """An unsolicited ATTACHED without RESUMED on ``channel`` to every live connection attached to it
+        (Ably's notice that messages on that channel were lost); the SDK emits an ``update``."""
+        def send() -> int:
+            ch = self.channels.get(channel)
+            hit = [c for c in ch.attached.values() if c.transport is not None] if ch else []
+            for conn in hit:
+                conn.transport.put({"action": ATTACHED, "channel": channel, "channelSerial": f"{channel}@{ch.serial}",
+                                    "flags": MODE_PUBLISH | MODE_SUBSCRIBE, "error": error(
+                                        "Channel continuity lost", 91005, 400)})
+            return len(hit)
+        return self.call(send)
+
     def request_reauth(self) -> int:
         """Send AUTH to every live token connection (the SDK then calls its auth_callback)."""
         def ask() -> int:
@@ -473,6 +512,7 @@ class AblyStandin:
                     conn = None
         finally:
             heartbeat.cancel()
+            transport.writer.cancel()  # the socket is gone: nothing left can be sent
             transport.closed = True
             if conn is not None and conn.transport is transport:
                 self._transport_lost(conn)

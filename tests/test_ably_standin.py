@@ -436,3 +436,39 @@ def test_realtime_host_with_a_port_reaches_the_standin(ably_server: AblyStandin)
         await client.close()
 
     run(main)
+
+
+def test_break_continuity_shows_as_an_update_without_resumed(ably_server: AblyStandin) -> None:
+    async def main() -> None:
+        client = await connected(ably_server)
+        channel = client.channels.get("c")
+        await channel.attach()
+        updates: list[ChannelStateChange] = []
+        channel.on("update", lambda change: updates.append(change))
+        assert ably_server.break_continuity("c") == 1
+        await until(lambda: len(updates) == 1, "the channel's update event")
+        assert (updates[0].current, updates[0].resumed) == (ChannelState.ATTACHED, False)
+        assert updates[0].reason is not None and updates[0].reason.code == 91005
+        await client.close()
+
+    run(main)
+
+
+def test_a_token_running_out_under_a_live_connection(ably_server: AblyStandin) -> None:
+    async def main() -> None:
+        ttls = [1_000, 60_000]
+        calls: list[dict] = []
+
+        async def auth_callback(token_params: dict) -> Any:
+            calls.append(token_params)
+            return ably_server.issue_token(ttl=ttls[len(calls) - 1])  # TokenDetails as a dict
+
+        client = await connected(ably_server, key=None, auth_callback=auth_callback)
+        conn_id = client.connection.connection_manager.connection_id
+        await until(lambda: ably_server.counters["disconnected_token_expired"] == 1, "the token's expiry")
+        await until(lambda: len(calls) == 2 and ably_server.counters["resumed"] == 1, "a renewal and a resume")
+        await until(lambda: client.connection.state == ConnectionState.CONNECTED, "CONNECTED again")
+        assert client.connection.connection_manager.connection_id == conn_id
+        await client.close()
+
+    run(main)
