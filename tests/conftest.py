@@ -66,5 +66,6 @@ def kachery(env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
 # --- buckets (issue 21): fixtures for the bucket conformance suite live in bucket_fixtures.py -----
 # --- transports: the redis-server fixtures of the transport conformance suite, in redis_fixtures.py
 # --- hub: an OIDC issuer, an ASGI server and a headless browser, in hub_fixtures.py
-pytest_plugins = ["bucket_fixtures", "redis_fixtures", "hub_fixtures"]
+# --- ably: a local stand-in for Ably's realtime service (the ably_server fixture), in ably_standin.py
+pytest_plugins = ["bucket_fixtures", "redis_fixtures", "hub_fixtures", "ably_standin"]
 # --- end buckets ----------------------------------------------------------------------------------
