@@ -30,11 +30,12 @@ from kachery_tasks.channels import (
 from kachery_tasks.errors import InvalidURI, UserError
 
 WAIT = 20.0
-KINDS = ["memory", "redis"]
+KINDS = ["memory", "redis", "ably"]
 #: Options by kind. Redis: short timeouts and backoff, so that reconnects take a fraction of a second.
 OPTIONS: dict[str, dict] = {
     "memory": {},
     "redis": {"timeout": 2.0, "poll_interval": 0.05, "max_backoff": 0.5},
+    "ably": {"timeout": 5.0},
 }
 
 
@@ -93,13 +94,23 @@ def kind(request: pytest.FixtureRequest) -> str:
 def uri(kind: str, request: pytest.FixtureRequest) -> str:
     if kind == "memory":
         return f"memory://t-{uuid.uuid4().hex[:12]}"
+    if kind == "ably":
+        return ably_uri(request.getfixturevalue("ably_server"))
     return request.getfixturevalue("redis_uri")
 
 
+def ably_uri(server) -> str:
+    """The stand-in's address as a channel's transport URI (its key comes from the environment)."""
+    return f"ably://{server.host}/?tls=false&key_env=KT_TEST_ABLY_KEY&disconnected_retry_timeout=300"
+
+
 @pytest.fixture
-def connect(uri: str, kind: str) -> Iterator[Callable[..., Transport]]:
+def connect(uri: str, kind: str, request: pytest.FixtureRequest,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Transport]]:
     """Open another transport on the test's URI (another node); all are closed at the end."""
     opened: list[Transport] = []
+    if kind == "ably":
+        monkeypatch.setenv("KT_TEST_ABLY_KEY", request.getfixturevalue("ably_server").key.full)
 
     def open_(**options: object) -> Transport:
         transport = open_transport(uri, **{**OPTIONS[kind], **options})
@@ -152,7 +163,7 @@ def test_two_transports_on_one_uri_talk(connect: Callable[..., Transport]) -> No
     one.publish("t", b"from one")
     assert in_one.get() == b"from one" and in_two.get() == b"from one"
     one.announce("t", "node-one", b"hi", ttl=60)
-    assert two.present("t") == {"node-one": b"hi"}
+    wait_for(lambda: two.present("t") == {"node-one": b"hi"}, "the announcement seen by the other")
 
 
 def test_closing_a_subscription_stops_delivery_and_is_idempotent(transport: Transport) -> None:
@@ -283,9 +294,11 @@ def test_announce_then_present_lists_the_member_with_its_info(connect: Callable[
     node, other = connect(), connect()
     node.announce("p", "node-a", b"info a", ttl=60)
     node.announce("p", "node-b", b"info b", ttl=60)
-    assert other.present("p") == {"node-a": b"info a", "node-b": b"info b"}
+    # presence travels like messages: another node sees it within the bus's propagation (at once
+    # on Redis and in memory; Ably sends it to the other connection)
+    wait_for(lambda: other.present("p") == {"node-a": b"info a", "node-b": b"info b"}, "both members")
     node.announce("p", "node-a", b"newer", ttl=60)
-    assert other.present("p") == {"node-a": b"newer", "node-b": b"info b"}
+    wait_for(lambda: other.present("p") == {"node-a": b"newer", "node-b": b"info b"}, "the newer info")
     assert other.present("nobody-here") == {}
 
 

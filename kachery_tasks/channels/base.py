@@ -85,7 +85,9 @@ class Transport(ABC):
 
     @abstractmethod
     def present(self, topic: str) -> dict[str, bytes]:
-        """The members announced on ``topic`` whose ttl has not run out, with their latest info."""
+        """The members announced on ``topic`` whose ttl has not run out, with their latest info.
+        Another node's announcement is seen once the bus has carried it (at once on Redis; within
+        milliseconds on Ably, which sends presence to each connection)."""
 
     def close(self) -> None:
         """Stop every subscription and release connections (idempotent)."""

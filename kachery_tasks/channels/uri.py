@@ -1,6 +1,6 @@
-"""Opening a transport by URI: ``memory://NAME`` (:mod:`.memory`) or ``redis://[:password@]host:port/db``
-and ``rediss://`` for TLS (:mod:`.redis`, needs the ``redis`` extra, imported only when such a
-transport is opened).
+"""Opening a transport by URI: ``memory://NAME`` (:mod:`.memory`), ``redis://[:password@]host:port/db``
+and ``rediss://`` for TLS (:mod:`.redis`, needs the ``redis`` extra), or ``ably://[HOST[:PORT]]/``
+(:mod:`.ably`, needs the ``ably`` extra); an extra is imported only when such a transport is opened.
 
 The URI is parsed here, whatever the implementation, so that a malformed one is reported the same
 way whether or not the extra is installed. A password never appears in a message: every URI shown
@@ -17,7 +17,7 @@ from ..errors import InvalidURI, UserError
 from .base import Transport
 from .memory import MemoryTransport
 
-_FORMS = "memory://NAME or redis://[:password@]host:port/db (rediss:// for TLS)"
+_FORMS = "memory://NAME, redis://[:password@]host:port/db (rediss:// for TLS) or ably://[HOST[:PORT]]/"
 _REDIS_FORM = "redis://[:password@]host:port/db"
 _MEMORY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@]*)@")
@@ -47,6 +47,10 @@ def open_transport(uri: str, **options: Any) -> Transport:
                 raise
             raise UserError(f"{shown(uri)} needs redis-py: pip install 'kachery-tasks[redis]'") from None
         return RedisTransport(shown(uri), **address, **options)
+    if scheme == "ably":
+        from .ably import AblyTransport  # imports the ably SDK only when it is opened
+
+        return AblyTransport(uri, **options)
     raise InvalidURI(f"{shown(uri)!r}: unknown transport scheme {scheme!r}; use {_FORMS}")
 
 

@@ -1,0 +1,314 @@
+"""Ably as a channel's transport: ``ably://`` (Ably's service) or ``ably://HOST:PORT/?tls=false``.
+
+The seed network sent every request and status through Ably; a lab with an Ably account can run a
+channel on it with the same envelopes, permissions and requests as on Redis. Built on the ``ably``
+SDK (3.x, asyncio realtime; the ``[ably]`` extra), whose event loop runs in a thread of this
+transport, so the rest of the channel code stays synchronous and never knows which bus it is on.
+
+**One Ably channel per topic** (``channel/<name>``, the same name: a key's capability can be
+written ``{"channel/*": ["publish", "subscribe", "presence"]}``). Envelopes are published as binary
+message data under the name ``env``; they are at most :data:`MAX_MESSAGE_BYTES` (60,000), under
+Ably's 64 KiB limit for a message with its name, so no envelope is ever refused for its size
+(data travels through the bucket, by design).
+
+**Authentication**: the API key from the environment variable named by the URI's ``key_env``
+(default ``ABLY_API_KEY``), never from the URI itself (the URI is in the channel's config, which
+every member reads); or token auth through ``auth_callback`` (a function of the token params that
+returns a TokenRequest, TokenDetails or token string, called again when a token expires), so a
+node can hold short-lived, capability-restricted tokens instead of the key.
+
+**Delivery**: Ably keeps a connection's messages for two minutes and resumes a dropped connection
+with nothing lost. When a resume fails (the connection was gone too long, or the server lost its
+state), each channel attaches again with ``resumed`` false: that is reported to the subscription's
+``on_gap``, exactly as the Redis transport reports a reconnect, and the requester re-checks the
+bucket. Unlike Redis pub/sub, Ably also delivers what was published during a short outage.
+
+**Presence**: ``announce`` enters (then updates) the member on the Ably channel's presence set on
+behalf of the node id, with the info and a deadline; ``present`` lists members whose deadline has
+not passed (Ably itself removes the members of a connection that is gone for 15 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlparse
+
+from .base import GapHandler, MessageHandler, Subscription, Transport, TransportError, check_message
+from .rules import call_handler, check_announcement, check_bytes, check_topic
+
+log = logging.getLogger(__name__)
+
+#: How long an operation waits for Ably before it is a TransportError.
+TIMEOUT_S = 15.0
+#: Query parameters of an ``ably://`` URI that are SDK timing options, in milliseconds.
+_TIMING_OPTIONS = ("disconnected_retry_timeout", "suspended_retry_timeout", "realtime_request_timeout",
+                   "http_request_timeout", "channel_retry_timeout")
+_GAP = object()
+_STOP = object()
+
+
+def _one_line(uri: str, what: str, exc: BaseException) -> TransportError:
+    code = getattr(exc, "code", None)
+    message = str(getattr(exc, "message", "") or exc).strip().splitlines()
+    text = message[0][:200] if message else type(exc).__name__
+    if code in (40160, 40161):
+        hint = "; the key or token lacks the capability (give it publish, subscribe and presence on channel/*)"
+    elif code in (40101, 40102, 40103, 40400, 40005):
+        hint = "; check the API key (the variable the URI's key_env names, default ABLY_API_KEY)"
+    elif code == 40009:
+        hint = "; the message is over Ably's size limit"
+    else:
+        hint = ""
+    return TransportError(f"{uri}: {what}: {text}" + (f" (Ably error {code})" if code else "") + hint)
+
+
+class AblyTransport(Transport):
+    """A channel transport over Ably (module doc). ``key`` and ``auth_callback`` override the
+    environment; ``options``: further keyword arguments of ``AblyRealtime``."""
+
+    def __init__(self, uri: str, *, key: str | None = None, auth_callback: Callable[[Any], Any] | None = None,
+                 options: dict[str, Any] | None = None, timeout: float = TIMEOUT_S) -> None:
+        super().__init__(uri)
+        try:
+            import ably  # noqa: F401 - the [ably] extra
+        except ImportError:
+            raise TransportError(f"{uri}: the Ably transport needs its extra: pip install 'kachery-tasks[ably]'") from None
+        self.timeout = timeout
+        opts = _options_from_uri(uri)
+        key_env = opts.pop("key_env")
+        key = key or os.environ.get(key_env)
+        if auth_callback is not None:
+            opts["auth_callback"] = self._async_callback(auth_callback)
+        elif key:
+            opts["key"] = key
+        else:
+            raise TransportError(f"{uri}: no Ably credentials: set {key_env} to the app's API key (or give "
+                                 "the transport an auth_callback for token auth)")
+        opts.update(options or {})
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kachery-ably", daemon=True)
+        self._thread.start()
+        self._channels_attached: dict[str, bool] = {}
+        self._entered: set[tuple[str, str]] = set()
+        try:
+            self._client = self._call(self._connect(opts), "connect")
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _call(self, coro: Any, what: str) -> Any:
+        """Run ``coro`` on the transport's loop; an Ably failure or a timeout is one line."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TransportError(f"{self.uri}: {what}: no answer from Ably in {self.timeout:g} s") from None
+        except TransportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - AblyException, websockets' errors: one line each
+            raise _one_line(self.uri, what, exc) from None
+
+    def _async_callback(self, callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        async def run(params: Any) -> Any:  # the SDK awaits it; the user's function may block
+            return await self._loop.run_in_executor(None, callback, params)
+        return run
+
+    async def _connect(self, opts: dict[str, Any]) -> Any:
+        from ably import AblyRealtime
+
+        client = AblyRealtime(**opts)
+        try:
+            await asyncio.wait_for(client.connection.once_async("connected"), self.timeout)
+        except BaseException:
+            reason = client.connection.error_reason
+            await client.close()
+            if reason is not None:
+                raise reason from None
+            raise
+        return client
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    # -- the protocol --------------------------------------------------------------------------------
+    def publish(self, topic: str, message: bytes) -> None:
+        check_topic(self.uri, topic)
+        message = check_bytes(self.uri, "message", message)
+        check_message(self.uri, message)
+        self._check_open()
+        self._call(self._client.channels.get(topic).publish("env", message), f"publish to {topic!r}")
+
+    def subscribe(self, topic: str, on_message: MessageHandler, on_gap: GapHandler | None = None) -> Subscription:
+        check_topic(self.uri, topic)
+        self._check_open()
+        subscription = _AblySubscription(self, topic, on_message, on_gap)
+        self._call(subscription.start(), f"subscribe to {topic!r}")
+        if not self._track(subscription):
+            subscription.close()
+            raise self._closed_error()
+        return subscription
+
+    def announce(self, topic: str, member: str, info: bytes, ttl: float) -> None:
+        info, ttl = check_announcement(self.uri, topic, member, info, ttl)
+        self._check_open()
+        data = {"info": base64.b64encode(info).decode(), "until": time.time() + ttl}
+        presence = self._client.channels.get(topic).presence
+        entered = (topic, member) in self._entered
+        coro = presence.update_client(member, data) if entered else presence.enter_client(member, data)
+        self._call(coro, f"presence on {topic!r}")
+        self._entered.add((topic, member))
+
+    def present(self, topic: str) -> dict[str, bytes]:
+        check_topic(self.uri, topic)
+        self._check_open()
+        members = self._call(self._client.channels.get(topic).presence.get(), f"presence of {topic!r}")
+        now = time.time()
+        found: dict[str, bytes] = {}
+        for message in members:
+            data = message.data
+            if isinstance(data, str):
+                try:
+                    data = json.loads(data)
+                except ValueError:
+                    continue
+            if not isinstance(data, dict) or not isinstance(data.get("until"), int | float) or data["until"] <= now:
+                continue
+            try:
+                found[str(message.client_id)] = base64.b64decode(str(data.get("info", "")))
+            except ValueError:
+                continue
+        return found
+
+    def _release(self) -> None:
+        if not self._thread.is_alive():
+            return  # closed before
+        try:
+            self._call(self._client.close(), "close")
+        except TransportError as exc:
+            log.debug("%s", exc)
+        self._stop_loop()
+
+
+class _AblySubscription(Subscription):
+    """Messages of one Ably channel handed to ``on_message`` on a thread of their own, in order (a
+    handler may block; the SDK's loop must not); a lost continuity handed to ``on_gap``."""
+
+    def __init__(self, transport: AblyTransport, topic: str, on_message: MessageHandler,
+                 on_gap: GapHandler | None) -> None:
+        self._transport = transport
+        self.topic = topic
+        self._on_message = on_message
+        self._on_gap = on_gap
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._attached_once = False
+        self._channel: Any = None
+        self._thread = threading.Thread(target=self._dispatch, name=f"kachery-ably-{topic}", daemon=True)
+        self._thread.start()
+
+    async def start(self) -> None:
+        self._channel = self._transport._client.channels.get(self.topic)
+        self._channel.on("attached", self._on_attached)
+        self._channel.on("update", self._on_update)
+        await self._channel.subscribe(self._on_ably_message)
+        self._attached_once = True
+
+    def _on_ably_message(self, message: Any) -> None:
+        data = message.data
+        if isinstance(data, str):
+            data = data.encode()
+        if isinstance(data, bytes | bytearray) and not self._closed.is_set():
+            self._queue.put(bytes(data))
+
+    def _on_attached(self, change: Any) -> None:
+        # the first attach is the subscription starting; after it, an attach that did not resume
+        # is a continuity lost (a failed resume, a suspended connection)
+        if self._attached_once and not getattr(change, "resumed", True):
+            self._queue.put(_GAP)
+
+    def _on_update(self, change: Any) -> None:
+        if not getattr(change, "resumed", True):
+            self._queue.put(_GAP)
+
+    def _dispatch(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP or self._closed.is_set():
+                return
+            if item is _GAP:
+                if self._on_gap is not None:
+                    log.info("%s: continuity of %r lost (Ably did not resume); the requester re-checks the bucket",
+                             self._transport.uri, self.topic)
+                    call_handler(log, self._transport.uri, self.topic, self._on_gap)
+                continue
+            call_handler(log, self._transport.uri, self.topic, self._on_message, item)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._queue.put(_STOP)
+        channel = self._channel
+        if channel is not None and not self._transport._loop.is_closed():
+            def detach() -> None:
+                channel.unsubscribe(self._on_ably_message)
+                channel.off("attached", self._on_attached)
+                channel.off("update", self._on_update)
+            try:
+                self._transport._loop.call_soon_threadsafe(detach)
+            except RuntimeError:
+                pass  # the loop already stopped
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        self._transport._forget(self)
+
+
+def _options_from_uri(uri: str) -> dict[str, Any]:
+    """``AblyRealtime`` options from ``ably://[HOST[:PORT]]/[?tls=…&binary=…&key_env=…&<timing>=ms]``."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "ably":
+        raise TransportError(f"{uri}: not an ably:// URI")
+    query = dict(parse_qsl(parsed.query))
+    unknown = set(query) - {"tls", "binary", "key_env", *_TIMING_OPTIONS}
+    if unknown:
+        raise TransportError(f"{uri}: unknown option(s) {', '.join(sorted(unknown))} (known: tls, binary, key_env, "
+                             f"{', '.join(_TIMING_OPTIONS)})")
+    opts: dict[str, Any] = {"key_env": query.get("key_env", "ABLY_API_KEY"),
+                            "use_binary_protocol": _flag(uri, query, "binary", True), "auto_connect": True}
+    tls = _flag(uri, query, "tls", True)
+    if parsed.hostname:
+        port = parsed.port or (443 if tls else 80)
+        # the SDK joins host and port itself for REST, but not for the realtime URL: a trailing
+        # slash after HOST:PORT gives both a valid base (ably-python issue 567)
+        opts.update(endpoint=f"{parsed.hostname}:{port}/", tls=tls, fallback_hosts=[])
+        opts["tls_port" if tls else "port"] = port
+    for name in _TIMING_OPTIONS:
+        if name in query:
+            try:
+                opts[name] = int(query[name])
+            except ValueError:
+                raise TransportError(f"{uri}: {name} takes milliseconds, not {query[name]!r}") from None
+    return opts
+
+
+def _flag(uri: str, query: dict[str, str], name: str, default: bool) -> bool:
+    value = query.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise TransportError(f"{uri}: {name} takes true or false, not {value!r}")
