@@ -992,6 +992,15 @@ class AblyStandin:
         raise AuthError(f"Not found: {method} {path}", 40400, 404)
 
 
+#: The variable the transport URIs of the tests name for the stand-in's key (``key_env``).
+KEY_ENV = "KT_TEST_ABLY_KEY"
+
+
+def transport_uri(server: AblyStandin) -> str:
+    """The stand-in as a channel's transport URI; the key comes from :data:`KEY_ENV`."""
+    return f"ably://{server.host}/?tls=false&key_env={KEY_ENV}&disconnected_retry_timeout=300"
+
+
 @pytest.fixture
 def ably_server() -> Iterator[AblyStandin]:
     """A fresh Ably stand-in on a free 127.0.0.1 port, in its own thread and event loop."""

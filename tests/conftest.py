@@ -69,3 +69,17 @@ def kachery(env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
 # --- ably: a local stand-in for Ably's realtime service (the ably_server fixture), in ably_standin.py
 pytest_plugins = ["bucket_fixtures", "redis_fixtures", "hub_fixtures", "ably_standin"]
 # --- end buckets ----------------------------------------------------------------------------------
+
+
+# --- channels over each bus: the node scenarios run on Redis and on the Ably stand-in ---------------
+@pytest.fixture(params=["redis", "ably"])
+def bus_uri(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A channel transport URI on a real redis-server, or on the Ably stand-in (its key in the
+    environment, where the nodes started as subprocesses find it)."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_uri")
+    from ably_standin import KEY_ENV, transport_uri
+
+    server = request.getfixturevalue("ably_server")
+    monkeypatch.setenv(KEY_ENV, server.key.full)
+    return transport_uri(server)

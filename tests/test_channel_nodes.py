@@ -32,6 +32,14 @@ def lab(tmp_path: Path, redis_uri: str):
     stop_all(owner, member, outsider)
 
 
+@pytest.fixture
+def any_lab(tmp_path: Path, bus_uri: str):
+    """The lab on each bus: a real redis-server, and the Ably stand-in through the ably SDK."""
+    owner, member, outsider, bucket = make_lab(tmp_path, bus_uri, tmp_path / "runs.txt")
+    yield owner, member, outsider, bucket
+    stop_all(owner, member, outsider)
+
+
 def store(node, data_hex: str, times: int = 1) -> str:
     return node.py(STORE_FILE.replace("sys.argv[1]", repr(data_hex)).replace("sys.argv[2]", str(times))).stdout.strip()
 
@@ -41,8 +49,8 @@ def load(node, uri: str, *, check: bool = True, **extra: str):
     return node.py(f"import kachery_tasks as kt\nprint(kt.load_bytes({uri!r}).hex())", check=check, **extra)
 
 
-def test_a_file_is_requested_uploaded_by_its_holder_and_loaded_verified(lab):
-    owner, member, _, bucket = lab
+def test_a_file_is_requested_uploaded_by_its_holder_and_loaded_verified(any_lab):
+    owner, member, _, bucket = any_lab
     uri = store(owner, "c0ffee", 1000)
     assert not any(bucket.glob("sha256/*/*/*"))  # never published: only the owner has it
     owner.start_daemon()
@@ -54,8 +62,8 @@ def test_a_file_is_requested_uploaded_by_its_holder_and_loaded_verified(lab):
     assert load(member, uri).stdout.strip() == "c0ffee" * 1000
 
 
-def test_a_file_no_provider_has_fails_fast_in_one_line(lab):
-    owner, member, _, _ = lab
+def test_a_file_no_provider_has_fails_fast_in_one_line(any_lab):
+    owner, member, _, _ = any_lab
     owner.start_daemon()
     missing = "sha256://" + "ab" * 32
     out = load(member, missing, check=False)
@@ -70,25 +78,25 @@ def test_with_no_provider_online_the_error_says_so(lab):
     assert out.returncode != 0 and "no member with provide_files is online" in out.stderr
 
 
-def test_the_outsider_is_refused_and_its_raw_requests_are_dropped(lab, redis_uri):
-    owner, _, outsider, _ = lab
+def test_the_outsider_is_refused_and_its_raw_requests_are_dropped(any_lab, bus_uri):
+    owner, _, outsider, _ = any_lab
     uri = store(owner, "beef", 10)
     owner.start_daemon()
     out = load(outsider, uri, check=False)  # not a member: it does not ask at all
     assert out.returncode != 0
     keys = KeyPair.generate()
-    with open_transport(redis_uri) as bus:
+    with open_transport(bus_uri) as bus:
         bus.publish("channel/lab", seal(keys, "request_file", "lab", {"sha256": uri[9:]}).to_bytes())
     wait_for(lambda: owner.status()["channels"]["lab"]["dropped"].get("not_member"), what="the drop")
     assert owner.status()["channels"]["lab"]["served"] == {}
 
 
-def test_forged_and_replayed_requests_are_dropped(lab, redis_uri):
-    owner, member, _, _ = lab
+def test_forged_and_replayed_requests_are_dropped(any_lab, bus_uri):
+    owner, member, _, _ = any_lab
     uri = store(owner, "feed", 10)
     owner.start_daemon()
     captured: list[bytes] = []
-    with open_transport(redis_uri) as bus:
+    with open_transport(bus_uri) as bus:
         sub = bus.subscribe("channel/lab", lambda m: captured.append(m) if b'"request_file"' in m else None)
         load(member, uri)
         sub.close()
@@ -104,8 +112,8 @@ def test_forged_and_replayed_requests_are_dropped(lab, redis_uri):
     assert owner.status()["channels"]["lab"]["served"] == served
 
 
-def test_a_revoked_member_is_refused_after_the_refresh(lab, redis_uri):
-    owner, member, _, _ = lab
+def test_a_revoked_member_is_refused_after_the_refresh(any_lab, bus_uri):
+    owner, member, _, _ = any_lab
     uri = store(owner, "aa55", 10)
     owner.start_daemon(KACHERY_TASKS_CHANNEL_REFRESH_SECONDS="0.5")
     assert load(member, uri).stdout.strip() == "aa55" * 10
@@ -117,14 +125,14 @@ def test_a_revoked_member_is_refused_after_the_refresh(lab, redis_uri):
     # a request signed with the member's key anyway (an old config, a modified client) is dropped
     keys = KeyPair.load(member.home / "node" / "key.pem")
     time.sleep(1.0)  # past the daemon's refresh interval
-    with open_transport(redis_uri) as bus:
+    with open_transport(bus_uri) as bus:
         bus.publish("channel/lab", seal(keys, "request_file", "lab", {"sha256": other[9:]}).to_bytes())
         wait_for(lambda: owner.status()["channels"]["lab"]["dropped"].get("not_permitted"), what="the refusal")
     assert owner.status()["channels"]["lab"]["served"] == {"finished": 1}
 
 
-def test_a_feed_is_replicated_on_demand_and_then_live(lab):
-    owner, member, _, _ = lab
+def test_a_feed_is_replicated_on_demand_and_then_live(any_lab):
+    owner, member, _, _ = any_lab
     feed = owner.py("import kachery_tasks as kt\nf = kt.create_feed(label='spikes')\n"
                     "f.subfeed('main').append_many([{'i': i} for i in range(5)])\nprint(f.uri)").stdout.strip()
     owner.start_daemon("lab", "--heartbeat", "0.5")

@@ -79,15 +79,28 @@ SERVE = ("--serve", "lab_service:scaled", "--serve", "lab_service:lookup", "--se
          "--serve", "lab_service:digest")
 
 
-@pytest.fixture
-def lab(tmp_path: Path, redis_uri: str):
+def _lab(tmp_path: Path, transport: str):
     (tmp_path / "lab_service.py").write_text(SERVICE)
     (tmp_path / "db.txt").write_text("one")
-    owner, member, outsider, bucket = make_lab(tmp_path, redis_uri, tmp_path / "runs.txt", request_timeout="20")
+    owner, member, outsider, bucket = make_lab(tmp_path, transport, tmp_path / "runs.txt", request_timeout="20")
     for node in (owner, member, outsider):
         node.env["KT_DB"] = str(tmp_path / "db.txt")
-    yield owner, member, outsider, bucket
-    stop_all(owner, member, outsider)
+    return owner, member, outsider, bucket
+
+
+@pytest.fixture
+def lab(tmp_path: Path, redis_uri: str):
+    nodes = _lab(tmp_path, redis_uri)
+    yield nodes
+    stop_all(*nodes[:3])
+
+
+@pytest.fixture
+def any_lab(tmp_path: Path, bus_uri: str):
+    """The lab on each bus: a real redis-server, and the Ably stand-in through the ably SDK."""
+    nodes = _lab(tmp_path, bus_uri)
+    yield nodes
+    stop_all(*nodes[:3])
 
 
 def runs(tmp_path: Path) -> list[str]:
@@ -127,8 +140,8 @@ def served_hash(redis_uri: str, owner_id: str, name: str) -> str:
         return json.loads(bus.present("channel/lab")[owner_id])["serves"][name]
 
 
-def test_remote_pure_runs_on_the_provider_and_a_second_call_runs_nothing(lab, tmp_path):
-    owner, member, _, bucket = lab
+def test_remote_pure_runs_on_the_provider_and_a_second_call_runs_nothing(any_lab, tmp_path):
+    owner, member, _, bucket = any_lab
     owner.start_daemon("lab", *SERVE)
     assert call(member, "s.scaled(21)").stdout.strip() == "42"
     assert runs(tmp_path) == ["owner:scaled"]  # the member computed nothing
@@ -166,8 +179,8 @@ def test_a_pure_request_already_in_the_bucket_is_answered_from_there(lab, tmp_pa
     assert runs(tmp_path) == ["owner:scaled"]
 
 
-def test_remote_query_is_fresh_then_stale_when_its_provider_is_gone(lab, tmp_path):
-    owner, member, _, _ = lab
+def test_remote_query_is_fresh_then_stale_when_its_provider_is_gone(any_lab, tmp_path):
+    owner, member, _, _ = any_lab
     owner.start_daemon("lab", *SERVE)
     assert call(member, "s.lookup('a')").stdout.strip() == "{'key': 'a', 'value': 'one'}"
     (tmp_path / "db.txt").write_text("two")
@@ -184,8 +197,8 @@ def test_remote_query_is_fresh_then_stale_when_its_provider_is_gone(lab, tmp_pat
     assert out.returncode != 0 and "lookup" in out.stderr.strip().splitlines()[-1]
 
 
-def test_an_action_requested_twice_with_one_key_runs_once(lab, tmp_path):
-    owner, member, _, _ = lab
+def test_an_action_requested_twice_with_one_key_runs_once(any_lab, tmp_path):
+    owner, member, _, _ = any_lab
     owner.start_daemon("lab", *SERVE)
     first = call(member, "s.notify.call('bob', key='k-1')").stdout.strip()
     second = call(member, "s.notify.call('bob', key='k-1')").stdout.strip()

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from ably_standin import KEY_ENV, transport_uri
 from redis_fixtures import DelayProxy, RedisServer, free_port
 
 from kachery_tasks.channels import (
@@ -95,13 +96,8 @@ def uri(kind: str, request: pytest.FixtureRequest) -> str:
     if kind == "memory":
         return f"memory://t-{uuid.uuid4().hex[:12]}"
     if kind == "ably":
-        return ably_uri(request.getfixturevalue("ably_server"))
+        return transport_uri(request.getfixturevalue("ably_server"))
     return request.getfixturevalue("redis_uri")
-
-
-def ably_uri(server) -> str:
-    """The stand-in's address as a channel's transport URI (its key comes from the environment)."""
-    return f"ably://{server.host}/?tls=false&key_env=KT_TEST_ABLY_KEY&disconnected_retry_timeout=300"
 
 
 @pytest.fixture
@@ -110,7 +106,7 @@ def connect(uri: str, kind: str, request: pytest.FixtureRequest,
     """Open another transport on the test's URI (another node); all are closed at the end."""
     opened: list[Transport] = []
     if kind == "ably":
-        monkeypatch.setenv("KT_TEST_ABLY_KEY", request.getfixturevalue("ably_server").key.full)
+        monkeypatch.setenv(KEY_ENV, request.getfixturevalue("ably_server").key.full)
 
     def open_(**options: object) -> Transport:
         transport = open_transport(uri, **{**OPTIONS[kind], **options})

@@ -125,17 +125,32 @@ class AblyTransport(Transport):
         return run
 
     async def _connect(self, opts: dict[str, Any]) -> Any:
+        """A connected client; refused credentials fail at once (the SDK would retry them forever)."""
         from ably import AblyRealtime
+        from ably.types.connectionstate import ConnectionState
 
         client = AblyRealtime(**opts)
+        outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def watch(change: Any) -> None:
+            reason = getattr(change, "reason", None)
+            if outcome.done():
+                return
+            if change.current == ConnectionState.CONNECTED:
+                outcome.set_result(None)
+            elif change.current == ConnectionState.FAILED or (
+                    reason is not None and 40100 <= (getattr(reason, "code", 0) or 0) < 40200):
+                outcome.set_exception(reason or TransportError(f"{self.uri}: the connection failed"))
+
+        client.connection.on(watch)
         try:
-            await asyncio.wait_for(client.connection.once_async("connected"), self.timeout)
+            if client.connection.state != ConnectionState.CONNECTED:
+                await asyncio.wait_for(outcome, self.timeout * 0.9)
         except BaseException:
-            reason = client.connection.error_reason
             await client.close()
-            if reason is not None:
-                raise reason from None
             raise
+        finally:
+            client.connection.off(watch)
         return client
 
     def _stop_loop(self) -> None:
@@ -148,7 +163,30 @@ class AblyTransport(Transport):
         message = check_bytes(self.uri, "message", message)
         check_message(self.uri, message)
         self._check_open()
-        self._call(self._client.channels.get(topic).publish("env", message), f"publish to {topic!r}")
+        self._call(self._publish(topic, message), f"publish to {topic!r}")
+
+    async def _publish(self, topic: str, message: bytes) -> None:
+        """Publish and wait for Ably's ACK. When the socket closes under the send (a token renewal,
+        a dropped connection the SDK has not noticed yet), the SDK has already queued the message
+        and sends it again on the next connection (RTN19a); publishing it again here would deliver
+        it twice, so this waits for the connection to be back instead."""
+        from ably import AblyException
+
+        try:
+            await self._client.channels.get(topic).publish("env", message)
+        except AblyException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - websockets' ConnectionClosed, raised by the SDK's send
+            log.debug("%s: the connection closed under a publish to %r (%s); the SDK sends it again",
+                      self.uri, topic, type(exc).__name__)
+            await self._until_connected()
+
+    async def _until_connected(self) -> None:
+        from ably.types.connectionstate import ConnectionState
+
+        deadline = time.monotonic() + self.timeout
+        while self._client.connection.state != ConnectionState.CONNECTED and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def subscribe(self, topic: str, on_message: MessageHandler, on_gap: GapHandler | None = None) -> Subscription:
         check_topic(self.uri, topic)
