@@ -117,7 +117,7 @@ def test_du_json_shape_and_bad_by_is_one_line(built: dict, kachery: Kachery) -> 
         assert all(set(g) == {"name", "records", "blobs", "bytes", "saved_s"} for g in grouped["groups"])
     assert [g["name"] for g in grouped["groups"]] == ["today", "this week", "this month", "older"]
     text = ok(kachery("du", "--by", "function"))
-    assert "5 (" in text and make_array.name in text and "largest results" in text
+    assert "records: 5, 0 failed" in text and make_array.name in text and "largest results" in text
     line = one_error_line(kachery("du", "--by", "size"))
     assert "function, kind or age" in line and "'size'" in line
 
