@@ -112,7 +112,8 @@ def test_verify_reports_and_quarantines(kachery, home: Path) -> None:
     good = kt.store_bytes(b"good bytes")
     bad = kt.store_bytes(b"bad bytes!")
     report = json.loads(ok(kachery("verify", "--json")))
-    assert report == {"checked": 2, "bytes": 20, "damaged": [], "temp_files_removed": 0}
+    assert {k: report[k] for k in ("checked", "bytes", "damaged", "temp_files_removed", "broken")} == {
+        "checked": 2, "bytes": 20, "damaged": [], "temp_files_removed": 0, "broken": 0}
     assert "2 blobs checked" in ok(kachery("verify"))
     path = current_store().blobs.path(parse_file_uri(bad).sha256)
     st = path.stat()

@@ -25,8 +25,9 @@ from .channel import channel
 from .config_cmd import config_group
 from .demo import demo
 from .feed import feed
-from .files import cat, info, load, store, verify
+from .files import cat, info, load, store
 from .hub import hub
+from .maintenance import du, verify
 from .mutable import mutable
 from .node import node
 from .task import task
@@ -73,7 +74,7 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 
 def _add_groups() -> None:
-    for command in (store, load, cat, info, verify, publish_cmd, bucket, channel, mutable, node, config_group, feed, task, demo, hub):
+    for command in (store, load, cat, info, verify, du, publish_cmd, bucket, channel, mutable, node, config_group, feed, task, demo, hub):
         main.add_command(command)
     # Installed plugins add their own groups (kachery-spikesort adds `kachery spikesort`).
     for entry in importlib.metadata.entry_points(group=PLUGIN_ENTRY_POINTS):

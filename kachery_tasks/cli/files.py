@@ -1,4 +1,4 @@
-"""``kachery store | load | cat | info | verify``: files in this node's store.
+"""``kachery store | load | cat | info``: files in this node's store (``verify`` is in maintenance.py).
 
 No command hands out a byte that does not match its hash (docs/files.md, "Verification"): ``load``
 prints a path the store has verified (a matching stamp vouches for it); ``load -o`` and ``cat`` read
@@ -16,11 +16,11 @@ import click
 from .. import config
 from ..buckets.fetch import locate_blob
 from ..buckets.transfer import download_blob
-from ..errors import FULL_ERRNOS, IntegrityError, NotFoundError, UserError, human_bytes
+from ..errors import FULL_ERRNOS, IntegrityError, UserError
 from ..fs import write_atomic
 from ..store import current_store, file_info, load_file, parse_file_uri, store_file
 from ..store.files import local_blobs
-from .output import bars_shown, byte_progress, print_json, print_listing, print_mapping
+from .output import bars_shown, byte_progress, print_json, print_mapping
 
 
 @click.command()
@@ -156,48 +156,3 @@ def _write_all(out, block: bytes) -> None:
 def info(uri: str, as_json: bool) -> None:
     """What the store knows of URI: size, path, chunks (no re-hash)."""
     print_mapping(file_info(uri), as_json)
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object {checked, bytes, damaged}.")
-def verify(as_json: bool) -> None:
-    """Re-hash every blob; quarantine and list damaged ones (exit status 1 if any)."""
-    blobs = current_store().blobs
-    hashes = list(blobs.iter_hashes())
-    total = 0
-    for h in hashes:
-        try:
-            total += blobs.size(h)
-        except NotFoundError:
-            pass
-    checked = checked_bytes = 0
-    damaged = []
-    with byte_progress(total, "verifying") as progress:
-        for h in hashes:
-            try:
-                size = blobs.size(h)
-                blobs.verified_path(h, rehash=True)
-            except NotFoundError:
-                continue  # removed while we walked the store
-            except IntegrityError as exc:
-                damaged.append({"sha256": h, "size": size, "error": str(exc)})
-            else:
-                checked_bytes += size
-            checked += 1
-            if progress is not None:
-                progress(size)
-    leftovers = blobs.clean_tmp() + current_store().records.clean_tmp()
-    report = {"checked": checked, "bytes": checked_bytes + sum(d["size"] for d in damaged), "damaged": damaged,
-              "temp_files_removed": leftovers}
-    if as_json:
-        print_json(report)
-    else:
-        if damaged:
-            print_listing([{"sha256": d["sha256"], "size": d["size"]} for d in damaged], ["sha256", "size"],
-                          False, title="damaged blobs (moved to quarantine)")
-        click.echo(f"{checked} blobs checked ({human_bytes(report['bytes'])}), {len(damaged)} damaged, "
-                   f"{leftovers} temp file(s) of interrupted writes removed")
-    if damaged:
-        click.echo(f"kachery: error: {len(damaged)} damaged blob(s) moved to {blobs.quarantine_dir}; "
-                   "store them again or fetch them from another node", err=True)
-        raise click.exceptions.Exit(1)

@@ -117,6 +117,18 @@ class RecordStore:
                     if record is not None:
                         yield record
 
+    def iter_files(self) -> Iterator[tuple[str, str, bool]]:
+        """``(path, task id, is_failure)`` of every file named like a record (``<task id>.json``,
+        ``<task id>.failed.json``), unread: for maintenance (``kachery du``, ``kachery verify``), which
+        must see a record that does not parse without this store quarantining it on the way."""
+        for bucket in _scandir(self._records_str):
+            if not bucket.is_dir(follow_symlinks=False):
+                continue
+            for entry in _scandir(bucket.path):
+                task_id, failure = record_file_id(entry.name)
+                if task_id is not None:
+                    yield entry.path, task_id, failure
+
     # -- writing ---------------------------------------------------------------------------------
     def write(self, record: TaskRecord, *, sync_within: float = 0.0) -> None:
         """Write a success record, superseding any failure recorded for the same id.
@@ -170,22 +182,26 @@ class RecordStore:
                 removed += remove_stale_files(bucket, older_than_s, prefix=TEMP_PREFIX)
         return removed
 
-    def quarantine(self, task_id: str, why: str, *, failure: bool = False) -> None:
+    def quarantine(self, task_id: str, why: str, *, failure: bool = False, log_line: bool = True) -> str | None:
         """Set the success (or, with ``failure``, the failure) record of ``task_id`` aside: kept for
-        inspection, never used; one log line says why."""
-        self._quarantine(str(self.failure_path(task_id) if failure else self.path(task_id)), why)
+        inspection, never used; one log line says why (unless the caller reports it itself:
+        ``log_line=False``). Returns where it went (its own path on a read-only store), or None if
+        it was gone."""
+        return self._quarantine(str(self.failure_path(task_id) if failure else self.path(task_id)), why, log_line)
 
-    def _quarantine(self, path: str, why: str) -> None:
+    def _quarantine(self, path: str, why: str, log_line: bool = True) -> str | None:
         name = os.path.basename(path)
         make_dirs(self.quarantine_dir)
         target = f"{self.quarantine_dir}/{name}.{time.time_ns()}"
         try:  # a move of an existing record, not a write: no fs.write_atomic
             os.replace(path, target)
         except FileNotFoundError:
-            return
+            return None
         except OSError:  # read-only store: leave it; every read keeps ignoring it
             target = path
-        log.warning("task record %s set aside (%s): %s", name, why, target)
+        if log_line:
+            log.warning("task record %s set aside (%s): %s", name, why, target)
+        return target
 
     # -- single flight ---------------------------------------------------------------------------
     def lock(self, task_id: str) -> flight.FlightLock:
@@ -239,6 +255,28 @@ class RecordStore:
         except FileNotFoundError:
             return []
         return list(dict.fromkeys(reversed(ids)))[::-1]
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def record_file_id(name: str) -> tuple[str | None, bool]:
+    """The task id a record file's ``name`` is for (None if it is not a record's name), and whether
+    it is a failure record."""
+    failure = name.endswith(FAILED_SUFFIX)
+    stem = name[:-len(FAILED_SUFFIX)] if failure else name[:-5] if name.endswith(".json") else ""
+    if len(stem) != 32 or not set(stem) <= _HEX:
+        return None, False
+    return stem, failure
+
+
+def _scandir(path: str) -> list[os.DirEntry]:
+    """The entries of ``path``, sorted by name; none if it is missing."""
+    try:
+        with os.scandir(path) as entries:
+            return sorted(entries, key=_name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 @functools.lru_cache(maxsize=1024)
