@@ -24,7 +24,7 @@ import redis
 
 from kachery_tasks.channels.admin import create_channel, grant
 from kachery_tasks.channels.pins import Pins
-from kachery_tasks.identity import init_node
+from kachery_tasks.identity import init_node, node_identity
 from kachery_tasks.node.daemon import status_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,12 +125,57 @@ def make_lab(tmp: Path, redis_uri: str, requesters: Sequence[str] = ("b",)) -> t
     bucket, home_a = tmp / "bucket", tmp / "a"
     bucket.mkdir()
     init_node(home_a, "alice@lab.org", "a")
-    _, join = create_channel(home_a, CHANNEL, bucket=bucket.as_uri(), transport=redis_uri)
     homes = []
     for name in requesters:
-        home = tmp / name
-        node = init_node(home, f"{name}@lab.org", name)
-        Pins(home).pin(join)
-        grant(home_a, CHANNEL, node.node_id, None, owner=f"{name}@lab.org", label=name)
-        homes.append(home)
+        init_node(tmp / name, f"{name}@lab.org", name)
+        homes.append(tmp / name)
+    add_channel(home_a, homes, CHANNEL, bucket, redis_uri)
     return home_a, homes, bucket
+
+
+def add_channel(home_a: Path, homes: Sequence[Path], name: str, bucket: Path, transport: str) -> None:
+    """Channel ``name`` owned by A in the directory ``bucket`` on ``transport``, with each of
+    ``homes`` joined and admitted with the requester permissions."""
+    _, join = create_channel(home_a, name, bucket=bucket.as_uri(), transport=transport)
+    for home in homes:
+        node = node_identity(home)
+        Pins(home).pin(join)
+        grant(home_a, name, node.node_id, None, owner=node.owner, label=node.label)
+
+
+#: The repository's test support code: ``ably_standin.py`` is run from there as a peer bus.
+TESTS = REPO / "tests"
+
+_STANDIN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from ably_standin import KEY_ENV, AblyStandin, transport_uri
+server = AblyStandin().start()
+print(json.dumps({"uri": transport_uri(server), "key_env": KEY_ENV, "key": server.key.full,
+                  "options": server.client_options(server.key, binary=True)}), flush=True)
+sys.stdin.read()  # until the benchmark closes this pipe (or ends)
+server.stop()
+"""
+
+
+@contextmanager
+def ably_standin(tmp: Path) -> Iterator[dict]:
+    """The Ably stand-in of the tests (``tests/ably_standin.py``, a local Python server speaking
+    Ably's realtime protocol to the unmodified SDK) in a process of its own, as redis-server is;
+    yields its transport ``uri``, the ``key_env`` that URI names, the ``key`` and SDK ``options``."""
+    log = tmp / "ably-standin.log"
+    with open(log, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-c", _STANDIN, str(TESTS)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=err, env=node_env(tmp))
+    try:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Ably stand-in did not start: {tail(log)}")
+        yield json.loads(line)
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            stop(process)
+        process.stdout.close()

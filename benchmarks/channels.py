@@ -1,10 +1,16 @@
-"""Channels: a request's round trip over a real redis-server, a file fetched through a provider, and
-the gate's rate of checking envelopes, each against the bare operation underneath.
+"""Channels: a request's round trip over a real redis-server and over the Ably stand-in, a file
+fetched through a provider, and the gate's rate of checking envelopes, each against the bare
+operation underneath.
 
 Setup (benchmarks/_lab.py; all in a temp dir, removed at the end): a redis-server of its own on a
 free loopback port (no persistence), a directory bucket, homes A and B; A creates channel "lab" and admits B with the
-requester permissions. A's ``kachery node start --channel lab`` runs as a separate process, as in
-real use; B is this process.
+requester permissions. A second channel, "lab-ably", in the same bucket with the same members, has
+for its transport the Ably stand-in of the tests (``tests/ably_standin.py``, put on ``sys.path`` from
+the repository's ``tests/`` directory: test support code, run here as the peer bus), a local Python
+server speaking Ably's realtime protocol to the unmodified ``ably`` SDK, in a process of its own as
+redis-server is; its ``ably://`` URI names the variable holding the key (``key_env``), which A's
+process is given. A's ``kachery node start --channel lab --channel lab-ably`` (one daemon serving
+both) runs as a separate process, as in real use; B is this process.
 
 Cases:
 - round trip: B sends ``request_file`` for a SHA-256 A does not hold and waits for A's
@@ -14,6 +20,12 @@ Cases:
   (targets: p50 <= 2 ms, p99 <= 10 ms). Then the same request through :func:`ask`, which is what
   ``request_file`` (and so ``kt.load_bytes``) does: the session's one subscription for requests
   serves it (no subscribe or close per request).
+- round trip over Ably: the same ``request_file`` -> ``not_found`` on channel lab-ably, against the
+  Redis round trip of the same run (ratio = redis / ably), and against the bare SDK: two
+  ``AblyRealtime`` clients (this process and a responder process) through the stand-in, publish ->
+  subscriber -> publish back, same payload size, binary protocol as the transport. The stand-in is
+  not Ably's service: the figure is the SDK and protocol overhead on loopback, not Ably's network
+  latency (add a network round trip or two to Ably's nearest region for that).
 - file: ``request_file`` of 1 MB and 100 MB of random bytes A holds and the bucket does not, from
   the request to the verified blob in B's store. The peer is a copy of the same bytes straight out
   of the bucket (``shutil.copyfileobj`` of its objects), once the file is there.
@@ -27,6 +39,7 @@ every benchmark, so below 1 is how much slower than the bare operation we are.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -52,7 +65,7 @@ from kachery_tasks.identity import canonical_json, node_identity
 from kachery_tasks.store.local import store_for
 
 from ._common import best_of, ms, pct, row, timed
-from ._lab import CHANNEL, daemon, make_lab, node_env, redis_server, stop, tail
+from ._lab import CHANNEL, ably_standin, add_channel, daemon, make_lab, node_env, redis_server, stop, tail
 
 #: Timed round trips (after :data:`WARMUP` untimed ones), for ours and for the bare peer.
 REQUESTS = 300
@@ -64,6 +77,8 @@ FILES = ((10**6, 5), (100 * 10**6, 2))
 ENVELOPES = 5000
 #: Seconds any single wait may take before the case is abandoned with the daemon's log.
 WAIT_S = 30.0
+#: The channel on the Ably stand-in (same bucket, same members as "lab").
+ABLY_CHANNEL = "lab-ably"
 
 RESPONDER = """
 import sys, redis
@@ -146,6 +161,72 @@ def _bare_round_trips(port: int, size: int, tmp: Path) -> list[float]:
         stop(responder)
 
 
+ABLY_RESPONDER = """
+import asyncio, json, sys
+from ably import AblyRealtime
+
+async def main():
+    client = AblyRealtime(**json.loads(sys.argv[1]))
+    pong = client.channels.get("bench-pong")
+
+    async def echo(message):
+        await pong.publish("echo", message.data)
+
+    await client.channels.get("bench-ping").subscribe(echo)
+    await pong.attach()
+    print("ready", flush=True)
+    await asyncio.Event().wait()  # until SIGTERM
+
+asyncio.run(main())
+"""
+
+
+def _bare_ably_round_trips(options: dict, size: int, tmp: Path) -> list[float]:
+    """Round trips of an ably SDK publish (ACKed) echoed by a responder process's SDK client on
+    another Ably channel, both through the stand-in: the bare SDK, on this process's own loop."""
+    log = tmp / "ably-responder.log"
+    with open(log, "wb") as err:
+        responder = subprocess.Popen([sys.executable, "-c", ABLY_RESPONDER, json.dumps(options)],
+                                     stdout=subprocess.PIPE, stderr=err, env=node_env(tmp))
+
+    async def measure() -> list[float]:
+        from ably import AblyRealtime
+
+        client = AblyRealtime(**options)
+        try:
+            inbox: asyncio.Queue[bytes] = asyncio.Queue()
+            await client.channels.get("bench-pong").subscribe(lambda m: inbox.put_nowait(bytes(m.data)))
+            ping = client.channels.get("bench-ping")
+            await ping.attach()
+            ready = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, responder.stdout.readline),
+                                           WAIT_S)
+            if ready.strip() != b"ready":
+                raise RuntimeError(f"the ably SDK responder did not start: {tail(log)}")
+            samples = []
+            for i in range(-WARMUP, REQUESTS):
+                token = f"{i + WARMUP:08d}".encode()
+                t0 = time.perf_counter()
+                await ping.publish("ping", token + b"x" * max(0, size - len(token)))
+                while True:
+                    try:
+                        data = await asyncio.wait_for(inbox.get(), WAIT_S)
+                    except TimeoutError:
+                        raise RuntimeError(f"no echo from the ably SDK responder in {WAIT_S:g} s: {tail(log)}") from None
+                    if data[:len(token)] == token:
+                        break
+                if i >= 0:
+                    samples.append(time.perf_counter() - t0)
+            return samples
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(measure())
+    finally:
+        stop(responder)
+        responder.stdout.close()
+
+
 def _asked_round_trips(session: ChannelSession) -> list[float]:
     """The same round trip through ``ask`` (the session's shared subscription for requests)."""
 
@@ -156,12 +237,18 @@ def _asked_round_trips(session: ChannelSession) -> list[float]:
     return timed(ASKS, once, 2)
 
 
-def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path) -> list[dict]:
+def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path,
+                     ably_session: ChannelSession, ably_options: dict) -> list[dict]:
     ours, size = _ours_round_trips(session, log)
     bare = _bare_round_trips(port, size, tmp)
     asked = _asked_round_trips(session)
+    ably, ably_size = _ours_round_trips(ably_session, log)
+    sdk = _bare_ably_round_trips(ably_options, ably_size, tmp)
     o50, o99, b50, b99 = pct(ours, 50), pct(ours, 99), pct(bare, 50), pct(bare, 99)
     a50 = pct(asked, 50)
+    y50, y99, s50, s99 = pct(ably, 50), pct(ably, 99), pct(sdk, 50), pct(sdk, 99)
+    standin = ("the stand-in is a local Python server (tests/ably_standin.py), not Ably's service: SDK + "
+               "protocol overhead on loopback, not Ably's network latency")
     return [
         row("round trip p50 (request_file -> not_found)", o50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
             note=f"ours {ms(o50)} vs bare {ms(b50)}; {REQUESTS} requests, {size}-byte envelopes, daemon in "
@@ -170,6 +257,18 @@ def _round_trip_rows(session: ChannelSession, port: int, tmp: Path, log: Path) -
             note=f"ours {ms(o99)} vs bare {ms(b99)}; max ours {ms(max(ours))}, bare {ms(max(bare))}"),
         row("round trip through ask() p50", a50, "redis-py pub/sub echo p50", b50, target="<= 2 ms",
             note=f"p99 {ms(pct(asked, 99))} over {ASKS}; the session's one subscription serves every request"),
+        row("round trip over Ably stand-in p50 (request_file -> not_found)", y50,
+            "round trip over Redis p50 (same run)", o50,
+            note=f"ably {ms(y50)} vs redis {ms(o50)}; {REQUESTS} requests, {ably_size}-byte envelopes, same daemon "
+                 f"serving both channels; {standin}"),
+        row("round trip over Ably stand-in p99 (request_file -> not_found)", y99,
+            "round trip over Redis p99 (same run)", o99,
+            note=f"ably {ms(y99)} vs redis {ms(o99)}; max ably {ms(max(ably))}, redis {ms(max(ours))}; local "
+                 "stand-in, not Ably's service (loopback)"),
+        row("round trip over Ably stand-in p50, vs the bare SDK", y50, "ably SDK echo p50 (2 AblyRealtime)", s50,
+            note=f"ours {ms(y50)} vs SDK echo {ms(s50)} (p99 {ms(y99)} vs {ms(s99)}); echo: publish (ACKed) -> "
+                 f"responder process's subscriber -> publish back, {ably_size} bytes, msgpack; local stand-in, "
+                 "not Ably's service (loopback)"),
     ]
 
 
@@ -260,17 +359,24 @@ def run() -> list[dict]:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kt-bench-channels-") as tmp_name:
         tmp = Path(tmp_name)
-        with redis_server(tmp) as port:
+        with redis_server(tmp) as port, ably_standin(tmp) as standin:
             redis_uri = f"redis://127.0.0.1:{port}/0"
             home_a, (home_b,), bucket = make_lab(tmp, redis_uri)
+            add_channel(home_a, [home_b], ABLY_CHANNEL, bucket, standin["uri"])
             log = tmp / "daemon.log"
-            with config.home_layers(home_b), daemon(home_a, log):
-                # A transport of its own, not the process's shared one: it is closed at the end.
+            env = node_env(home_a, **{standin["key_env"]: standin["key"]})
+            with config.home_layers(home_b), daemon(home_a, log, "--channel", ABLY_CHANNEL, env=env):
+                # Transports of its own, not the process's shared ones: they are closed at the end.
                 session = ChannelSession(home_b, CHANNEL, transport=open_transport(redis_uri))
+                ably_session = None
                 try:
-                    rows += _round_trip_rows(session, port, tmp, log)
+                    ably_session = ChannelSession(home_b, ABLY_CHANNEL,
+                                                  transport=open_transport(standin["uri"], key=standin["key"]))
+                    rows += _round_trip_rows(session, port, tmp, log, ably_session, standin["options"])
                     rows += _file_rows(session, home_a, home_b, bucket, tmp)
                 finally:
                     session.transport.close()
+                    if ably_session is not None:
+                        ably_session.transport.close()
             rows += _gate_rows(home_a, home_b)
     return rows
