@@ -97,7 +97,6 @@ class AblyTransport(Transport):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kachery-ably", daemon=True)
         self._thread.start()
-        self._channels_attached: dict[str, bool] = {}
         self._entered: set[tuple[str, str]] = set()
         try:
             self._client = self._call(self._connect(opts), "connect")
@@ -154,8 +153,21 @@ class AblyTransport(Transport):
         return client
 
     def _stop_loop(self) -> None:
+        """Cancel what the SDK left scheduled (its timers), then stop and close the loop."""
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), self._loop).result(5)
+        except Exception as exc:  # noqa: BLE001 - closing: what could not be cancelled is logged
+            log.debug("%s: cancelling the SDK's tasks: %s", self.uri, exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # -- the protocol --------------------------------------------------------------------------------
     def publish(self, topic: str, message: bytes) -> None:
@@ -182,10 +194,15 @@ class AblyTransport(Transport):
             await self._until_connected()
 
     async def _until_connected(self) -> None:
+        """Back once the connection is; a TransportError if it is not within the timeout (the
+        message may then be lost with the SDK's queue: the caller must know)."""
         from ably.types.connectionstate import ConnectionState
 
-        deadline = time.monotonic() + self.timeout
-        while self._client.connection.state != ConnectionState.CONNECTED and time.monotonic() < deadline:
+        deadline = time.monotonic() + self.timeout * 0.9
+        while self._client.connection.state != ConnectionState.CONNECTED:
+            if time.monotonic() > deadline:
+                raise TransportError(f"{self.uri}: the connection to Ably did not come back within "
+                                     f"{self.timeout * 0.9:g} s; the message may not have been sent")
             await asyncio.sleep(0.05)
 
     def subscribe(self, topic: str, on_message: MessageHandler, on_gap: GapHandler | None = None) -> Subscription:
@@ -202,16 +219,18 @@ class AblyTransport(Transport):
         info, ttl = check_announcement(self.uri, topic, member, info, ttl)
         self._check_open()
         data = {"info": base64.b64encode(info).decode(), "until": time.time() + ttl}
-        presence = self._client.channels.get(topic).presence
         entered = (topic, member) in self._entered
-        coro = presence.update_client(member, data) if entered else presence.enter_client(member, data)
-        self._call(coro, f"presence on {topic!r}")
+        self._call(self._announce(topic, member, data, entered), f"presence on {topic!r}")
         self._entered.add((topic, member))
+
+    async def _announce(self, topic: str, member: str, data: dict[str, Any], entered: bool) -> None:
+        presence = self._client.channels.get(topic).presence  # the SDK's objects, on its own loop
+        await (presence.update_client(member, data) if entered else presence.enter_client(member, data))
 
     def present(self, topic: str) -> dict[str, bytes]:
         check_topic(self.uri, topic)
         self._check_open()
-        members = self._call(self._client.channels.get(topic).presence.get(), f"presence of {topic!r}")
+        members = self._call(self._members(topic), f"presence of {topic!r}")
         now = time.time()
         found: dict[str, bytes] = {}
         for message in members:
@@ -228,6 +247,17 @@ class AblyTransport(Transport):
             except ValueError:
                 continue
         return found
+
+    async def _members(self, topic: str) -> list[Any]:
+        return await self._client.channels.get(topic).presence.get()
+
+    def _last_reader(self, subscription: _AblySubscription) -> bool:
+        """Whether ``subscription`` is the last open one of its topic, with no presence entered
+        there: its Ably channel may then be detached (no more of its traffic on this connection)."""
+        with self._lock:
+            others = [s for s in self._subscriptions
+                      if s is not subscription and getattr(s, "topic", None) == subscription.topic]
+        return not others and not any(t == subscription.topic for t, _ in self._entered)
 
     def _release(self) -> None:
         if not self._thread.is_alive():
@@ -300,17 +330,28 @@ class _AblySubscription(Subscription):
         self._queue.put(_STOP)
         channel = self._channel
         if channel is not None and not self._transport._loop.is_closed():
-            def detach() -> None:
+            detach = self._transport._last_reader(self)
+
+            def stop() -> None:
                 channel.unsubscribe(self._on_ably_message)
                 channel.off("attached", self._on_attached)
                 channel.off("update", self._on_update)
+                if detach:  # nobody here reads the topic any more: stop its traffic to this connection
+                    asyncio.ensure_future(_quietly(channel.detach()))
             try:
-                self._transport._loop.call_soon_threadsafe(detach)
+                self._transport._loop.call_soon_threadsafe(stop)
             except RuntimeError:
                 pass  # the loop already stopped
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
         self._transport._forget(self)
+
+
+async def _quietly(coro: Any) -> None:
+    try:
+        await coro
+    except Exception as exc:  # noqa: BLE001 - a detach that fails leaves traffic, nothing wrong
+        log.debug("detach: %s", exc)
 
 
 def _options_from_uri(uri: str) -> dict[str, Any]:
