@@ -383,3 +383,33 @@ def test_file_buckets_only_where_the_hubs_admin_allows(tmp_path):
                                   json={"name": "lab", "bucket": outside.as_uri(), "transport": "memory://x"})
     assert answer.status_code == 400 and "no channels on file://" in answer.json()["detail"]
     assert not outside.exists() and not list((tmp_path / "hub2").glob("channels/*"))
+
+
+def test_groups_get_permissions_and_members_each_a_signed_version(lab, tmp_path):
+    app, bucket = lab
+    tc = client(app)
+    csrf = sign_in(tc, "alice@lab.org")
+    cid = create(tc, csrf, bucket)
+    ana = node(tmp_path, "ana")
+    assert admit(tc, csrf, cid, prove(ana, challenge_on(tc, cid)), perms=()).status_code == 303
+    assert tc.post(f"/c/{cid}/groups", data={"group": "analysts", "perm": ["request_files", "request_tasks"],
+                                             "csrf": csrf}, follow_redirects=False).status_code == 303
+    assert stored(bucket).groups["analysts"] == ("request_files", "request_tasks")
+    assert tc.post(f"/c/{cid}/groups/analysts/members", data={"node_id": ana.node_id, "action": "add", "csrf": csrf},
+                   follow_redirects=False).status_code == 303
+    cfg = stored(bucket)
+    assert cfg.members[ana.node_id].groups == ("analysts",)
+    assert cfg.permissions_of(ana.node_id) == {"request_files", "request_tasks"}
+    # untick one of the group's permissions: the member loses it through the group
+    assert tc.post(f"/c/{cid}/groups", data={"group": "analysts", "perm": ["request_files"],
+                                             "shown": ["request_files", "request_tasks"], "csrf": csrf},
+                   follow_redirects=False).status_code == 303
+    assert stored(bucket).permissions_of(ana.node_id) == {"request_files"}
+    assert tc.post(f"/c/{cid}/groups/analysts/members", data={"node_id": ana.node_id, "action": "remove",
+                                                              "csrf": csrf}, follow_redirects=False).status_code == 303
+    final = stored(bucket)
+    assert final.permissions_of(ana.node_id) == set() and final.signature_ok() and final.version == 6
+    page = tc.get(f"/c/{cid}").text
+    assert "@analysts" in page
+    bad = tc.post(f"/c/{cid}/groups", data={"group": "Bad Name!", "perm": ["request_files"], "csrf": csrf})
+    assert bad.status_code == 400 and stored(bucket).version == 6

@@ -295,7 +295,8 @@ def create_app(root: Path, *, issuer: str | None = None, client_id: str | None =
                 raise UserError("this proof was used already (a replay); reload the page and prove again")
             if not node.owner:
                 raise UserError("the node has no owner e-mail; run `kachery node init --owner EMAIL` on it, then prove again")
-            hub.channels.admit(channel, user, node.node_id, node.owner, node.label, _perms(perm))
+            # the form's boxes are what the node gets: none ticked is no permissions (groups may give some)
+            hub.channels.admit(channel, user, node.node_id, node.owner, node.label, _perms(perm) or [])
         return _change(request, channel_id, csrf, act)
 
     @app.post("/c/{channel_id}/nodes/{node_id}/permissions")
