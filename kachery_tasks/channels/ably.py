@@ -11,11 +11,13 @@ message data under the name ``env``; they are at most :data:`MAX_MESSAGE_BYTES` 
 Ably's 64 KiB limit for a message with its name, so no envelope is ever refused for its size
 (data travels through the bucket, by design).
 
-**Authentication**: the API key from the environment variable named by the URI's ``key_env``
+**Authentication**, in this order: ``auth_callback`` given in Python (a function of the token
+params that returns a TokenRequest, TokenDetails or token string, called again when a token
+expires); the URI's ``token_url``, a kachery hub's ``/api/ably-token``, which hands this node a
+token for its channels on a proof signed with the node's key (hub/ably_tokens.py), so no node holds
+the Ably key; else the API key from the environment variable named by the URI's ``key_env``
 (default ``ABLY_API_KEY``), never from the URI itself (the URI is in the channel's config, which
-every member reads); or token auth through ``auth_callback`` (a function of the token params that
-returns a TokenRequest, TokenDetails or token string, called again when a token expires), so a
-node can hold short-lived, capability-restricted tokens instead of the key.
+every member reads).
 
 **Delivery**: Ably keeps a connection's messages for two minutes and resumes a dropped connection
 with nothing lost. When a resume fails (the connection was gone too long, or the server lost its
@@ -38,6 +40,8 @@ import os
 import queue
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
@@ -85,7 +89,10 @@ class AblyTransport(Transport):
         self.timeout = timeout
         opts = _options_from_uri(uri)
         key_env = opts.pop("key_env")
+        token_url = opts.pop("token_url", None)
         key = key or os.environ.get(key_env)
+        if auth_callback is None and token_url:
+            auth_callback = _hub_tokens(token_url)
         if auth_callback is not None:
             opts["auth_callback"] = self._async_callback(auth_callback)
         elif key:
@@ -360,12 +367,16 @@ def _options_from_uri(uri: str) -> dict[str, Any]:
     if parsed.scheme != "ably":
         raise TransportError(f"{uri}: not an ably:// URI")
     query = dict(parse_qsl(parsed.query))
-    unknown = set(query) - {"tls", "binary", "key_env", *_TIMING_OPTIONS}
+    unknown = set(query) - {"tls", "binary", "key_env", "token_url", *_TIMING_OPTIONS}
     if unknown:
         raise TransportError(f"{uri}: unknown option(s) {', '.join(sorted(unknown))} (known: tls, binary, key_env, "
-                             f"{', '.join(_TIMING_OPTIONS)})")
+                             f"token_url, {', '.join(_TIMING_OPTIONS)})")
     opts: dict[str, Any] = {"key_env": query.get("key_env", "ABLY_API_KEY"),
                             "use_binary_protocol": _flag(uri, query, "binary", True), "auto_connect": True}
+    if "token_url" in query:
+        if not query["token_url"].startswith(("http://", "https://")):
+            raise TransportError(f"{uri}: token_url is a hub's http(s) URL, not {query['token_url']!r}")
+        opts["token_url"] = query["token_url"]
     tls = _flag(uri, query, "tls", True)
     if parsed.hostname:
         port = parsed.port or (443 if tls else 80)
@@ -380,6 +391,33 @@ def _options_from_uri(uri: str) -> dict[str, Any]:
             except ValueError:
                 raise TransportError(f"{uri}: {name} takes milliseconds, not {query[name]!r}") from None
     return opts
+
+
+def _hub_tokens(token_url: str) -> Callable[[Any], Any]:
+    """An auth callback that asks a kachery hub for a token, proving this node (the home in force)
+    holds its key by signing a fresh challenge."""
+
+    def callback(_params: Any) -> Any:
+        from .. import config
+        from ..identity import node_identity
+        from ..identity.proofs import prove, timed_challenge
+
+        proof = prove(node_identity(config.home()), timed_challenge("ably-token"))
+        request = urllib.request.Request(token_url, data=json.dumps({"proof": proof}).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - the hub's URL
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail")
+            except (ValueError, AttributeError):
+                detail = None
+            raise TransportError(f"the hub at {token_url} gave no Ably token: {detail or exc.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise TransportError(f"cannot reach the hub at {token_url} for an Ably token ({exc})") from None
+
+    return callback
 
 
 def _flag(uri: str, query: dict[str, str], name: str, default: bool) -> bool:

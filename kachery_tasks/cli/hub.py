@@ -34,8 +34,11 @@ def hub() -> None:
 @click.option("--file-buckets", "file_buckets", multiple=True, type=click.Path(file_okay=False), metavar="DIR",
               help="A directory under which users may make file:// buckets (repeat; default: any on loopback, "
                    "none otherwise).")
+@click.option("--ably-key-env", default=None, metavar="NAME",
+              help="An environment variable holding an Ably API key: the hub hands its channels' nodes tokens.")
 def serve_cmd(host: str, port: int, root: str | None, issuer: str | None, client_id: str | None,
-              client_secret_file: str | None, public_url: str | None, file_buckets: tuple[str, ...]) -> None:
+              client_secret_file: str | None, public_url: str | None, file_buckets: tuple[str, ...],
+              ably_key_env: str | None) -> None:
     """Serve the hub until interrupted. Without --issuer, only the dev sign-in, and only on loopback."""
     try:
         import uvicorn
@@ -48,10 +51,13 @@ def serve_cmd(host: str, port: int, root: str | None, issuer: str | None, client
     secret = os.environ.get("KACHERY_HUB_CLIENT_SECRET")
     if client_secret_file:
         secret = Path(client_secret_file).read_text().strip()
+    ably_key = os.environ.get(ably_key_env) if ably_key_env else None
+    if ably_key_env and not ably_key:
+        raise UserError(f"--ably-key-env {ably_key_env}: that variable is not set (it holds the Ably API key)")
     hub_root = Path(root) if root else config.home() / "hub"
     app = create_app(hub_root, issuer=issuer, client_id=client_id, client_secret=secret,
                      public_url=public_url or f"http://{host}:{port}", bound_host=host,
-                     file_bucket_roots=tuple(Path(d) for d in file_buckets))
+                     file_bucket_roots=tuple(Path(d) for d in file_buckets), ably_key=ably_key)
     click.echo(f"kachery hub on http://{host}:{port} (state in {hub_root})", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

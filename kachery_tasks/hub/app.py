@@ -27,7 +27,9 @@ from fastapi.templating import Jinja2Templates
 from ..channels.config import PERMISSIONS, REQUESTER_PERMISSIONS, check_node_id
 from ..channels.session import shared_transport, topic_of
 from ..errors import KacheryError, UserError
-from ..identity.proofs import read_proof
+from ..identity.proofs import read_proof, timed_challenge_problem
+from .ably_tokens import CHALLENGE_WINDOW_S, token_request
+from .ably_tokens import PURPOSE as ABLY_PURPOSE
 from .channels import HubChannels
 from .db import Channel, HubDB, Session, User
 from .join import encode_token
@@ -60,6 +62,7 @@ class Hub:
     public_url: str
     bound_host: str
     file_bucket_roots: tuple[Path, ...] = ()
+    ably_key: str | None = None
 
     @property
     def secure_cookies(self) -> bool:
@@ -81,17 +84,19 @@ class SignInNeeded(Exception):
 
 def create_app(root: Path, *, issuer: str | None = None, client_id: str | None = None,
                client_secret: str | None = None, public_url: str = "http://127.0.0.1:8080",
-               bound_host: str = "127.0.0.1", file_bucket_roots: tuple[Path, ...] = ()) -> FastAPI:
+               bound_host: str = "127.0.0.1", file_bucket_roots: tuple[Path, ...] = (),
+               ably_key: str | None = None) -> FastAPI:
     """The hub whose state lives in ``root``. ``issuer``/``client_id``: the OpenID Connect provider
     (without one, only the dev sign-in, on loopback). ``public_url``: where browsers reach the hub
     (the redirect URI is ``<public_url>/auth/callback``). ``file_bucket_roots``: directories under
     which users may put ``file://`` buckets (the hub writes there as itself); with none, a hub bound
-    to loopback allows any, and any other allows none."""
+    to loopback allows any, and any other allows none. ``ably_key``: an Ably API key from which the
+    hub hands its channels' nodes tokens (hub/ably_tokens.py)."""
     root = Path(root)
     db = HubDB(root / "hub.db")
     oidc = OIDC(issuer, client_id or "", client_secret) if issuer and client_id else None
     hub = Hub(root, db, HubChannels(root, db), oidc, load_secret(root), public_url.rstrip("/"), bound_host,
-              tuple(Path(r).resolve() for r in file_bucket_roots))
+              tuple(Path(r).resolve() for r in file_bucket_roots), ably_key)
     app = FastAPI(title="kachery hub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -435,6 +440,33 @@ def create_app(root: Path, *, issuer: str | None = None, client_id: str | None =
         except UserError as exc:
             raise HTTPProblem(400, str(exc)) from None
         return {"version": cfg.version}
+
+    @app.post("/api/ably-token")
+    def api_ably_token(body: dict[str, Any]) -> dict[str, Any]:
+        """An Ably token for a node of this hub's channels, on the proof it signs (hub/ably_tokens.py)."""
+        if not hub.ably_key:
+            raise HTTPProblem(404, "this hub hands out no Ably tokens (kachery hub serve --ably-key-env NAME)")
+        try:
+            node = read_proof(str(body.get("proof", "")))
+        except UserError as exc:
+            raise HTTPProblem(400, str(exc)) from None
+        why = timed_challenge_problem(node.challenge, ABLY_PURPOSE, CHALLENGE_WINDOW_S)
+        if why is not None:
+            raise HTTPProblem(400, why)
+        if not db.use_challenge(node.challenge):
+            raise HTTPProblem(403, "this proof was used already (a replay)")
+        names = []
+        for channel in db.channels():
+            if not channel.transport.startswith("ably:"):
+                continue
+            try:
+                if node.node_id in hub.channels.config(channel).members:
+                    names.append(channel.name)
+            except (KacheryError, OSError):
+                continue
+        if not names:
+            raise HTTPProblem(403, "this node is a member of no Ably channel of this hub")
+        return token_request(hub.ably_key, node.node_id, names)
 
     @app.post("/api/join")
     def api_join(body: dict[str, Any]) -> dict[str, Any]:

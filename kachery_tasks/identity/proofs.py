@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,3 +66,21 @@ def read_proof(text: str) -> NodeProof:
     if not verify_document(doc, doc["node_id"]):
         raise UserError("the node proof's signature does not verify: it was altered, or not made by that node's key")
     return NodeProof(doc["challenge"], doc["node_id"], doc["owner"], doc["label"])
+
+
+def timed_challenge(purpose: str, now: float | None = None) -> str:
+    """A challenge a node makes for itself, ``<purpose>.<unix seconds>.<random>``: where no server
+    issued one (a node asking a hub for an Ably token), freshness is its time, and the server
+    remembers it so it is good once."""
+    return f"{purpose}.{int(time.time() if now is None else now)}.{secrets.token_hex(8)}"
+
+
+def timed_challenge_problem(challenge: str, purpose: str, window_s: float, now: float | None = None) -> str | None:
+    """None if ``challenge`` is a :func:`timed_challenge` for ``purpose`` within ``window_s`` of
+    now; else what is wrong (one line)."""
+    parts = challenge.split(".")
+    if len(parts) != 3 or parts[0] != purpose or not parts[1].isdigit():
+        return f"the proof answers no {purpose} challenge"
+    if abs(int(parts[1]) - (time.time() if now is None else now)) > window_s:
+        return f"the {purpose} challenge is more than {window_s:g} s from this clock (check the node's clock)"
+    return None
