@@ -40,8 +40,6 @@ import os
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
@@ -399,23 +397,16 @@ def _hub_tokens(token_url: str) -> Callable[[Any], Any]:
 
     def callback(_params: Any) -> Any:
         from .. import config
+        from ..errors import UserError
         from ..identity import node_identity
         from ..identity.proofs import prove, timed_challenge
+        from ..jsonhttp import call_json
 
         proof = prove(node_identity(config.home()), timed_challenge("ably-token"))
-        request = urllib.request.Request(token_url, data=json.dumps({"proof": proof}).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 - the hub's URL
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read()).get("detail")
-            except (ValueError, AttributeError):
-                detail = None
-            raise TransportError(f"the hub at {token_url} gave no Ably token: {detail or exc.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise TransportError(f"cannot reach the hub at {token_url} for an Ably token ({exc})") from None
+            return call_json(token_url, "POST", {"proof": proof}, timeout=TIMEOUT_S)
+        except UserError as exc:
+            raise TransportError(f"no Ably token from {token_url}: {exc}") from None
 
     return callback
 

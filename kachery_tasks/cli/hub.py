@@ -12,7 +12,7 @@ import click
 from .. import config
 from ..errors import UserError
 from ..fs import write_atomic
-from ..hub.client import call_hub
+from ..jsonhttp import call_json
 
 
 @click.group()
@@ -79,7 +79,7 @@ def credentials() -> dict[str, str]:
 def call_api(method: str, path: str, body: dict | None = None, *, url: str | None = None) -> Any:
     """Call the signed-in hub's API (at ``url`` if given) with this home's token."""
     creds = credentials()
-    return call_hub(url or creds["url"], method, path, body, token=creds["token"])
+    return call_json(f"{(url or creds['url']).rstrip('/')}{path}", method, body, token=creds["token"])
 
 
 @hub.command("login")

@@ -20,7 +20,7 @@ from ..channels.pins import JoinString, Pins
 from ..errors import UserError
 from ..identity import node_identity
 from ..identity.proofs import prove
-from .client import call_hub
+from ..jsonhttp import call_json
 
 TOKEN_PREFIX = "kachery-hub-join-1."
 
@@ -54,7 +54,7 @@ def join_with_token(home: Path, text: str) -> tuple[JoinString, list[str]]:
     identity = node_identity(home)
     if not identity.owner:
         raise UserError("set this node's owner first (`kachery node init --owner EMAIL`): the channel lists it")
-    answer = call_hub(hub, "POST", "/api/join", {"proof": prove(identity, secret)})
+    answer = call_json(f"{hub}/api/join", "POST", {"proof": prove(identity, secret)})
     join = JoinString.parse(answer["join"])
     Pins(home).pin(join)
     Membership(home, join.channel).refresh()
