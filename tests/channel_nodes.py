@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kachery_tasks.channels import admin
+from kachery_tasks.channels.pins import Pins
+from kachery_tasks.identity import init_node, node_identity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +56,7 @@ class Node:
 
     @property
     def node_id(self) -> str:
-        return json.loads(self.kachery("node", "info", "--json").stdout)["node_id"]
+        return node_identity(self.home).node_id
 
     def start_daemon(self, channel: str = "lab", *args: str, **extra: str) -> subprocess.Popen:
         status = self.home / "node" / "daemon.json"
@@ -101,18 +104,21 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def make_lab(tmp: Path, redis_uri: str, counter: Path, **config: str) -> tuple[Node, Node, Node, Path]:
-    """Owner (admitted to everything, provides), member (requests only), outsider (joined, not admitted)."""
+def make_lab(tmp: Path, transport: str, counter: Path, **config: str) -> tuple[Node, Node, Node, Path]:
+    """Owner (admitted to everything, provides), member (requests only), outsider (joined, not admitted).
+
+    Set up in this process with the functions the commands call (``kachery node init``,
+    ``channel create``, ``join`` and ``grant``: channels/admin.py, channels/pins.py): seven command
+    processes cost 3.4 s a test. The commands themselves are tested in test_channel_config.py."""
     bucket = tmp / "bucket"
     bucket.mkdir(parents=True)
     owner, member, outsider = (Node(tmp, n, counter, **config) for n in ("owner", "member", "outsider"))
     for node, email in ((owner, "alice@lab.org"), (member, "bob@lab.org"), (outsider, "eve@else.org")):
-        node.kachery("node", "init", "--owner", email, "--label", node.name)
-    created = owner.kachery("channel", "create", "lab", "--bucket", bucket.as_uri(), "--transport", redis_uri)
-    join = created.stdout.strip().splitlines()[-1]
-    admit = member.kachery("channel", "join", join).stdout.strip().splitlines()[-1]
-    owner.kachery(*shlex.split(admit)[1:])
-    outsider.kachery("channel", "join", join)
+        init_node(node.home, owner=email, label=node.name)
+    _, join = admin.create_channel(owner.home, "lab", bucket=bucket.as_uri(), transport=transport)
+    for node in (member, outsider):
+        Pins(node.home).pin(join)
+    admin.grant(owner.home, "lab", node_identity(member.home).node_id, None, owner="bob@lab.org", label="member")
     return owner, member, outsider, bucket
 
 
