@@ -133,3 +133,29 @@ def test_missing_credentials_and_bad_options_are_one_line(ably_server, monkeypat
         assert "\n" not in str(option.value) and ("tls" in str(option.value) or "colour" in str(option.value))
     with pytest.raises(InvalidURI):
         open_transport("ablyy://x")
+
+
+def test_an_expired_first_token_is_renewed_and_a_refused_callback_fails_at_once(ably_server, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    calls: list[object] = []
+
+    def auth_callback(params):
+        calls.append(params)
+        if len(calls) == 1:  # already expired when the connection presents it
+            token = ably_server.issue_token(ttl=1)
+            time.sleep(0.05)
+            return token
+        return ably_server.issue_token(ttl=60_000)
+
+    with open_transport(transport_uri(ably_server), auth_callback=auth_callback) as transport:
+        transport.publish("channel/lab", b"on the renewed token")
+    assert len(calls) >= 2
+
+    def refusing(params):
+        raise RuntimeError("the hub said no")
+
+    started = time.monotonic()
+    with pytest.raises(TransportError) as refused:
+        open_transport(transport_uri(ably_server), auth_callback=refusing)
+    text = str(refused.value)
+    assert time.monotonic() - started < 5 and "the hub said no" in text and "\n" not in text

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import os
@@ -54,6 +55,10 @@ TIMEOUT_S = 15.0
 #: Query parameters of an ``ably://`` URI that are SDK timing options, in milliseconds.
 _TIMING_OPTIONS = ("disconnected_retry_timeout", "suspended_retry_timeout", "realtime_request_timeout",
                    "http_request_timeout", "channel_retry_timeout")
+#: Ably error codes that refuse the credentials themselves (a wrong key, a revoked one, no
+#: capability, an auth callback that failed): the SDK retries them forever, so connecting stops.
+#: An expired token (40140-40149) is not among them: the SDK renews it through the callback.
+_REFUSED = frozenset({40100, 40101, 40102, 40103, 40104, 40105, 40106, 40160, 40161, 40170, 40171, 80019})
 _GAP = object()
 _STOP = object()
 
@@ -85,6 +90,7 @@ class AblyTransport(Transport):
         except ImportError:
             raise TransportError(f"{uri}: the Ably transport needs its extra: pip install 'kachery-tasks[ably]'") from None
         self.timeout = timeout
+        self._auth_error: Exception | None = None
         opts = _options_from_uri(uri)
         key_env = opts.pop("key_env")
         token_url = opts.pop("token_url", None)
@@ -115,7 +121,7 @@ class AblyTransport(Transport):
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(self.timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # the builtin TimeoutError from Python 3.11 on, not on 3.10
             future.cancel()
             raise TransportError(f"{self.uri}: {what}: no answer from Ably in {self.timeout:g} s") from None
         except TransportError:
@@ -125,7 +131,11 @@ class AblyTransport(Transport):
 
     def _async_callback(self, callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
         async def run(params: Any) -> Any:  # the SDK awaits it; the user's function may block
-            return await self._loop.run_in_executor(None, callback, params)
+            try:
+                return await self._loop.run_in_executor(None, callback, params)
+            except Exception as exc:
+                self._auth_error = exc  # the SDK reports only "authentication provider request failed"
+                raise
         return run
 
     async def _connect(self, opts: dict[str, Any]) -> Any:
@@ -142,8 +152,7 @@ class AblyTransport(Transport):
                 return
             if change.current == ConnectionState.CONNECTED:
                 outcome.set_result(None)
-            elif change.current == ConnectionState.FAILED or (
-                    reason is not None and 40100 <= (getattr(reason, "code", 0) or 0) < 40200):
+            elif change.current == ConnectionState.FAILED or getattr(reason, "code", None) in _REFUSED:
                 outcome.set_exception(reason or TransportError(f"{self.uri}: the connection failed"))
 
         client.connection.on(watch)
@@ -152,6 +161,9 @@ class AblyTransport(Transport):
                 await asyncio.wait_for(outcome, self.timeout * 0.9)
         except BaseException:
             await client.close()
+            if self._auth_error is not None:  # say what the token source said, not the SDK's summary
+                lines = str(self._auth_error).strip().splitlines() or [type(self._auth_error).__name__]
+                raise TransportError(f"{self.uri}: no Ably token: {lines[0][:200]}") from None
             raise
         finally:
             client.connection.off(watch)
