@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import one_error_line
 from execution_log import note, runs
 
 from kachery_tasks import config
@@ -65,14 +66,6 @@ def _replay(tmp_path: Path, env: dict[str, str], key: str) -> str:
     return out.stdout.strip()
 
 
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 1 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kachery: error: "), err
-    return lines[0]
-
-
 @pytest.fixture
 def env_log(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     return {**env, "CALL_LOG": str(tmp_path / "calls.txt")}
@@ -106,7 +99,7 @@ def test_resolving_a_success_is_refused_and_it_still_replays(home, tmp_path, kac
 
     assert send.call("pay", key="invoice-42").ok
     before = _log_messages(home)
-    line = _one_line_error(kachery("task", "resolve", "invoice-42", "--failed"))
+    line = one_error_line(kachery("task", "resolve", "invoice-42", "--failed"))
     assert "already succeeded" in line and "recorded by its run at" in line and "--override" in line
     from kachery_tasks.tasks.actions import ActionSettledError, action_log
 
@@ -122,7 +115,7 @@ def test_unknown_outcome_is_settled_once(home, tmp_path, env_log, kachery):
     assert _replay(tmp_path, env_log, "invoice-9") == "False unknown True"
     settle = kachery("task", "resolve", "invoice-9", "--failed", "--note", "bank says no payment")
     assert settle.returncode == 0, settle.stderr
-    line = _one_line_error(kachery("task", "resolve", "invoice-9", "--succeeded"))
+    line = one_error_line(kachery("task", "resolve", "invoice-9", "--succeeded"))
     assert "already failed" in line and "recorded by a resolve at" in line
     assert _replay(tmp_path, env_log, "invoice-9") == "False failed True"
     settling = [m for m in _log_messages(home) if m["key"] == "invoice-9" and m["state"] != "started"]
@@ -155,7 +148,7 @@ def test_override_is_logged_shown_and_needs_a_note(home, tmp_path, env_log, kach
     assert (row["state"], row["settled"], row["overrides"]["outcome"], row["note"]) == (
         "succeeded", "override", "failed", "paid after all")
     assert b"override of failed" in kachery("task", "actions", extra_env={"COLUMNS": "200"}).stdout
-    assert "nothing to override" in _one_line_error(
+    assert "nothing to override" in one_error_line(
         kachery("task", "resolve", "invoice-5", "--succeeded", "--override", "--note", "again"))
 
 

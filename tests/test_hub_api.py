@@ -60,6 +60,11 @@ def stored(bucket: Path, name: str = "lab") -> ChannelConfig:
     return ChannelConfig.from_bytes(path.read_bytes(), str(path))
 
 
+def api_token(tc: TestClient, csrf: str) -> str:
+    """A new API token of the signed-in user, made on the page /tokens."""
+    return re.search(r'id="api-token">([^<]+)<', tc.post("/tokens", data={"csrf": csrf}).text).group(1)
+
+
 def challenge_on(tc: TestClient, channel_id: str) -> str:
     return re.search(r"kachery node prove (\S+)</code>", tc.get(f"/c/{channel_id}").text).group(1)
 
@@ -244,8 +249,7 @@ def test_outsiders_see_nothing_members_look_owners_change(lab, tmp_path):
 
     # the same rules through the API
     def bearer(tc, csrf):
-        token = re.search(r'id="api-token">([^<]+)<', tc.post("/tokens", data={"csrf": csrf}).text).group(1)
-        return {"Authorization": f"Bearer {token}"}
+        return {"Authorization": f"Bearer {api_token(tc, csrf)}"}
 
     as_eve, as_bob = bearer(eve, e_csrf), bearer(bob, b_csrf)
     assert eve.get("/api/channels", headers=as_eve).json() == []
@@ -318,7 +322,7 @@ def test_the_api_with_a_bearer_token_and_without(lab, tmp_path):
     tc = client(app)
     csrf = sign_in(tc, "alice@lab.org")
     cid = create(tc, csrf, bucket)
-    token = re.search(r'id="api-token">([^<]+)<', tc.post("/tokens", data={"csrf": csrf}).text).group(1)
+    token = api_token(tc, csrf)
     api = client(app)  # no cookie: the token alone
     headers = {"Authorization": f"Bearer {token}"}
     assert api.get("/api/channels", headers=headers).json() == [{"id": cid, "name": "lab", "role": "owner"}]
@@ -347,7 +351,7 @@ def test_the_command_line_signs_in_and_grants_through_the_hub(lab, tmp_path, kac
     tc = client(app)
     csrf = sign_in(tc, "alice@lab.org")
     cid = create(tc, csrf, bucket)
-    token = re.search(r'id="api-token">([^<]+)<', tc.post("/tokens", data={"csrf": csrf}).text).group(1)
+    token = api_token(tc, csrf)
     bob = node(tmp_path, "bob")
     with serve_asgi(app) as base:
         bad = run_kachery("hub", "login", base, "--token", "kth_wrong", check=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import one_error_line
 
 import kachery_tasks as kt
 from kachery_tasks import config, pure
@@ -51,14 +52,6 @@ def result_sha(task_id: str) -> str:
 def ok(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 0, proc.stderr.decode()
     return proc.stdout.decode()
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 1 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kachery: error: "), err
-    return lines[0]
 
 
 @pytest.fixture
